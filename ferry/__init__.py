@@ -1,0 +1,19 @@
+"""ferry: an open LLM inference and serving engine."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ferry.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from ferry.sampling_params import SamplingParams  # noqa: E402
+
+
+def __getattr__(name: str):
+    # LLM pulls in torch and the model code: import it only when asked for, so that
+    # `ferry --help` and the bench client stay light.
+    if name == "LLM":
+        from ferry.llm import LLM
+        return LLM
+    raise AttributeError(f"module 'ferry' has no attribute {name!r}")
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]

@@ -17,6 +17,7 @@ class ScheduledRequest:
     reaches the last known token, so the step produces the next token.
     ``all_token_ids`` is the request's token list (a live reference, read-only for the
     runner) and ``num_prompt_tokens`` splits it; the sampler needs both for penalties.
+    The scheduler fills ``eos_token_ids`` from ``Request.eos_token_ids``.
     """
 
     request_id: str
@@ -27,6 +28,7 @@ class ScheduledRequest:
     sampling_params: SamplingParams
     all_token_ids: list[int]
     num_prompt_tokens: int
+    eos_token_ids: tuple[int, ...] = ()   # the request's EOS ids (the sampler masks them under min_tokens)
 
     @property
     def num_tokens(self) -> int:

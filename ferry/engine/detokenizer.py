@@ -1,0 +1,149 @@
+"""Incremental detokenizer: generated ids -> text that is safe to show, with stop strings.
+
+Decoding the whole sequence every step costs O(length) per token, so only a small window
+is decoded (the prefix/read offset technique of HF text-generation-inference and vLLM):
+
+* ``tokens[prefix_offset:read_offset]`` is text already emitted, decoded again only as
+  context, and ``tokens[prefix_offset:]`` is the same plus the pending tokens. The new
+  text is the difference of the two decodes. Context matters: SentencePiece decoders
+  drop the leading space of the first token of what they decode, and byte-level BPE
+  needs earlier bytes to form a character.
+* When the longer decode ends with ``'\\ufffd'`` the pending tokens stop in the middle of
+  a multi-byte character: nothing is emitted until a later token completes it.
+* The window starts on the last few prompt tokens, so the first output token's leading
+  space is right.
+
+Stop strings are searched only in the new text plus ``longest stop - 1`` characters
+before it. While the request runs, a tail of the text that could still grow into a stop
+string is held back from ``output_text``, so shown text is never taken back.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ferry.sampling_params import SamplingParams
+
+# Prompt tokens decoded as context before the first output token (as vLLM).
+_CONTEXT_TOKENS = 5
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Text of one completion, built token by token.
+
+    ``tokenizer`` is anything with ``decode(ids, skip_special_tokens=...)``: a
+    ``transformers`` tokenizer or a ``tokenizers.Tokenizer``.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = params.skip_special_tokens
+        self._stops: list[str] = list(params.stop)
+        self._include_stop = params.include_stop_str_in_output
+        self._longest_stop = max((len(s) for s in self._stops), default=0)
+        context = list(prompt_token_ids[-_CONTEXT_TOKENS:]) if prompt_token_ids else []
+        self._num_context = len(context)
+        self._window_ids: list[int] = context    # context + every generated id
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._text = ""            # decoded output text (trimmed at a stop string)
+        self._num_visible = 0      # leading chars of _text that output_text shows
+        self._finished = False
+
+    # ------------------------------------------------------------ public interface
+    @property
+    def token_ids(self) -> list[int]:
+        """Generated ids fed so far (prompt excluded)."""
+        return self._window_ids[self._num_context:]
+
+    @property
+    def output_text(self) -> str:
+        """Text safe to show: no broken character, no tail that may become a stop string."""
+        return self._text if self._finished else self._text[:self._num_visible]
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def update(self, new_token_ids: list[int]) -> str | None:
+        """Feed generated ids; return the stop string if one now appears in the text.
+
+        On a stop string the text is trimmed just before it (just after it with
+        ``include_stop_str_in_output``) and the detokenizer is finished.
+        Raises ``RuntimeError`` when called after it finished.
+        """
+        if self._finished:
+            raise RuntimeError("IncrementalDetokenizer.update called after the text finished "
+                               "(stop string found or finish() called)")
+        self._window_ids.extend(new_token_ids)
+        if not new_token_ids:
+            return None
+        return self._append(self._decode_pending(final=False))
+
+    def finish(self) -> None:
+        """The request ended for another reason (EOS, length, abort): release held text.
+
+        Pending tokens are flushed as far as they decode to whole characters; an
+        incomplete character at the very end is dropped. Idempotent.
+        """
+        if self._finished:
+            return
+        self._append(self._decode_pending(final=True))
+        self._finished = True
+
+    # ------------------------------------------------------------ decoding
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+    def _decode_pending(self, final: bool) -> str:
+        """New text of the tokens past ``read_offset``, or "" while a character is split."""
+        ids = self._window_ids
+        emitted = self._decode(ids[self._prefix_offset:self._read_offset])
+        extended = self._decode(ids[self._prefix_offset:])
+        if extended.endswith(_REPLACEMENT_CHAR):
+            if not final:
+                return ""
+            extended = extended.rstrip(_REPLACEMENT_CHAR)
+        if len(extended) <= len(emitted):
+            return ""
+        # Next window: the tokens just emitted become the context of the next ones.
+        self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+        return extended[len(emitted):]
+
+    # ------------------------------------------------------------ stop strings
+    def _append(self, delta: str) -> str | None:
+        """Add new text, look for a stop string, and update what may be shown."""
+        if not delta:
+            return None
+        search_from = max(0, len(self._text) - self._longest_stop + 1)
+        self._text += delta
+        stop = self._find_stop(search_from)
+        if stop is not None:
+            self._finished = True
+            return stop
+        self._num_visible = len(self._text) - self._held_back_length()
+        return None
+
+    def _find_stop(self, search_from: int) -> str | None:
+        """Trim the text at the earliest stop string at or after ``search_from``."""
+        best: tuple[int, str] | None = None
+        for stop in self._stops:
+            index = self._text.find(stop, search_from)
+            if index != -1 and (best is None or index < best[0]):
+                best = (index, stop)
+        if best is None:
+            return None
+        index, stop = best
+        self._text = self._text[:index + len(stop) if self._include_stop else index]
+        return stop
+
+    def _held_back_length(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string.
+
+        Any later match must start inside that tail, so it is all that needs hiding.
+        """
+        for length in range(min(self._longest_stop - 1, len(self._text)), 0, -1):
+            tail = self._text[-length:]
+            if any(stop.startswith(tail) for stop in self._stops):
+                return length
+        return 0

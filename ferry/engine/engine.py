@@ -1,0 +1,172 @@
+"""Engine: the synchronous core loop. add_request -> step() -> RequestOutputs.
+
+Data flows request -> Scheduler (+ KVCacheManager) -> ModelRunner (model, Sampler) ->
+Scheduler.update_from_output -> detokenizers -> RequestOutput. One owner calls ``step``.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ferry.config import EngineConfig
+from ferry.engine.model_setup import LoadedModel, load_model_for_engine
+from ferry.engine.output_processor import OutputProcessor
+from ferry.engine.scheduler import Scheduler
+from ferry.outputs import RequestOutput, SchedulerStats
+from ferry.request import Request, RequestStatus
+from ferry.runner.model_runner import ModelRunner
+from ferry.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats(SchedulerStats):
+    num_prompt_tokens_total: int = 0
+    num_generation_tokens_total: int = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        loaded: LoadedModel = load_model_for_engine(config)
+        self.platform = loaded.platform
+        self.tokenizer = loaded.tokenizer
+        self.model_dir = loaded.model_dir
+        self.max_model_len = loaded.max_model_len
+        self.vocab_size = loaded.model.vocab_size
+        self.eos_token_ids = loaded.eos_token_ids
+        self.quant_type = "none"
+        self.served_model_name = config.served_model_name or loaded.model_dir.name
+        self.num_blocks = loaded.num_blocks
+        self.runner = ModelRunner(loaded.model, num_blocks=loaded.num_blocks,
+                                  block_size=config.block_size, device=loaded.device,
+                                  kv_dtype=loaded.dtype)
+        self.scheduler = Scheduler(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            num_blocks=loaded.num_blocks,
+            block_size=config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+            scheduling_policy=config.scheduling_policy,
+            prefill_parallelism=config.prefill_parallelism,
+        )
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
+                    self.model_dir, self.platform.kind, self.num_blocks, config.block_size,
+                    self.max_model_len)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
+                    *, priority: int | None = None, arrival_time: float | None = None) -> None:
+        """Queue a request. Raises ``ValueError`` with a user-facing message on bad input."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if self.outputs.has(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_text, token_ids = self._tokenize_prompt(prompt)
+        params = self._with_max_tokens(params, len(token_ids))
+        self._check_fits(len(token_ids), params.max_tokens)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        priority = params.priority if priority is None else priority
+        eos = () if params.ignore_eos else self.eos_token_ids
+        children = []
+        for index in range(params.n):
+            child_params = params if params.n == 1 else self._child_params(params, index)
+            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            children.append(Request(child_id, token_ids, child_params, eos_token_ids=eos,
+                                    arrival_time=arrival, priority=priority))
+        self.outputs.add(request_id, prompt_text, token_ids, params, children)
+        for child in children:
+            self.scheduler.add_request(child)
+        self._prompt_tokens_total += len(token_ids)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Drop requests now and free their KV blocks; unknown ids are ignored."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        child_ids = list(itertools.chain.from_iterable(self.outputs.pop(i) for i in ids))
+        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        runner_out = self.runner.execute(sched_out)
+        if sched_out.is_empty:
+            return []
+        updated = self.scheduler.update_from_output(sched_out, runner_out)
+        self._generation_tokens_total += len(runner_out.sampled_token_ids)
+        stopped = self.outputs.process(updated, runner_out.logprobs)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return self.outputs.collect()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        stats = self.scheduler.get_stats()
+        return stats.num_running + stats.num_waiting
+
+    def get_stats(self) -> EngineStats:
+        stats = self.scheduler.get_stats()
+        return EngineStats(**vars(stats), num_prompt_tokens_total=self._prompt_tokens_total,
+                           num_generation_tokens_total=self._generation_tokens_total)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"the model {self.served_model_name} has no chat template")
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        except Exception as exc:  # template errors are the caller's messages being wrong
+            raise ValueError(f"could not apply the chat template: {exc}") from None
+        # transformers 5 may return a BatchEncoding; 4.x returns a list.
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    # ------------------------------------------------------------------ helpers
+    def _tokenize_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if set(prompt) - {"prompt_token_ids", "prompt"} or "prompt_token_ids" not in prompt:
+                raise ValueError("a dict prompt must be {'prompt_token_ids': [int, ...]}")
+            prompt = prompt["prompt_token_ids"]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError("a prompt must be a non-empty string or a non-empty list of token ids")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        return None, list(prompt)
+
+    def _with_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        if params.max_tokens is not None:
+            return params
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            self._check_fits(prompt_len, 1)
+        return params.clone(max_tokens=room)
+
+    def _check_fits(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the "
+                f"request asks for {prompt_len + max_tokens} ({prompt_len} in the prompt and "
+                f"{max_tokens} to generate); shorten the prompt or lower max_tokens")
+        blocks_needed = -(-(prompt_len + max_tokens) // self.config.block_size)
+        if blocks_needed > self.num_blocks:
+            raise ValueError(
+                f"the request needs {blocks_needed} KV blocks but the cache holds "
+                f"{self.num_blocks}; raise kv_cache_memory or gpu_memory_utilization")
+
+    @staticmethod
+    def _child_params(params: SamplingParams, index: int) -> SamplingParams:
+        # Each of the n samples draws its own stream; a seed stays reproducible.
+        seed = None if params.seed is None else params.seed + index
+        return params.clone(n=1, seed=seed)

@@ -1,0 +1,132 @@
+"""OutputProcessor: turns requests that got new tokens into user-facing RequestOutputs.
+
+It owns the per-completion incremental detokenizers (stop strings are found here) and
+groups the ``n`` child requests of a user request back into one RequestOutput.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ferry.engine.detokenizer import IncrementalDetokenizer
+from ferry.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
+from ferry.request import Request
+from ferry.sampling_params import SamplingParams
+
+
+@dataclass
+class _Completion:
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[TokenLogprobs] | None
+    cumulative_logprob: float | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _UserRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    completions: list[_Completion] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._requests: dict[str, _UserRequest] = {}
+        self._completion_of: dict[str, tuple[_UserRequest, _Completion]] = {}
+        self._touched: dict[str, _UserRequest] = {}
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+            params: SamplingParams, children: list[Request]) -> None:
+        user = _UserRequest(request_id, prompt, prompt_token_ids)
+        want_logprobs = params.logprobs is not None
+        for index, child in enumerate(children):
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child.sampling_params)
+            completion = _Completion(index, child, detok, [] if want_logprobs else None,
+                                     0.0 if want_logprobs else None)
+            user.completions.append(completion)
+            self._completion_of[child.request_id] = (user, completion)
+        self._requests[request_id] = user
+
+    def pop(self, request_id: str) -> list[str]:
+        """Forget a user request (abort); returns its child request ids."""
+        user = self._requests.pop(request_id, None)
+        self._touched.pop(request_id, None)
+        if user is None:
+            return []
+        for c in user.completions:
+            self._completion_of.pop(c.request.request_id, None)
+        return [c.request.request_id for c in user.completions]
+
+    def process(self, updated: list[Request], logprobs: dict[str, TokenLogprobs]) -> list[str]:
+        """Feed each request's newest token; returns child ids that hit a stop string."""
+        stopped = []
+        for request in updated:
+            entry = self._completion_of.get(request.request_id)
+            if entry is None:
+                continue
+            user, completion = entry
+            if self._advance(completion, request, logprobs.get(request.request_id)):
+                stopped.append(request.request_id)
+            self._touched[user.request_id] = user
+        return stopped
+
+    def collect(self) -> list[RequestOutput]:
+        """RequestOutputs for the user requests touched since the last call."""
+        touched = list(self._touched.values())
+        self._touched.clear()
+        for user in touched:
+            if user.finished:
+                self.pop(user.request_id)
+        return [self._to_output(user) for user in touched]
+
+    def _advance(self, completion: _Completion, request: Request,
+                 logprob: TokenLogprobs | None) -> bool:
+        token_id = request.output_token_ids[-1]
+        if logprob is not None and completion.logprobs is not None:
+            completion.logprobs.append(logprob)
+            completion.cumulative_logprob += logprob.logprob
+        stop = completion.detokenizer.update([token_id])
+        if stop is not None:
+            completion.finish_reason, completion.stop_reason = "stop", stop
+            completion.detokenizer.finish()
+            return True
+        if request.is_finished:
+            completion.finish_reason = request.status.value
+            completion.stop_reason = request.stop_reason
+            completion.detokenizer.finish()
+        return False
+
+    @staticmethod
+    def _to_output(user: _UserRequest) -> RequestOutput:
+        completions = [
+            CompletionOutput(index=c.index, text=c.detokenizer.output_text,
+                             token_ids=list(c.request.output_token_ids),
+                             cumulative_logprob=c.cumulative_logprob,
+                             logprobs=list(c.logprobs) if c.logprobs is not None else None,
+                             finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for c in user.completions
+        ]
+        first = user.completions[0].request
+        first_token_times = [c.request.first_token_time for c in user.completions
+                             if c.request.first_token_time is not None]
+        finished = user.finished
+        metrics = RequestMetrics(
+            arrival_time=first.arrival_time,
+            first_token_time=min(first_token_times, default=None),
+            finished_time=time.monotonic() if finished else None,
+            num_cached_tokens=max(first.num_cached_tokens, 0),
+        )
+        return RequestOutput(user.request_id, user.prompt, user.prompt_token_ids, completions,
+                             finished, metrics)

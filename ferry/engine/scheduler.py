@@ -1,0 +1,263 @@
+"""Scheduler: which requests run this step and how many of their tokens.
+
+The one rule (DESIGN.md §1): there are no separate prefill and decode phases. Each request
+has ``num_computed_tokens``; every step gives each running request a share of one token
+budget (``max_num_batched_tokens``) until it catches up with ``num_tokens``. Chunked
+prefill, prefix-cache hits and preemption by recompute are all that rule:
+
+- running requests go first, most important first (the waiting queue's ``sort_key``): a
+  decode takes 1 token, a request still prefilling takes a chunk of what budget is left;
+- then waiting requests are admitted while seats (``max_num_seqs``), budget and blocks
+  allow, starting from their longest cached prefix;
+- at most ``prefill_parallelism`` requests get more than one token in a step, so a burst
+  of long prompts does not starve the decodes;
+- when a running request cannot get blocks, the least important running request (largest
+  sort key: lowest priority, latest arrival; possibly itself) is preempted: its blocks are
+  freed, ``num_computed_tokens`` drops to 0 and it waits again, ahead of later arrivals.
+  It resumes by recomputing prompt + outputs so far. No request is admitted in a step
+  that preempted.
+
+``schedule()`` advances ``num_computed_tokens`` of the scheduled requests at once (the
+runner's step is taken as done) and registers their full blocks in the prefix cache; the
+next ``schedule()`` may then hit them. ``update_from_output()`` appends the sampled tokens
+and applies the stop conditions. This module is pure Python (no torch).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from ferry.engine.kv_cache_manager import KVCacheManager
+from ferry.engine.request_queue import create_request_queue
+from ferry.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, SchedulerStats
+from ferry.request import Request, RequestStatus
+
+
+class Scheduler:
+    """Token-budget scheduler over a paged KV cache with automatic prefix caching.
+
+    Finished requests leave the scheduler: ``get_request`` returns None for them, and
+    their ids are reported once in the next ``SchedulerOutput.finished_request_ids``.
+    """
+
+    def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 scheduling_policy: str = "priority", prefill_parallelism: int = 4) -> None:
+        for name, value in [("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_model_len", max_model_len), ("num_blocks", num_blocks),
+                            ("block_size", block_size), ("prefill_parallelism", prefill_parallelism)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Scheduler {name} must be an integer >= 1, got {value!r}")
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.prefill_parallelism = prefill_parallelism
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.waiting = create_request_queue(scheduling_policy)
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._requests: dict[str, Request] = {}
+        self._finished_ids: set[str] = set()
+        self._preempted_ids: set[str] = set()
+        # The KV cache can hold num_blocks * block_size tokens: a sequence that outgrows it
+        # ends with "length" just as one reaching max_model_len does.
+        self._kv_capacity = num_blocks * block_size
+        self._max_len = min(max_model_len, self._kv_capacity + 1)
+
+    # ------------------------------------------------------------------ requests in and out
+    def add_request(self, request: Request) -> None:
+        """Queue a new request. Raises ``ValueError`` if it can never be served."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.num_tokens == 0:
+            raise ValueError(f"request {request.request_id!r} has an empty prompt")
+        if request.num_tokens >= self.max_model_len:
+            raise ValueError(f"request {request.request_id!r} has {request.num_tokens} prompt "
+                             f"tokens, which leaves no room to generate within max_model_len="
+                             f"{self.max_model_len}; shorten the prompt")
+        if request.num_tokens > self._kv_capacity:
+            raise ValueError(f"request {request.request_id!r} has {request.num_tokens} prompt "
+                             f"tokens but the KV cache holds only {self._kv_capacity}; shorten "
+                             "the prompt or give the KV cache more memory")
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """End requests now (abort, stop string) and free their blocks; unknown ids are ignored."""
+        if not status.finished:
+            raise ValueError(f"finish_requests needs a finished status, got {status}")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        now = time.monotonic()
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is None:
+                continue
+            if request.status is RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status, now)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or bool(self.waiting)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """A waiting or running request; None once it finished."""
+        return self._requests.get(request_id)
+
+    def get_stats(self) -> SchedulerStats:
+        """Gauges now and counters so far; page faults = cache evictions + preemptions."""
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting),
+            kv_cache_usage=kv.usage, prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            page_faults=kv.page_faults + self.num_preemptions,
+            preemptions=self.num_preemptions)
+
+    # ------------------------------------------------------------------ one step
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's requests and token counts (see the module docstring)."""
+        plan: list[tuple[Request, int]] = []
+        self.running.sort(key=self.waiting.sort_key)
+        preemptions_before = self.num_preemptions
+        budget, num_prefills = self._schedule_running(plan)
+        if self.num_preemptions == preemptions_before:
+            self._schedule_waiting(plan, budget, num_prefills)
+        output = SchedulerOutput(scheduled=[self._commit(request, n) for request, n in plan],
+                                 finished_request_ids=self._finished_ids,
+                                 preempted_request_ids=self._preempted_ids)
+        self._finished_ids, self._preempted_ids = set(), set()
+        return output
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: RunnerOutput) -> list[Request]:
+        """Append each sampled token and apply the stop conditions.
+
+        Returns the requests that got a new token this step, including those it finished.
+        """
+        now = time.monotonic()
+        updated: list[Request] = []
+        for scheduled in scheduler_output.scheduled:
+            token_id = runner_output.sampled_token_ids.get(scheduled.request_id)
+            request = self._requests.get(scheduled.request_id)
+            if (not scheduled.sample or token_id is None or request is None
+                    or request.status is not RequestStatus.RUNNING):
+                continue
+            request.append_output_token(token_id)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            status = self._stop_status(request, token_id)
+            if status is not None:
+                self._finish(request, status, now)
+            updated.append(request)
+        if any(request.is_finished for request in updated):
+            self.running = [request for request in self.running if not request.is_finished]
+        return updated
+
+    # ------------------------------------------------------------------ helpers
+    def _schedule_running(self, plan: list[tuple[Request, int]]) -> tuple[int, int]:
+        """Give running requests their share; returns (budget left, prefills scheduled)."""
+        budget, num_prefills, index = self.max_num_batched_tokens, 0, 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            remaining = request.num_tokens - request.num_computed_tokens
+            is_prefill = remaining > 1
+            if remaining <= 0 or (is_prefill and num_prefills >= self.prefill_parallelism):
+                index += 1
+                continue
+            num_new = min(remaining, budget)
+            if not self._allocate_or_preempt(request, num_new):
+                break   # it preempted itself: it was the last running request
+            plan.append((request, num_new))
+            budget -= num_new
+            num_prefills += is_prefill
+            index += 1
+        return budget, num_prefills
+
+    def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
+        """Get blocks for ``request``, preempting the least important running requests.
+
+        The running list is sorted by importance and ``request`` is the least important one
+        scheduled so far, so every victim comes after it; returns False if it is itself the
+        victim.
+        """
+        while not self.kv_cache_manager.allocate_slots(request, num_new):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _schedule_waiting(self, plan: list[tuple[Request, int]], budget: int,
+                          num_prefills: int) -> None:
+        """Admit waiting requests in queue order while seats, budget and blocks allow."""
+        kv = self.kv_cache_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting.peek()
+            computed_blocks, num_hit = kv.get_computed_blocks(request)
+            remaining = request.num_tokens - num_hit
+            if remaining > 1 and num_prefills >= self.prefill_parallelism:
+                break
+            num_new = min(remaining, budget)
+            if not kv.allocate_slots(request, num_new, computed_blocks):
+                break   # head-of-line: later requests wait too, so the order is kept
+            self.waiting.pop()
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            plan.append((request, num_new))
+            budget -= num_new
+            num_prefills += remaining > 1
+
+    def _commit(self, request: Request, num_new: int) -> ScheduledRequest:
+        """Describe the request's share for the runner and advance it as if computed."""
+        start = request.num_computed_tokens
+        scheduled = ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start:start + num_new],
+            start_pos=start,
+            block_ids=list(self.kv_cache_manager.get_block_ids(request.request_id)),
+            sample=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+            all_token_ids=request.all_token_ids,
+            num_prompt_tokens=request.num_prompt_tokens,
+            eos_token_ids=request.eos_token_ids)
+        request.num_computed_tokens = start + num_new
+        self.kv_cache_manager.cache_full_blocks(request)
+        return scheduled
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._preempted_ids.add(request.request_id)
+        self.waiting.prepend(request)
+
+    def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens and (
+                token_id in params.stop_token_ids
+                or (not params.ignore_eos and token_id in request.eos_token_ids)):
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if ((params.max_tokens is not None and request.num_output_tokens >= params.max_tokens)
+                or request.num_tokens >= self._max_len):
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus, now: float) -> None:
+        """Mark finished and free its blocks; the caller removes it from running/waiting."""
+        request.status = status
+        request.finished_time = now
+        self.kv_cache_manager.free(request)
+        del self._requests[request.request_id]
+        self._finished_ids.add(request.request_id)

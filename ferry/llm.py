@@ -1,0 +1,128 @@
+"""The offline API: ``LLM(model=...).generate(prompts, SamplingParams(...))``."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ferry.config import EngineConfig
+from ferry.engine.engine import Engine
+from ferry.outputs import RequestOutput
+from ferry.sampling_params import SamplingParams
+
+Prompt = str | dict | list[int]
+
+
+class LLM:
+    """Run a model over many prompts at once with continuous batching.
+
+    ``model`` is a local directory or a hub id (None: the bundled demo model); any
+    config key (see docs/configuration.md) may be passed as a keyword.
+    """
+
+    def __init__(self, model: str | None = None, **config: Any) -> None:
+        self.config = EngineConfig.from_sources(model=model, **config)
+        self.engine = Engine(self.config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 ) -> list[RequestOutput]:
+        """Generate for each prompt; returns RequestOutputs in input order.
+
+        A prompt is a string or ``{"prompt_token_ids": [...]}``. ``sampling_params`` is one
+        SamplingParams for all prompts or a list with one per prompt.
+        """
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        priorities = _as_priority_list(priority, len(prompts))
+        return self._run(prompts, params, priorities, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             *, add_generation_prompt: bool = True, use_tqdm: bool = True,
+             ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a conversation (a list of {'role', 'content'} "
+                             "dicts) or a list of conversations")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.engine.encode_chat(_check_conversation(c),
+                                                                add_generation_prompt)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, prompts: list[Prompt], params: list[SamplingParams],
+             priorities: list[int | None], use_tqdm: bool) -> list[RequestOutput]:
+        order: dict[str, int] = {}
+        try:
+            for index, (prompt, p, prio) in enumerate(zip(prompts, params, priorities)):
+                request_id = f"llm-{next(self._ids)}"
+                self.engine.add_request(request_id, prompt, p, priority=prio)
+                order[request_id] = index
+        except ValueError as exc:
+            self.engine.abort_request(list(order))
+            raise ValueError(f"prompt {len(order)}: {exc}") from None
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc="Generating", disable=not use_tqdm, unit="req")
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        bar.update(1)
+        finally:
+            bar.close()
+            self.engine.abort_request(list(order))  # frees anything left after an interrupt
+        return results  # type: ignore[return-value]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+        raise ValueError("pass token ids as {'prompt_token_ids': [...]}, not a bare list of ints")
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a string, a {'prompt_token_ids': [...]} dict, "
+                         "or a non-empty list of them")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (str, dict)):
+            raise ValueError(f"prompt {i} must be a string or a {{'prompt_token_ids': [...]}} "
+                             f"dict, got {type(p).__name__}")
+    return list(prompts)
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None,
+                    n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts: pass one, "
+                         f"or one per prompt")
+    if not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError("sampling_params must hold SamplingParams objects")
+    return params
+
+
+def _as_priority_list(priority: Sequence[int] | None, n: int) -> list[int | None]:
+    if priority is None:
+        return [None] * n
+    if len(priority) != n:
+        raise ValueError(f"got {len(priority)} priorities for {n} prompts")
+    return list(priority)
+
+
+def _check_conversation(conversation: Any) -> list[dict]:
+    if not isinstance(conversation, list) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
+        raise ValueError("each message must be a dict with 'role' and 'content'")
+    return conversation

@@ -1,0 +1,249 @@
+"""Sampler: turns one row of logits per request into the next token (and its logprobs).
+
+Order of operations (as vLLM):
+
+1. ``min_tokens``: while a request has fewer outputs than ``min_tokens``, its EOS ids and
+   ``stop_token_ids`` are masked to ``-inf``.
+2. Penalties on the raw logits: repetition penalty HF-style over prompt AND output tokens
+   (``logit / p`` when positive, ``logit * p`` otherwise), then presence and frequency
+   penalties OpenAI-style over OUTPUT tokens only (``logit -= presence * (count > 0) +
+   frequency * count``).
+3. Logprobs are the ``log_softmax`` of these penalized logits, taken BEFORE temperature,
+   top-k, top-p and min-p. Choice: they then describe the model (with the penalties the
+   user asked for) rather than the truncated sampling distribution, in which most tokens
+   would be ``-inf`` and a greedy row would have no distribution at all.
+4. Greedy rows take the argmax. Random rows: divide by temperature, top-k, top-p (the
+   smallest set of tokens whose mass reaches ``top_p``; the top token always stays),
+   min-p (drop tokens whose probability is below ``min_p`` times the largest), then sample
+   with the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``.
+
+Every step is vectorized across the batch with per-row parameter tensors, and skipped
+entirely when no row needs it (an all-greedy batch without penalties is one argmax).
+"""
+from __future__ import annotations
+
+import torch
+
+from ferry.outputs import ScheduledRequest, TokenLogprobs
+from ferry.sampling_params import SamplingParams
+
+
+class Sampler:
+    """Stateless: everything a step needs comes in as arguments."""
+
+    def __call__(self, logits: torch.Tensor, requests: list[ScheduledRequest],
+                 generators: list[torch.Generator | None], *,
+                 eos_token_ids: list[tuple[int, ...]] | None = None,
+                 ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Sample one token per row.
+
+        ``logits``: (N, V), one row per request, in the order of ``requests``.
+        ``generators[i]``: the request's own generator when its seed is set, else None;
+        a seeded request draws the same tokens whether it runs alone or in any batch.
+        ``eos_token_ids[i]``: the EOS ids masked while the request is below ``min_tokens``
+        (None: each request's own ``eos_token_ids`` field, when it has one, is used).
+        Returns the sampled token ids and, per row, ``TokenLogprobs`` when the request
+        asked for logprobs, else None. The input ``logits`` tensor is not modified.
+        """
+        _check_inputs(logits, requests, generators, eos_token_ids)
+        if not requests:
+            return [], []
+        logits = logits.float()
+        params = [req.sampling_params for req in requests]
+        logits = _mask_min_tokens(logits, requests, eos_token_ids)
+        logits = _apply_penalties(logits, requests)
+        tokens = _choose_tokens(logits, params, generators)  # (N,)
+        return tokens.tolist(), _gather_logprobs(logits, tokens, params)
+
+
+# ---------------------------------------------------------------- input checks
+def _check_inputs(logits: torch.Tensor, requests: list[ScheduledRequest],
+                  generators: list[torch.Generator | None],
+                  eos_token_ids: list[tuple[int, ...]] | None) -> None:
+    if logits.dim() != 2:
+        raise ValueError("logits must be 2-D (num_requests, vocab), "
+                         f"got shape {tuple(logits.shape)}")
+    if logits.shape[0] != len(requests):
+        raise ValueError(f"logits has {logits.shape[0]} rows but {len(requests)} requests "
+                         "were given")
+    if len(generators) != len(requests):
+        raise ValueError(f"got {len(generators)} generators for {len(requests)} requests; "
+                         "pass None for requests without a seed")
+    if eos_token_ids is not None and len(eos_token_ids) != len(requests):
+        raise ValueError(f"got {len(eos_token_ids)} eos_token_ids entries for "
+                         f"{len(requests)} requests; pass () for requests without EOS")
+
+
+def _num_outputs(req: ScheduledRequest) -> int:
+    return len(req.all_token_ids) - req.num_prompt_tokens
+
+
+# ---------------------------------------------------------------- min_tokens
+def _mask_min_tokens(logits: torch.Tensor, requests: list[ScheduledRequest],
+                     eos_token_ids: list[tuple[int, ...]] | None) -> torch.Tensor:
+    """Forbid EOS and stop token ids for rows that have not reached ``min_tokens`` yet."""
+    vocab = logits.shape[1]
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, req in enumerate(requests):
+        if _num_outputs(req) >= req.sampling_params.min_tokens:
+            continue
+        banned = set(req.sampling_params.stop_token_ids)
+        banned.update(eos_token_ids[i] if eos_token_ids is not None
+                      else getattr(req, "eos_token_ids", ()))
+        banned = [t for t in banned if t < vocab]  # ids past the vocab can never be sampled
+        rows.extend([i] * len(banned))
+        cols.extend(banned)
+    if not rows:
+        return logits
+    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+    return logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))
+
+
+# ---------------------------------------------------------------- penalties
+def _apply_penalties(logits: torch.Tensor, requests: list[ScheduledRequest]) -> torch.Tensor:
+    """Repetition (prompt + output), presence and frequency (output only) penalties."""
+    rows = [i for i, req in enumerate(requests) if req.sampling_params.has_penalties]
+    if not rows:
+        return logits
+    device = logits.device
+    chosen = [requests[i] for i in rows]
+    sub = logits[torch.tensor(rows, device=device)]  # (P, V), a copy
+    output_counts = _token_counts(chosen, sub.shape[1], device, prompt=False)  # (P, V)
+    rep = _row_param(chosen, "repetition_penalty", device)  # (P, 1)
+    if bool((rep != 1.0).any()):
+        prompt_counts = _token_counts(chosen, sub.shape[1], device, prompt=True)  # (P, V)
+        seen = (prompt_counts > 0) | (output_counts > 0)
+        penalized = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen, penalized, sub)
+    presence = _row_param(chosen, "presence_penalty", device)  # (P, 1)
+    frequency = _row_param(chosen, "frequency_penalty", device)  # (P, 1)
+    sub = sub - presence * (output_counts > 0) - frequency * output_counts
+    return logits.index_copy(0, torch.tensor(rows, device=device), sub)
+
+
+def _token_counts(requests: list[ScheduledRequest], vocab: int, device: torch.device,
+                  prompt: bool) -> torch.Tensor:
+    """(P, V) float counts of each token in the prompts (or the outputs) of ``requests``."""
+    flat_index: list[int] = []
+    for row, req in enumerate(requests):
+        ids = req.all_token_ids
+        part = ids[:req.num_prompt_tokens] if prompt else ids[req.num_prompt_tokens:]
+        flat_index.extend(row * vocab + t for t in part if t < vocab)
+    counts = torch.zeros(len(requests) * vocab, device=device)
+    if flat_index:
+        index = torch.tensor(flat_index, device=device)
+        counts.scatter_add_(0, index, torch.ones(len(flat_index), device=device))
+    return counts.view(len(requests), vocab)
+
+
+def _row_param(requests: list[ScheduledRequest], name: str, device: torch.device) -> torch.Tensor:
+    """(P, 1) float tensor of one sampling parameter, one value per request."""
+    values = [float(getattr(req.sampling_params, name)) for req in requests]
+    return torch.tensor(values, device=device).unsqueeze(1)
+
+
+# ---------------------------------------------------------------- token choice
+def _choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                   generators: list[torch.Generator | None]) -> torch.Tensor:
+    """(N,) long: argmax for greedy rows, a random draw for the others."""
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not random_rows:
+        return logits.argmax(dim=-1)
+    if len(random_rows) == len(params):
+        return _sample(logits, params, generators)
+    tokens = logits.argmax(dim=-1)  # (N,)
+    index = torch.tensor(random_rows, device=logits.device)
+    drawn = _sample(logits[index], [params[i] for i in random_rows],
+                    [generators[i] for i in random_rows])
+    return tokens.index_copy(0, index, drawn)
+
+
+def _sample(logits: torch.Tensor, params: list[SamplingParams],
+            generators: list[torch.Generator | None]) -> torch.Tensor:
+    """(R,) long: temperature, top-k, top-p, min-p, then the exponential race."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    logits = logits / temperature.unsqueeze(1)  # (R, V)
+    logits = _top_k_top_p(logits, params)
+    probs = torch.softmax(logits, dim=-1)  # (R, V)
+    probs = _min_p(probs, params)
+    return (probs / _exponential_noise(probs, generators)).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask to -inf what top-k and top-p drop, with one descending sort for both."""
+    use_top_k = any(p.top_k > 0 for p in params)
+    use_top_p = any(p.top_p < 1.0 for p in params)
+    if not (use_top_k or use_top_p):
+        return logits
+    rows, vocab = logits.shape
+    device = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # (R, V)
+    if use_top_k:
+        k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        position = torch.arange(vocab, device=device).expand(rows, vocab)  # (R, V)
+        sorted_logits = sorted_logits.masked_fill(position >= k.unsqueeze(1), float("-inf"))
+    if use_top_p:
+        top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)  # (R, 1)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)  # (R, V)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (R, V)
+        # A token stays while the mass of the better tokens is still short of top_p: this
+        # keeps the smallest set reaching top_p, and position 0 (mass_before 0) always.
+        drop = mass_before >= top_p
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Zero tokens whose probability is below ``min_p`` times the row's largest."""
+    if not any(p.min_p > 0 for p in params):
+        return probs
+    min_p = torch.tensor([p.min_p for p in params], device=probs.device).unsqueeze(1)  # (R, 1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)  # (R, 1)
+    # The top token always survives (its prob equals the max), so no row becomes empty.
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def _exponential_noise(probs: torch.Tensor,
+                       generators: list[torch.Generator | None]) -> torch.Tensor:
+    """(R, V) Exp(1) draws: seeded rows from their own generator, the rest in one draw."""
+    rows, vocab = probs.shape
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if len(unseeded) == rows:
+        noise.exponential_()
+    else:
+        if unseeded:
+            index = torch.tensor(unseeded, device=probs.device)
+            noise[index] = torch.empty(len(unseeded), vocab, device=probs.device).exponential_()
+        for i, gen in enumerate(generators):
+            if gen is not None:
+                # Drawn alone, on the generator's device, so the draw does not depend on
+                # which other requests share the batch.
+                row = torch.empty(vocab, device=gen.device).exponential_(generator=gen)
+                noise[i] = row.to(probs.device)
+    # An exact 0 draw would give p/0 = inf (or nan for p = 0): keep q strictly positive.
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+# ---------------------------------------------------------------- logprobs
+def _gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                     params: list[SamplingParams]) -> list[TokenLogprobs | None]:
+    """TokenLogprobs from log_softmax of the penalized logits, for rows that asked."""
+    result: list[TokenLogprobs | None] = [None] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return result
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = torch.log_softmax(logits[index], dim=-1)  # (L, V)
+    chosen_ids = tokens[index]  # (L,)
+    chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
+    max_k = min(max(params[i].logprobs for i in rows), logprobs.shape[1])
+    top_values, top_ids = logprobs.topk(max_k, dim=-1)  # (L, K)
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for j, (i, token_id) in enumerate(zip(rows, chosen_ids.tolist())):
+        k = params[i].logprobs
+        result[i] = TokenLogprobs(token_id, chosen[j], list(zip(top_ids[j][:k], top_values[j][:k])))
+    return result
