@@ -100,17 +100,24 @@ def test_bfloat16_close_to_float64():
     torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=3e-2)
 
 
-def test_nan_in_unused_cache_slots_does_not_leak():
+@pytest.mark.parametrize("junk", [0.0, 1e4, -1e4])
+def test_junk_in_unused_cache_slots_does_not_leak(junk):
+    """Padded block-table entries point at block 0; whatever it holds must not count."""
     block_size, num_kv_heads = 4, 2
-    cache = torch.full((2, 8, block_size, num_kv_heads, HEAD_DIM), float("nan"))
+    cache = torch.full((2, 8, block_size, num_kv_heads, HEAD_DIM), junk)
     k = torch.randn(5, num_kv_heads, HEAD_DIM)
     v = torch.randn(5, num_kv_heads, HEAD_DIM)
     # two decodes: 5 and 2 tokens; the short one's table is padded with block 0 (NaN junk)
     meta, _ = make_metadata([[3, 6], [1]], [0, 0], [5, 2], block_size)
     ref.write_kv_cache(torch.cat([k, k[:2]]), torch.cat([v, v[:2]]), cache, meta.slot_mapping)
     decode_meta, _ = make_metadata([[3, 6], [1]], [4, 1], [1, 1], block_size)
-    out = ref.paged_attention(torch.randn(2, 4, HEAD_DIM), cache, decode_meta, 0.3)
-    assert torch.isfinite(out).all()
+    query = torch.randn(2, 4, HEAD_DIM, generator=torch.Generator().manual_seed(0))
+    out = ref.paged_attention(query, cache, decode_meta, 0.3)
+    for row, n in enumerate([5, 2]):  # dense attention over the tokens actually written
+        keys = (k if n == 5 else k[:2]).repeat_interleave(2, dim=1).transpose(0, 1)  # (H, n, D)
+        vals = (v if n == 5 else v[:2]).repeat_interleave(2, dim=1).transpose(0, 1)
+        probs = torch.softmax(query[row][:, None, :] @ keys.transpose(1, 2) * 0.3, dim=-1)
+        torch.testing.assert_close(out[row], (probs @ vals)[:, 0], atol=1e-5, rtol=1e-5)
 
 
 def test_write_kv_cache_places_tokens_and_skips_padding():

@@ -40,7 +40,7 @@ class Engine:
         self.vocab_size = loaded.model.vocab_size
         self.eos_token_ids = loaded.eos_token_ids
         self.quant_type = "none"
-        self.served_model_name = config.served_model_name or loaded.model_dir.name
+        self.served_model_name = config.served_model_name or default_served_name(config)
         self.num_blocks = loaded.num_blocks
         self.runner = ModelRunner(loaded.model, num_blocks=loaded.num_blocks,
                                   block_size=config.block_size, device=loaded.device,
@@ -170,3 +170,13 @@ class Engine:
         # Each of the n samples draws its own stream; a seed stays reproducible.
         seed = None if params.seed is None else params.seed + index
         return params.clone(n=1, seed=seed)
+
+
+def default_served_name(config: EngineConfig) -> str:
+    """The API's model name: a local directory's name, a hub id as typed, or ferry-demo."""
+    from pathlib import Path
+
+    if config.model_path is None:
+        return "ferry-demo"
+    path = Path(config.model_path)
+    return path.resolve().name if path.is_dir() else config.model_path

@@ -106,14 +106,17 @@ def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attenti
     key_positions = first_block * block_size + torch.arange(keys.shape[1], device=query.device)
     query_positions = meta.seq_lens[:batch].to(device=query.device, dtype=torch.long) - 1  # (B,)
     visible = _visible(query_positions, key_positions, sliding_window)          # (B, L)
-    q = query.float().view(batch, num_kv_heads, group, head_dim)                # (B, Hkv, G, D)
-    scores = torch.einsum("bkgd,blkd->bkgl", q, keys.float()) * scale           # (B, Hkv, G, L)
-    scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    # NOTE: slots past a sequence's end hold whatever the cache had (maybe NaN from
-    # torch.empty); a zero probability times NaN is still NaN, so zero those values.
-    values = values.float().masked_fill(~visible[:, :, None, None], 0.0)        # (B, L, Hkv, D)
-    out = torch.einsum("bkgl,blkd->bkgd", probs, values)                        # (B, Hkv, G, D)
+    # NOTE: slots past a sequence's end hold whatever the cache had. Masking makes any
+    # finite junk harmless, but a NaN would survive as 0 * NaN: the cache must be
+    # allocated zeroed (the runner does) so that it only ever holds finite values.
+    keys, values = keys.float(), values.float()
+    # One fused SDPA call: the G query heads of a KV head act as G query rows.
+    out = F.scaled_dot_product_attention(
+        query.float().view(batch, num_kv_heads, group, head_dim),  # (B, Hkv, G, D)
+        keys.transpose(1, 2),                                        # (B, Hkv, L, D)
+        values.transpose(1, 2),                                      # (B, Hkv, L, D)
+        attn_mask=visible[:, None, None, :], scale=scale,
+    )                                                                # (B, Hkv, G, D)
     return out.reshape(batch, num_heads, head_dim).to(query.dtype)
 
 

@@ -1,0 +1,214 @@
+"""The ``ferry`` command: serve | generate | chat | bench.
+
+``ferry serve [--config config.yaml] [--model X] [flags]`` starts the OpenAI-compatible
+server; every config key is a flag (``max_num_seqs`` -> ``--max-num-seqs``) and a flag
+overrides the file. Bad keys or values exit with code 2 and a message naming the key.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ferry.config import EngineConfig
+from ferry.server.cli_flags import build_config, with_config_flags
+
+SERVER_ONLY = {"host", "port", "api_key", "max_waiting_requests", "shutdown_grace_seconds"}
+ENGINE_FIELDS = set(EngineConfig.model_fields) - SERVER_ONLY
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k")
+
+app = typer.Typer(name="ferry", help="ferry: an LLM inference and serving engine.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
+
+
+def _param(name: str, annotation: Any, default: Any, *decls: str, help: str,
+           argument: bool = False, metavar: str | None = None) -> inspect.Parameter:
+    info = (typer.Argument(help=help, show_default=False, metavar=metavar) if argument
+            else typer.Option(*decls, help=help))
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, info])
+
+
+def _sampling_parameters(default_max_tokens: int) -> list[inspect.Parameter]:
+    return [
+        _param("max_tokens", int, default_max_tokens, "--max-tokens",
+               help="Most tokens to generate per answer"),
+        _param("temperature", float, 0.0, "--temperature", "-t",
+               help="Sampling temperature (0 = greedy)"),
+        _param("top_p", float, 1.0, "--top-p", help="Nucleus sampling mass"),
+        _param("top_k", int, -1, "--top-k", help="Sample among the k likeliest (-1: all)"),
+    ]
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _config_or_exit(kwargs: dict[str, Any], *, use_env_api_key: bool = False):
+    config_path = kwargs.pop("config", None)
+    try:
+        return build_config(config_path, kwargs, use_env_api_key=use_env_api_key)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+
+def _load_engine(config):
+    from ferry.engine.engine import Engine
+
+    try:
+        return Engine(config)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        _fail(f"could not load the model: {exc}", 1)
+
+
+# ---------------------------------------------------------------------------- serve
+@app.command(help="Serve a model with an OpenAI-compatible HTTP API (/v1/completions, "
+                  "/v1/chat/completions, /metrics, ...).")
+@with_config_flags(extra=[_param("model_arg", Optional[str], None, argument=True,
+                                 metavar="MODEL",
+                                 help="Model directory or hub id (same as --model)")])
+def serve(**kwargs: Any) -> None:
+    model_arg = kwargs.pop("model_arg", None)
+    if model_arg is not None:
+        if kwargs.get("model_path") not in (None, model_arg):
+            _fail(f"the model is given twice: {model_arg!r} and --model "
+                  f"{kwargs['model_path']!r}", 2)
+        kwargs["model_path"] = model_arg
+    config = _config_or_exit(kwargs, use_env_api_key=True)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ferry.server.api_server import run_server
+
+    run_server(config, _load_engine(config))
+
+
+# ---------------------------------------------------------------------------- generate
+def _sampling(kwargs: dict[str, Any]):
+    from ferry.sampling_params import SamplingParams
+
+    values = {key: kwargs.pop(key) for key in SAMPLING_KEYS}
+    try:
+        return SamplingParams(**values)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+
+def stream_text(engine: Any, prompt: Any, params: Any) -> Iterator[str]:
+    """Run one request on a synchronous engine, yielding its new text as it comes."""
+    request_id = f"cli-{uuid.uuid4().hex}"
+    engine.add_request(request_id, prompt, params)
+    sent, finished = 0, False
+    try:
+        while not finished and engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.request_id != request_id:
+                    continue
+                text = output.outputs[0].text
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+                finished = output.finished
+    finally:
+        if not finished:
+            engine.abort_request(request_id)
+
+
+@app.command(help="Generate one answer to PROMPT and stream it to the terminal "
+                  "(PROMPT '-' or omitted: read standard input).")
+@with_config_flags(
+    fields=ENGINE_FIELDS,
+    extra=[_param("prompt", Optional[str], None, argument=True, metavar="PROMPT",
+                  help="The prompt text"),
+           *_sampling_parameters(128),
+           _param("chat", bool, False, "--chat/--no-chat",
+                  help="Wrap the prompt in the model's chat template")])
+def generate(**kwargs: Any) -> None:
+    prompt = kwargs.pop("prompt", None)
+    use_chat = kwargs.pop("chat")
+    params = _sampling(kwargs)
+    if prompt in (None, "-"):
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        _fail("the prompt is empty: pass it as an argument or on standard input", 2)
+    config = _config_or_exit(kwargs)
+    engine = _load_engine(config)
+    try:
+        source = (engine.encode_chat([{"role": "user", "content": prompt}]) if use_chat
+                  else prompt)
+        for piece in stream_text(engine, source, params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    sys.stdout.write("\n")
+
+
+# ---------------------------------------------------------------------------- chat
+@app.command(help="Chat with a model in the terminal (uses its chat template). "
+                  "Type /reset to start over, /exit or Ctrl-D to leave.")
+@with_config_flags(
+    fields=ENGINE_FIELDS,
+    extra=[*_sampling_parameters(512),
+           _param("system", Optional[str], None, "--system", help="A system message")])
+def chat(**kwargs: Any) -> None:
+    system = kwargs.pop("system")
+    params = _sampling(kwargs)
+    config = _config_or_exit(kwargs)
+    engine = _load_engine(config)
+    initial = [{"role": "system", "content": system}] if system else []
+    messages = list(initial)
+    typer.echo(f"chatting with {engine.served_model_name} (/reset, /exit)")
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("")
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            messages = list(initial)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        messages.append({"role": "assistant", "content": _reply(engine, messages, params)})
+
+
+def _reply(engine: Any, messages: list[dict], params: Any) -> str:
+    sys.stdout.write("assistant> ")
+    pieces = []
+    try:
+        for piece in stream_text(engine, engine.encode_chat(messages), params):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except ValueError as exc:  # e.g. the conversation outgrew the context
+        typer.echo(f"\nerror: {exc} (type /reset to start over)", err=True)
+    except KeyboardInterrupt:
+        pass
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+def _mount_bench() -> None:
+    try:
+        from ferry.bench.cli import bench_app
+    except ImportError:
+        return
+    app.add_typer(bench_app, name="bench")
+
+
+_mount_bench()
+
+
+def main() -> None:
+    """Entry point of the ``ferry`` console script and ``python -m ferry``."""
+    app()

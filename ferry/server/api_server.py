@@ -1,0 +1,230 @@
+"""The OpenAI-compatible HTTP server: routes, API key, lifespan, graceful SIGTERM drain.
+
+``build_app(engine, config)`` makes the FastAPI app around an already loaded ``Engine``
+(tests can pass any object with the same interface); ``run_server(config)`` loads the model
+and serves it with uvicorn until SIGTERM/SIGINT, then drains and returns (exit code 0).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ferry.config import EngineConfig
+from ferry.server.async_engine import AsyncEngine
+from ferry.server.errors import APIError, install_error_handlers
+from ferry.server.metrics import ServerMetrics
+from ferry.server.probes import energy_probe, memory_probe
+from ferry.server.protocol import DetokenizeRequest, TokenizeRequest
+from ferry.server.serving_chat import create_chat_completion
+from ferry.server.serving_common import ServerState, check_model, parse_body
+from ferry.server.serving_completions import create_completion
+
+logger = logging.getLogger(__name__)
+
+
+def ferry_version() -> str:
+    import ferry
+
+    version = getattr(ferry, "__version__", None)
+    if version:
+        return version
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("ferry")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "0.0.0+source"
+
+
+def build_state(engine: Any, config: EngineConfig) -> ServerState:
+    platform = getattr(engine, "platform", None)
+    vendor = getattr(platform, "vendor", "cpu")
+    metrics = ServerMetrics(engine.served_model_name, getattr(engine, "quant_type", "none"),
+                            vendor, memory_probe=memory_probe(platform),
+                            energy_probe=energy_probe(platform))
+    async_engine = AsyncEngine(engine, max_waiting_requests=config.max_waiting_requests,
+                               metrics=metrics)
+    tokenizer = _own_tokenizer(engine.tokenizer)
+    vocab_size = getattr(engine, "vocab_size", None) or len(tokenizer)
+    return ServerState(engine=async_engine, tokenizer=tokenizer,
+                       model_name=engine.served_model_name,
+                       model_root=str(getattr(engine, "model_dir", config.model_path)),
+                       max_model_len=engine.max_model_len,
+                       vocab_size=vocab_size, metrics=metrics, config=config)
+
+
+def _own_tokenizer(tokenizer: Any) -> Any:
+    """A copy for the event loop: a fast tokenizer used from two threads at once can fail
+    ("Already borrowed"), and the engine thread uses the original."""
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception as exc:  # noqa: BLE001 - an exotic tokenizer: share it (decode only)
+        logger.warning("could not copy the tokenizer (%s); sharing the engine's", exc)
+        return tokenizer
+
+
+def build_app(engine: Any, config: EngineConfig) -> FastAPI:
+    """The app serving ``engine``; its lifespan starts and drains the engine loop."""
+    state = build_state(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await state.engine.start()
+        try:
+            yield
+        finally:
+            await state.engine.shutdown(grace_seconds=config.shutdown_grace_seconds)
+
+    app = FastAPI(title="ferry", version=ferry_version(), lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.ferry = state
+    install_error_handlers(app, on_error=lambda request, error: _count_error(state, request,
+                                                                              error))
+    app.include_router(_v1_router(state))
+    app.include_router(_plain_router(state))
+    return app
+
+
+def _count_error(state: ServerState, request: Request, error: APIError) -> None:
+    if not request.url.path.startswith("/v1/") or error.status == 499:
+        return  # a disconnect was already counted as aborted
+    state.metrics.count_request("rejected" if error.status in (429, 503) else "error")
+
+
+def _api_key_checker(api_key: str | None):
+    async def require_api_key(request: Request) -> None:
+        if not api_key:  # none configured (an empty key means none, too)
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                    api_key.encode()):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return require_api_key
+
+
+def _v1_router(state: ServerState) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_checker(state.config.api_key))])
+
+    def model_card() -> dict[str, Any]:
+        return {"id": state.model_name, "object": "model", "created": state.created,
+                "owned_by": "ferry", "root": state.model_root,
+                "max_model_len": state.max_model_len}
+
+    @router.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @router.get("/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict[str, Any]:
+        check_model(state, model_id)
+        return model_card()
+
+    @router.post("/completions")
+    async def completions(request: Request):
+        return await create_completion(request, state)
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request):
+        return await create_chat_completion(request, state)
+
+    return router
+
+
+def _plain_router(state: ServerState) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> JSONResponse:
+        engine = state.engine
+        if engine.dead_reason is not None:
+            return JSONResponse({"status": "error", "reason": engine.dead_reason}, 503)
+        if not engine.accepting:
+            return JSONResponse({"status": "draining"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @router.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": ferry_version()}
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @router.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await parse_body(request, TokenizeRequest)
+        check_model(state, body.model)
+        tokens = await _tokenize(state, body)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
+
+    @router.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await parse_body(request, DetokenizeRequest)
+        check_model(state, body.model)
+        bad = [t for t in body.tokens if not 0 <= t < state.vocab_size]
+        if bad:
+            raise APIError(400, f"token ids must be in [0, {state.vocab_size}); got {bad[:5]}",
+                           param="tokens", code="invalid_value")
+        return {"prompt": state.tokenizer.decode(body.tokens)}
+
+    return router
+
+
+async def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
+    """Tokenize on the engine thread, exactly as a completion or chat request would."""
+    if body.prompt is not None:
+        text = body.prompt
+        return await state.engine.call(lambda engine: list(engine.tokenizer.encode(text)))
+    messages = [m.to_template() for m in body.messages]
+    try:
+        return await state.engine.call(lambda engine: engine.encode_chat(
+            messages, add_generation_prompt=body.add_generation_prompt))
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM/SIGINT also drains the engine: new requests get 503, requests in
+    flight get ``shutdown_grace_seconds`` to finish, the rest end with an error event; and the
+    process exits 0 afterwards instead of re-raising the signal."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._ferry_state = state
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        engine = self._ferry_state.engine
+        if engine.accepting:  # the first signal: drain; uvicorn stops taking connections
+            engine.stop_accepting()
+            engine.drain_soon(self._ferry_state.config.shutdown_grace_seconds)
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()  # a drained shutdown is a clean exit
+
+
+def run_server(config: EngineConfig, engine: Any | None = None) -> None:
+    """Load the model (unless ``engine`` is given) and serve until SIGTERM; then drain:
+    refuse new requests, let requests in flight finish for ``shutdown_grace_seconds``,
+    abort the rest, return."""
+    if engine is None:
+        from ferry.engine.engine import Engine
+
+        engine = Engine(config)
+    app = build_app(engine, config)
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                               # a backstop: the engine's drain ends streams before it
+                               timeout_graceful_shutdown=config.shutdown_grace_seconds + 10,
+                               lifespan="on", access_log=False)
+    server = _DrainingServer(uv_config, app.state.ferry)
+    logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", engine.served_model_name,
+                config.host, config.port)
+    server.run()

@@ -1,0 +1,236 @@
+"""OpenAI-compatible request schemas, validated strictly (a string is never read as a number).
+
+The bounds match ``SamplingParams`` so a request that passes here builds valid params. Fields
+OpenAI defines but ferry does not implement are declared so a client that sends them gets a
+clear 400 (``unsupported``) instead of a silently different result; harmless ones (``user``,
+``metadata``, ``store``) are accepted and ignored. Unknown fields are rejected by name, which
+catches typos such as ``max_token``.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ferry.sampling_params import SamplingParams
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+
+
+class UnsupportedFieldError(ValueError):
+    """A request field OpenAI defines that ferry does not implement."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # vLLM extras
+    top_k: int | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0)
+    priority: int = 0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # vLLM extra: token ids beside the text
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 16:
+            raise ValueError("at most 16 stop sequences are allowed")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int | None) -> int | None:
+        if value is not None and value < -1:
+            raise ValueError("top_k must be -1 or 0 (disabled) or a positive integer")
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value and any(t < 0 for t in value):
+            raise ValueError("stop_token_ids must be non-negative integers")
+        return value
+
+    def check_supported(self) -> None:
+        if self.logit_bias:
+            raise UnsupportedFieldError("logit_bias", "logit_bias is not supported by ferry")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The engine's params; ``None`` fields keep SamplingParams' defaults."""
+        values: dict[str, Any] = dict(
+            n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos, max_tokens=max_tokens, logprobs=logprobs,
+            min_tokens=self.min_tokens, priority=self.priority,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output)
+        optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                        min_p=self.min_p, presence_penalty=self.presence_penalty,
+                        frequency_penalty=self.frequency_penalty,
+                        repetition_penalty=self.repetition_penalty)
+        values.update({k: v for k, v in optional.items() if v is not None})
+        return SamplingParams(**values)
+
+
+PromptInput = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptInput
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: PromptInput) -> PromptInput:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be an empty list")
+        if isinstance(value, list) and any(isinstance(p, (str, list)) and not p for p in value):
+            raise ValueError("prompt must not contain empty prompts")
+        return value
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise UnsupportedFieldError("suffix", "suffix (insertion) is not supported by ferry")
+        if self.best_of is not None and self.best_of != self.n:
+            raise UnsupportedFieldError("best_of", "best_of different from n is not supported")
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text or token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+    def to_sampling_params(self) -> SamplingParams:
+        return self.sampling_params(self.max_tokens, self.logprobs)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    def to_template(self) -> dict[str, str]:
+        """The dict a chat template reads; ``developer`` is OpenAI's new name for system."""
+        text = self.content if isinstance(self.content, str) else "".join(
+            part.text for part in self.content or [])
+        role = "system" if self.role == "developer" else self.role
+        message = {"role": role, "content": text}
+        if self.name:
+            message["name"] = self.name
+        return message
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[str] | None = None
+    reasoning_effort: str | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs=true")
+        return self
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools:
+            raise UnsupportedFieldError("tools", "tool calling is not supported by ferry")
+        if self.response_format and self.response_format.type != "text":
+            raise UnsupportedFieldError(
+                "response_format", "only response_format type 'text' is supported")
+        if self.modalities and self.modalities != ["text"]:
+            raise UnsupportedFieldError("modalities", "only the 'text' modality is supported")
+
+    def to_sampling_params(self) -> SamplingParams:
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(max_tokens, logprobs)
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.to_template() for m in self.messages]
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int] = Field(min_length=0)

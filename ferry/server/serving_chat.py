@@ -1,0 +1,116 @@
+"""POST /v1/chat/completions: the chat template runs on the engine thread, ``n`` choices."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ferry.outputs import CompletionOutput, RequestOutput
+from ferry.server.async_engine import EngineStepError, EngineStoppedError
+from ferry.server.errors import APIError, sse_error_event
+from ferry.server.protocol import ChatCompletionRequest
+from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, DeltaTracker, ServerState,
+                                         add_or_raise, chat_logprobs, check_model,
+                                         completion_tokens, engine_error, last_output,
+                                         merge_streams, new_request_id, parse_body, sse,
+                                         until_disconnect, usage)
+
+
+async def create_chat_completion(request: Request, state: ServerState):
+    body = await parse_body(request, ChatCompletionRequest)
+    check_model(state, body.model)
+    try:
+        params = body.to_sampling_params()
+    except ValueError as exc:
+        raise APIError(400, str(exc), code="invalid_value") from None
+    messages = body.template_messages()
+    add_generation_prompt = body.add_generation_prompt
+
+    def encode(engine: Any) -> list[int]:
+        return engine.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+
+    request_id = new_request_id("chatcmpl")
+    stream = await add_or_raise(state, request_id, encode, params)
+    if body.stream:
+        return StreamingResponse(_stream(state, body, request_id, stream),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        final = await until_disconnect(request, last_output(stream))
+    except (EngineStepError, EngineStoppedError) as exc:
+        raise engine_error(exc) from None
+    return JSONResponse(_response(state, body, request_id, final))
+
+
+def _response(state: ServerState, body: ChatCompletionRequest, request_id: str,
+              final: RequestOutput) -> dict[str, Any]:
+    choices = [{"index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(state, c.logprobs or []) if body.logprobs else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+               for c in final.outputs]
+    response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+                "model": state.model_name, "choices": choices, "system_fingerprint": None,
+                "usage": usage(len(final.prompt_token_ids), completion_tokens([final]))}
+    if body.return_token_ids:
+        response["prompt_token_ids"] = final.prompt_token_ids
+        for choice, completion in zip(choices, final.outputs):
+            choice["token_ids"] = list(completion.token_ids)
+    return response
+
+
+async def _stream(state: ServerState, body: ChatCompletionRequest, request_id: str,
+                  stream) -> AsyncIterator[str]:
+    created = int(time.time())
+    continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
+
+    def chunk(choices: list[dict[str, Any]], usage_value: Any = None) -> str:
+        payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                   "model": state.model_name, "choices": choices}
+        if body.include_usage:
+            payload["usage"] = usage_value
+        return sse(payload)
+
+    # The role comes first, before any token, as OpenAI sends it.
+    for index in range(body.n):
+        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None}])
+    trackers = [DeltaTracker() for _ in range(body.n)]
+    latest: RequestOutput | None = None
+    try:
+        async for _, output in merge_streams([stream]):
+            latest = output
+            running = _usage(output) if continuous else None
+            for completion in output.outputs:
+                choice = _delta_choice(state, body, trackers[completion.index], completion)
+                if choice is not None:
+                    yield chunk([choice], running)
+        if body.include_usage and latest is not None:
+            yield chunk([], _usage(latest))
+    except (EngineStepError, EngineStoppedError) as exc:
+        yield sse_error_event(engine_error(exc))
+    yield SSE_DONE
+
+
+def _delta_choice(state: ServerState, body: ChatCompletionRequest, tracker: DeltaTracker,
+                  completion: CompletionOutput) -> dict[str, Any] | None:
+    if tracker.finished:
+        return None
+    sent_tokens = tracker.num_tokens
+    text, new_logprobs = tracker.take(completion)
+    new_tokens = completion.token_ids[sent_tokens:]
+    if not (text or new_logprobs or completion.finished or (body.return_token_ids and new_tokens)):
+        return None
+    tracker.finished = completion.finished
+    choice = {"index": completion.index, "delta": {"content": text} if text else {},
+              "logprobs": chat_logprobs(state, new_logprobs) if body.logprobs else None,
+              "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+    if body.return_token_ids:
+        choice["token_ids"] = list(new_tokens)
+    return choice
+
+
+def _usage(output: RequestOutput) -> dict[str, int]:
+    return usage(len(output.prompt_token_ids), completion_tokens([output]))

@@ -1,0 +1,250 @@
+"""What the completion and chat handlers share: server state, body parsing, SSE, logprobs."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from ferry.config import EngineConfig
+from ferry.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from ferry.server.async_engine import (AsyncEngine, EngineOverloadedError, EngineStepError,
+                                       EngineStoppedError)
+from ferry.server.errors import APIError, validation_error
+from ferry.server.metrics import ServerMetrics
+from ferry.server.protocol import UnsupportedFieldError
+
+MAX_BODY_BYTES = 32 * 2**20
+RETRY_AFTER_SECONDS = 1
+Model = TypeVar("Model", bound=BaseModel)
+
+
+@dataclass
+class ServerState:
+    """Everything a handler needs. ``tokenizer`` is the server's own copy: the engine's is
+    used on the engine thread only (fast tokenizers must not be shared across threads)."""
+
+    engine: AsyncEngine
+    tokenizer: Any
+    model_name: str
+    model_root: str             # the model's directory (or hub id)
+    max_model_len: int
+    vocab_size: int
+    metrics: ServerMetrics
+    config: EngineConfig
+    created: int = field(default_factory=lambda: int(time.time()))
+    _token_text: dict[int, str] = field(default_factory=dict)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token as OpenAI shows it in logprobs (cached)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            if len(self._token_text) < 200_000:
+                self._token_text[token_id] = text
+        return text
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def parse_body(request: Request, model_cls: type[Model]) -> Model:
+    """Read and validate a JSON body; every problem becomes a 400 (413 when too large)."""
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        parsed = model_cls.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    check = getattr(parsed, "check_supported", None)
+    if check is not None:
+        try:
+            check()
+        except UnsupportedFieldError as exc:
+            raise APIError(400, str(exc), param=exc.field, code="unsupported_parameter") from None
+    return parsed
+
+
+def check_model(state: ServerState, name: str | None) -> None:
+    """``name`` must be the served name; the model path as given at start is accepted too."""
+    if name is not None and name not in (state.model_name, state.config.model_path):
+        raise APIError(404, f"the model '{name}' does not exist; this server serves "
+                            f"'{state.model_name}' (see /v1/models)",
+                       param="model", code="model_not_found")
+
+
+def engine_error(exc: Exception) -> APIError:
+    """Map what ``AsyncEngine.add_request`` raises to an HTTP error."""
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(503, str(exc), code="server_overloaded",
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, EngineStoppedError):
+        return APIError(503, str(exc), code="server_unavailable",
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, EngineStepError):
+        return APIError(500, str(exc), code="engine_error")
+    if isinstance(exc, ValueError):
+        message = str(exc)
+        code = "context_length_exceeded" if "context length" in message else "invalid_value"
+        return APIError(400, message, code=code)
+    raise exc
+
+
+async def add_or_raise(state: ServerState, request_id: str, prompt: Any, params: Any,
+                       priority: int | None = None):
+    """``AsyncEngine.add_request`` with its errors turned into API errors."""
+    try:
+        return await state.engine.add_request(request_id, prompt, params, priority=priority)
+    except (ValueError, RuntimeError) as exc:
+        raise engine_error(exc) from None
+
+
+async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``; cancel it (which aborts its requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    raise APIError(499, "the client disconnected")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            return
+
+
+async def last_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """Drain a request's stream; its final (finished) cumulative output."""
+    final = None
+    try:
+        async for output in stream:
+            final = output
+    finally:
+        await stream.aclose()
+    return final
+
+
+async def merge_streams(streams: list[AsyncIterator[RequestOutput]]
+                        ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' streams as (stream index, output), in arrival order.
+
+    Leaving early closes every stream, which aborts their requests.
+    """
+    if len(streams) == 1:  # the common case, without helper tasks
+        try:
+            async for output in streams[0]:
+                yield 0, output
+        finally:
+            await _close_quietly(streams[0])
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+            queue.put_nowait((index, done))
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:  # cancelling a pump closes its stream, which aborts its request
+            task.cancel()
+
+
+async def _close_quietly(stream: AsyncIterator[RequestOutput]) -> None:
+    try:
+        await stream.aclose()
+    except Exception:  # noqa: BLE001 - closing must not hide the original error
+        pass
+
+
+async def close_streams(streams: list[AsyncIterator[RequestOutput]]) -> None:
+    for stream in streams:
+        await _close_quietly(stream)
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_tokens(outputs: list[RequestOutput]) -> int:
+    return sum(len(c.token_ids) for out in outputs for c in out.outputs)
+
+
+@dataclass
+class DeltaTracker:
+    """What of a cumulative completion was already sent: text chars and tokens."""
+
+    text_len: int = 0
+    num_tokens: int = 0
+    finished: bool = False
+
+    def take(self, completion: CompletionOutput) -> tuple[str, list[TokenLogprobs]]:
+        text = completion.text[self.text_len:]
+        logprobs = (completion.logprobs or [])[self.num_tokens:]
+        self.text_len = len(completion.text)
+        self.num_tokens = len(completion.token_ids)
+        return text, logprobs
+
+
+def completion_logprobs(state: ServerState, entries: list[TokenLogprobs],
+                        offset: int) -> dict[str, Any]:
+    """Legacy /v1/completions logprobs: parallel lists of tokens and their logprobs."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for entry in entries:
+        text = state.token_text(entry.token_id)
+        tokens.append(text)
+        token_logprobs.append(entry.logprob)
+        top.append({state.token_text(t): lp for t, lp in entry.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def chat_logprobs(state: ServerState, entries: list[TokenLogprobs]) -> dict[str, Any]:
+    """Chat logprobs: one entry per token with its bytes and top alternatives."""
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = state.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [dict(item(e.token_id, e.logprob),
+                             top_logprobs=[item(t, lp) for t, lp in e.top]) for e in entries]}

@@ -1,0 +1,153 @@
+"""POST /v1/completions: one or more prompts, ``n`` completions each, optionally streamed."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ferry.outputs import CompletionOutput, RequestOutput
+from ferry.server.async_engine import EngineStepError, EngineStoppedError
+from ferry.server.errors import APIError, sse_error_event
+from ferry.server.protocol import CompletionRequest
+from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, DeltaTracker, ServerState,
+                                         add_or_raise, check_model, close_streams,
+                                         completion_logprobs, completion_tokens, engine_error,
+                                         last_output, merge_streams, new_request_id, parse_body,
+                                         sse, until_disconnect, usage)
+
+
+async def create_completion(request: Request, state: ServerState):
+    body = await parse_body(request, CompletionRequest)
+    check_model(state, body.model)
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo together with logprobs is not supported (prompt logprobs)",
+                       param="echo", code="unsupported_parameter")
+    params = _sampling_params(body)
+    prompts = body.prompts()
+    try:
+        state.engine.check_capacity(params.n * len(prompts))
+    except RuntimeError as exc:
+        raise engine_error(exc) from None
+    request_id = new_request_id("cmpl")
+    streams = []
+    try:
+        for index, prompt in enumerate(prompts):
+            streams.append(await add_or_raise(state, f"{request_id}-{index}", prompt, params))
+    except BaseException:
+        await close_streams(streams)
+        raise
+    if body.stream:
+        return StreamingResponse(_stream(state, body, request_id, streams),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    finals = await until_disconnect(request, _collect(streams))
+    return JSONResponse(_response(state, body, request_id, finals))
+
+
+def _sampling_params(body: CompletionRequest):
+    try:
+        return body.to_sampling_params()
+    except ValueError as exc:
+        raise APIError(400, str(exc), code="invalid_value") from None
+
+
+async def _collect(streams) -> list[RequestOutput]:
+    try:
+        return list(await asyncio.gather(*(last_output(s) for s in streams)))
+    except (EngineStepError, EngineStoppedError) as exc:
+        raise engine_error(exc) from None
+
+
+def _prompt_text(state: ServerState, output: RequestOutput) -> str:
+    if output.prompt is not None:
+        return output.prompt
+    return state.tokenizer.decode(output.prompt_token_ids)
+
+
+def _choice(state: ServerState, body: CompletionRequest, index: int, output: RequestOutput,
+            completion: CompletionOutput) -> dict[str, Any]:
+    prefix = _prompt_text(state, output) if body.echo else ""
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = completion_logprobs(state, completion.logprobs or [], len(prefix))
+    choice = {"index": index, "text": prefix + completion.text, "logprobs": logprobs,
+              "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+    if body.return_token_ids:
+        choice.update(prompt_token_ids=output.prompt_token_ids,
+                      token_ids=list(completion.token_ids))
+    return choice
+
+
+def _response(state: ServerState, body: CompletionRequest, request_id: str,
+              finals: list[RequestOutput]) -> dict[str, Any]:
+    choices = [_choice(state, body, p * body.n + c.index, out, c)
+               for p, out in enumerate(finals) for c in out.outputs]
+    prompt_tokens = sum(len(out.prompt_token_ids) for out in finals)
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": state.model_name, "choices": choices, "system_fingerprint": None,
+            "usage": usage(prompt_tokens, completion_tokens(finals))}
+
+
+async def _stream(state: ServerState, body: CompletionRequest, request_id: str,
+                  streams: list) -> AsyncIterator[str]:
+    created = int(time.time())
+    trackers: dict[int, DeltaTracker] = {}
+    latest: dict[int, RequestOutput] = {}
+
+    def chunk(choices: list[dict[str, Any]], usage_value: Any = None) -> str:
+        payload = {"id": request_id, "object": "text_completion", "created": created,
+                   "model": state.model_name, "choices": choices}
+        if body.include_usage:
+            payload["usage"] = usage_value
+        return sse(payload)
+
+    try:
+        async for prompt_index, output in merge_streams(streams):
+            latest[prompt_index] = output
+            running_usage = _usage(latest) if body.stream_options and \
+                body.stream_options.continuous_usage_stats else None
+            for completion in output.outputs:
+                index = prompt_index * body.n + completion.index
+                choice = _delta_choice(state, body, trackers, index, output, completion)
+                if choice is not None:
+                    yield chunk([choice], running_usage)
+        if body.include_usage:
+            yield chunk([], _usage(latest))
+    except (EngineStepError, EngineStoppedError) as exc:
+        yield sse_error_event(engine_error(exc))
+    yield SSE_DONE
+
+
+def _delta_choice(state: ServerState, body: CompletionRequest, trackers: dict[int, DeltaTracker],
+                  index: int, output: RequestOutput,
+                  completion: CompletionOutput) -> dict[str, Any] | None:
+    first = index not in trackers
+    tracker = trackers.setdefault(index, DeltaTracker())
+    if tracker.finished:
+        return None
+    offset, sent_tokens = tracker.text_len, tracker.num_tokens
+    text, new_logprobs = tracker.take(completion)
+    prefix = _prompt_text(state, output) if body.echo and first else ""
+    new_tokens = list(completion.token_ids[sent_tokens:])
+    if not (prefix or text or new_logprobs or completion.finished
+            or (body.return_token_ids and new_tokens)):
+        return None
+    tracker.finished = completion.finished
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = completion_logprobs(state, new_logprobs, offset)
+    choice = {"index": index, "text": prefix + text, "logprobs": logprobs,
+              "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+    if body.return_token_ids:
+        choice["token_ids"] = new_tokens
+        if first:
+            choice["prompt_token_ids"] = output.prompt_token_ids
+    return choice
+
+
+def _usage(latest: dict[int, RequestOutput]) -> dict[str, int]:
+    outputs = list(latest.values())
+    return usage(sum(len(o.prompt_token_ids) for o in outputs), completion_tokens(outputs))
