@@ -1,11 +1,17 @@
 """Shared pytest fixtures: tiny random HF checkpoints, built once per session."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+# Without a GPU, Triton kernels run in its interpreter; it must be set before the first
+# `import triton` anywhere in the session.
+if not any(Path(dev).exists() for dev in ("/dev/nvidia0", "/dev/kfd")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import tiny_models`
 

@@ -1,40 +1,60 @@
 """The single dispatch point for compute kernels.
 
 Layers call ops through this module (``from ferry import kernels; kernels.rms_norm(...)``),
-never a backend directly, so the backend is chosen in one place.
-
-Ops (signatures and semantics are defined by ``ferry.kernels.reference``):
-``write_kv_cache``, ``paged_attention``, ``rms_norm``, ``fused_add_rms_norm``,
-``apply_rotary``, ``silu_and_mul``.
+never a backend directly, so the backend is chosen in one place: the Triton kernels
+(``ferry/kernels/triton/``) for tensors on a CUDA or ROCm device when Triton imports, the
+PyTorch reference (``ferry/kernels/reference.py``) otherwise. Both have the same
+signatures and semantics; the reference is the CPU path and the Triton kernels' oracle.
 """
 from __future__ import annotations
 
-from ferry.kernels.reference import (
-    apply_rotary,
-    fused_add_rms_norm,
-    paged_attention,
-    rms_norm,
-    silu_and_mul,
-    write_kv_cache,
-)
+import functools
 
-# --- Backend selection ------------------------------------------------------------------
-# TODO(triton): select the Triton twins (``ferry/kernels/triton/``, same names and
-# signatures) here from the platform's capabilities, i.e. when
-# ``ferry.platform.detect_platform().use_triton_kernels`` is true, e.g.
-#
-#     if platform.use_triton_kernels:
-#         from ferry.kernels.triton import paged_attention, write_kv_cache, ...
-#
-# keeping these reference versions as the CPU path (and for CPU tensors). Nothing else in
-# ferry should import a backend directly.
-# -----------------------------------------------------------------------------------------
+import torch
 
-__all__ = [
-    "apply_rotary",
-    "fused_add_rms_norm",
-    "paged_attention",
-    "rms_norm",
-    "silu_and_mul",
-    "write_kv_cache",
-]
+from ferry.kernels import reference
+from ferry.platform import triton_importable
+
+
+@functools.cache
+def _triton_ops():
+    """ferry.kernels.triton, imported on the first GPU call: importing it imports triton,
+    and the CPU tests must be able to set TRITON_INTERPRET before that happens."""
+    if not triton_importable():
+        return None
+    import ferry.kernels.triton as triton_ops
+    return triton_ops
+
+
+def _ops_for(tensor: torch.Tensor):
+    if tensor.is_cuda and (ops := _triton_ops()) is not None:  # ROCm tensors are "cuda" too
+        return ops
+    return reference
+
+
+def write_kv_cache(key, value, kv_cache, slot_mapping) -> None:
+    return _ops_for(key).write_kv_cache(key, value, kv_cache, slot_mapping)
+
+
+def paged_attention(query, kv_cache, meta, scale, sliding_window=None):
+    return _ops_for(query).paged_attention(query, kv_cache, meta, scale, sliding_window)
+
+
+def rms_norm(x, weight, eps):
+    return _ops_for(x).rms_norm(x, weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    return _ops_for(x).fused_add_rms_norm(x, residual, weight, eps)
+
+
+def apply_rotary(query, key, positions, cos_sin_cache):
+    return _ops_for(query).apply_rotary(query, key, positions, cos_sin_cache)
+
+
+def silu_and_mul(x):
+    return _ops_for(x).silu_and_mul(x)
+
+
+__all__ = ["apply_rotary", "fused_add_rms_norm", "paged_attention", "rms_norm",
+           "silu_and_mul", "write_kv_cache"]

@@ -1,0 +1,23 @@
+"""Triton kernels for CUDA and ROCm GPUs, one op per module.
+
+Each op has exactly the signature and semantics of its twin in ``ferry.kernels.reference``;
+``ferry/kernels/__init__.py`` selects these when ``Platform.use_triton_kernels``. Importing
+this package imports ``triton``: do it only where Triton is available.
+"""
+from __future__ import annotations
+
+from ferry.kernels.triton.fused_add_rms_norm import fused_add_rms_norm
+from ferry.kernels.triton.paged_attention import paged_attention
+from ferry.kernels.triton.rms_norm import rms_norm
+from ferry.kernels.triton.rotary import apply_rotary
+from ferry.kernels.triton.silu_and_mul import silu_and_mul
+from ferry.kernels.triton.write_kv_cache import write_kv_cache
+
+__all__ = [
+    "apply_rotary",
+    "fused_add_rms_norm",
+    "paged_attention",
+    "rms_norm",
+    "silu_and_mul",
+    "write_kv_cache",
+]

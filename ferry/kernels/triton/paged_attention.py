@@ -1,0 +1,77 @@
+"""Triton twin of ``reference.paged_attention``: decode and prefill kernels over the paged cache."""
+from __future__ import annotations
+
+import torch
+
+from ferry.kernels.triton._common import check_same_device, last_dim_contiguous
+from ferry.kernels.triton.paged_decode import paged_decode_attention
+from ferry.kernels.triton.paged_prefill import paged_prefill_attention
+from ferry.runner.attn_metadata import AttentionMetadata
+
+# Stands for "no sliding window": larger than any context, small enough for int32 maths.
+NO_WINDOW = 1 << 30
+MAX_HEAD_DIM = 256
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of the batch's new tokens over the paged KV cache.
+
+    query: (T, H, D) with H a multiple of Hkv (GQA); kv_cache (2, num_blocks, block_size,
+    Hkv, D) already holds the new tokens' keys and values. The first ``meta.num_decodes``
+    sequences go to the split-K decode kernel, the rest to the prefill kernel. Query i of a
+    sequence sits at ``p = seq_len - query_len + i`` and sees keys ``j <= p`` (and
+    ``j > p - sliding_window``). Returns (T, H, D) in the query's dtype; rows past
+    ``query_start_loc[-1]`` (padding) are zero.
+    """
+    _check_args(query, kv_cache, meta, sliding_window)
+    query = last_dim_contiguous(query)
+    meta = _with_int32_tables(meta)
+    window = NO_WINDOW if sliding_window is None else int(sliding_window)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    num_tokens = sum(meta.query_lens_cpu)
+    out[num_tokens:].zero_()
+    if meta.num_decodes:
+        paged_decode_attention(out, query, kv_cache, meta, scale, window)
+    paged_prefill_attention(out, query, kv_cache, meta, scale, window)
+    return out
+
+
+def _check_args(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                sliding_window: int | None) -> None:
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    if query.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"query must be (T, H, D) and kv_cache (2, num_blocks, block_size, Hkv, D), "
+                         f"got {tuple(query.shape)} and {tuple(kv_cache.shape)}")
+    num_heads, head_dim = query.shape[1:]
+    if kv_cache.shape[4] != head_dim:
+        raise ValueError(f"head dim of query ({head_dim}) and kv_cache ({kv_cache.shape[4]}) differ")
+    if num_heads % kv_cache.shape[3]:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of the cache's "
+                         f"KV heads ({kv_cache.shape[3]})")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {head_dim} is above the Triton kernels' limit of {MAX_HEAD_DIM}")
+    if kv_cache.shape[2] != meta.block_size:
+        raise ValueError(f"kv_cache block size {kv_cache.shape[2]} != metadata block_size {meta.block_size}")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache's last dim must be contiguous")
+    if any(q != 1 for q in meta.query_lens_cpu[:meta.num_decodes]):
+        raise ValueError("the first meta.num_decodes sequences must have query_len == 1")
+    if sum(meta.query_lens_cpu) > query.shape[0]:
+        raise ValueError(f"metadata covers {sum(meta.query_lens_cpu)} tokens, query has {query.shape[0]}")
+    check_same_device(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc)
+
+
+def _with_int32_tables(meta: AttentionMetadata) -> AttentionMetadata:
+    """The kernels read block tables, lengths and offsets as contiguous int32 (the contract)."""
+    tensors = (meta.block_tables, meta.seq_lens, meta.query_start_loc)
+    if all(t.dtype == torch.int32 and t.stride(-1) == 1 for t in tensors):
+        return meta
+    return AttentionMetadata(
+        slot_mapping=meta.slot_mapping,
+        query_start_loc=meta.query_start_loc.to(torch.int32).contiguous(),
+        seq_lens=meta.seq_lens.to(torch.int32).contiguous(),
+        block_tables=meta.block_tables.to(torch.int32).contiguous(),
+        query_lens_cpu=meta.query_lens_cpu, seq_lens_cpu=meta.seq_lens_cpu,
+        num_decodes=meta.num_decodes, block_size=meta.block_size)
