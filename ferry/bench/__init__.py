@@ -1,0 +1,3 @@
+"""`ferry bench`: load generator, reports and plots for OpenAI-compatible servers, plus
+ferry's offline throughput and latency benchmarks. The CLI lives in ``ferry.bench.cli``.
+"""
