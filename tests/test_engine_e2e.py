@@ -153,3 +153,26 @@ def test_bad_arguments_raise_value_error(model_dirs):
     with pytest.raises(ValueError, match="unknown key"):
         LLM(model_dirs["llama"], not_a_setting=1)
     _assert_all_blocks_free(llm)
+
+
+@pytest.mark.parametrize("setting", [dict(quant_type="gptq_int4"), dict(kv_cache_dtype="fp8"),
+                                     dict(tensor_parallel_size=2),
+                                     dict(lora_adapters_dir="/tmp"),
+                                     dict(debug_trace="attention")])
+def test_features_not_built_yet_are_refused_clearly(model_dirs, setting):
+    key = next(iter(setting))
+    with pytest.raises(ValueError, match=f"{key}=.*not supported"):
+        LLM(model_dirs["llama"], **setting)
+
+
+def test_quantized_checkpoint_is_refused_clearly(model_dirs, tmp_path):
+    import json
+    import shutil
+
+    path = tmp_path / "quantized"
+    shutil.copytree(model_dirs["llama"], path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantized checkpoint \\(gptq\\)"):
+        LLM(str(path))

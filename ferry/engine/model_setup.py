@@ -33,10 +33,12 @@ def load_model_for_engine(config: EngineConfig) -> LoadedModel:
     from ferry.models.loader import get_model, load_hf_config
     from ferry.platform import detect_platform
 
+    check_features_available(config)
     platform = detect_platform(config.device)
     device = platform.torch_device
     model_dir = resolve_model_dir(config)
     hf_config = load_hf_config(model_dir)
+    check_checkpoint_unquantized(hf_config, model_dir)
     dtype = resolve_dtype(config.dtype, hf_config, device)
     torch.manual_seed(config.seed)
     model = get_model(model_dir, hf_config, dtype, device)
@@ -46,6 +48,33 @@ def load_model_for_engine(config: EngineConfig) -> LoadedModel:
     eos = resolve_eos_token_ids(model_dir, hf_config, tokenizer)
     return LoadedModel(platform, model, tokenizer, model_dir, dtype, device, max_model_len,
                        eos, num_blocks)
+
+
+# Config keys whose non-default values name features that are not built yet: refuse them
+# clearly rather than serve something other than what was asked for.
+_NOT_YET = {
+    "quant_type": ("auto", "none"),
+    "kv_cache_dtype": ("auto",),
+    "tensor_parallel_size": (1,),
+    "lora_adapters_dir": (None,),
+    "debug_trace": ("none",),
+}
+
+
+def check_features_available(config: EngineConfig) -> None:
+    for key, defaults in _NOT_YET.items():
+        value = getattr(config, key)
+        if value not in defaults:
+            raise ValueError(f"{key}={value!r} is not supported by this version of ferry yet; "
+                             f"leave it at its default ({defaults[0]!r})")
+
+
+def check_checkpoint_unquantized(hf_config, model_dir: Path) -> None:
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
+        raise ValueError(f"{model_dir} is a quantized checkpoint ({method}); loading quantized "
+                         f"checkpoints is not supported by this version of ferry yet")
 
 
 def resolve_model_dir(config: EngineConfig) -> Path:
