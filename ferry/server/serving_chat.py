@@ -13,9 +13,10 @@ from ferry.server.async_engine import EngineStepError, EngineStoppedError
 from ferry.server.errors import APIError, sse_error_event
 from ferry.server.protocol import ChatCompletionRequest
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, DeltaTracker, ServerState,
+                                         chunk_writer,
                                          add_or_raise, chat_logprobs, check_model,
                                          completion_tokens, engine_error, last_output,
-                                         merge_streams, new_request_id, parse_body, sse,
+                                         merge_streams, new_request_id, parse_body,
                                          until_disconnect, usage)
 
 
@@ -63,15 +64,9 @@ def _response(state: ServerState, body: ChatCompletionRequest, request_id: str,
 
 async def _stream(state: ServerState, body: ChatCompletionRequest, request_id: str,
                   stream) -> AsyncIterator[str]:
-    created = int(time.time())
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-    def chunk(choices: list[dict[str, Any]], usage_value: Any = None) -> str:
-        payload = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                   "model": state.model_name, "choices": choices}
-        if body.include_usage:
-            payload["usage"] = usage_value
-        return sse(payload)
+    chunk = chunk_writer("chat.completion.chunk", request_id, state.model_name, body.include_usage)
 
     # The role comes first, before any token, as OpenAI sends it.
     for index in range(body.n):

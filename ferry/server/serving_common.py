@@ -5,7 +5,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -194,6 +194,22 @@ async def close_streams(streams: list[AsyncIterator[RequestOutput]]) -> None:
 
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def chunk_writer(object_name: str, request_id: str, model: str,
+                 include_usage: bool) -> Callable[..., str]:
+    """``chunk(choices, usage_value=None) -> str``: one SSE chunk of a streamed response,
+    with the stream's fixed fields (id, object, created, model) and ``usage`` when asked."""
+    created = int(time.time())
+
+    def chunk(choices: list[dict[str, Any]], usage_value: Any = None) -> str:
+        payload = {"id": request_id, "object": object_name, "created": created,
+                   "model": model, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage_value
+        return sse(payload)
+
+    return chunk
 
 
 SSE_DONE = "data: [DONE]\n\n"

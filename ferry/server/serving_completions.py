@@ -14,10 +14,11 @@ from ferry.server.async_engine import EngineStepError, EngineStoppedError
 from ferry.server.errors import APIError, sse_error_event
 from ferry.server.protocol import CompletionRequest
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, DeltaTracker, ServerState,
+                                         chunk_writer,
                                          add_or_raise, check_model, close_streams,
                                          completion_logprobs, completion_tokens, engine_error,
                                          last_output, merge_streams, new_request_id, parse_body,
-                                         sse, until_disconnect, usage)
+                                         until_disconnect, usage)
 
 
 async def create_completion(request: Request, state: ServerState):
@@ -93,16 +94,10 @@ def _response(state: ServerState, body: CompletionRequest, request_id: str,
 
 async def _stream(state: ServerState, body: CompletionRequest, request_id: str,
                   streams: list) -> AsyncIterator[str]:
-    created = int(time.time())
     trackers: dict[int, DeltaTracker] = {}
     latest: dict[int, RequestOutput] = {}
 
-    def chunk(choices: list[dict[str, Any]], usage_value: Any = None) -> str:
-        payload = {"id": request_id, "object": "text_completion", "created": created,
-                   "model": state.model_name, "choices": choices}
-        if body.include_usage:
-            payload["usage"] = usage_value
-        return sse(payload)
+    chunk = chunk_writer("text_completion", request_id, state.model_name, body.include_usage)
 
     try:
         async for prompt_index, output in merge_streams(streams):

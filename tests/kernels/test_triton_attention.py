@@ -1,40 +1,21 @@
 """Triton paged attention and KV-cache writes against a naive per-token PyTorch oracle.
 
 On a machine without a GPU the kernels run on CPU tensors through Triton's interpreter,
-which needs TRITON_INTERPRET=1 before triton is first imported (set below). With a GPU the
+which needs TRITON_INTERPRET=1 before triton is first imported (tests/conftest.py). With a GPU the
 same tests run compiled on "cuda" (NVIDIA or ROCm).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the first `import triton`
-
 pytest.importorskip("triton")
 
+from triton_devices import DEVICES  # noqa: E402
 from ferry.kernels.triton import paged_attention, write_kv_cache  # noqa: E402
-from ferry.kernels.triton._common import interpreter_active  # noqa: E402
 from ferry.kernels.triton.paged_decode import paged_decode_attention, plan_splits  # noqa: E402
 from ferry.kernels.triton.paged_attention import NO_WINDOW  # noqa: E402
 from ferry.runner.attn_metadata import AttentionMetadata  # noqa: E402
-
-DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else []
-if interpreter_active():
-    DEVICES.append("cpu")
-if not DEVICES:
-    # Triton was imported before TRITON_INTERPRET=1 could be set (by another test module):
-    # the interpreter is off for this process, so run this file in a fresh one.
-    def test_in_a_fresh_interpreter_process():
-        import subprocess
-        import sys
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                              env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 BLOCK = 4   # page size of the tests: small, so short sequences cross several pages

@@ -1,36 +1,17 @@
 """Triton RMSNorm, fused add + RMSNorm, rotary and SwiGLU against plain PyTorch formulas.
 
-Runs through Triton's interpreter on CPU tensors without a GPU (TRITON_INTERPRET=1 must
-be set before triton is first imported, done below), compiled on "cuda" with one.
+Runs through Triton's interpreter on CPU tensors without a GPU (TRITON_INTERPRET=1,
+set by tests/conftest.py before triton is first imported), compiled on "cuda" with one.
 """
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the first `import triton`
-
 pytest.importorskip("triton")
 
+from triton_devices import DEVICES  # noqa: E402
 from ferry.kernels.triton import apply_rotary, fused_add_rms_norm, rms_norm, silu_and_mul  # noqa: E402
-from ferry.kernels.triton._common import interpreter_active  # noqa: E402
-
-DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else []
-if interpreter_active():
-    DEVICES.append("cpu")
-if not DEVICES:
-    # Triton was imported before TRITON_INTERPRET=1 could be set (by another test module):
-    # the interpreter is off for this process, so run this file in a fresh one.
-    def test_in_a_fresh_interpreter_process():
-        import subprocess
-        import sys
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                              env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # One rounding step of the dtype (the interpreter truncates where GPUs round to nearest).
