@@ -64,7 +64,7 @@ class LLM:
         try:
             for index, (prompt, p, prio) in enumerate(zip(prompts, params, priorities)):
                 request_id = f"llm-{next(self._ids)}"
-                self.engine.add_request(request_id, prompt, p, priority=prio)
+                self.engine.add_request(request_id, prompt, p, priority=prio, stream=False)
                 order[request_id] = index
         except ValueError as exc:
             self.engine.abort_request(list(order))

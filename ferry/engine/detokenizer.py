@@ -16,10 +16,14 @@ is decoded (the prefix/read offset technique of HF text-generation-inference and
 Stop strings are searched only in the new text plus ``longest stop - 1`` characters
 before it. While the request runs, a tail of the text that could still grow into a stop
 string is held back from ``output_text``, so shown text is never taken back.
+
+A completion nobody watches token by token (``stream=False``) and that has no stop
+string to look for is decoded once, when it finishes: the same text, without a decode
+per token.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ferry.sampling_params import SamplingParams
 
@@ -35,8 +39,9 @@ class IncrementalDetokenizer:
     ``transformers`` tokenizer or a ``tokenizers.Tokenizer``.
     """
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams):
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams,
+                 stream: bool = True):
+        self._decode_ids = fast_decoder(tokenizer)
         self._skip_special_tokens = params.skip_special_tokens
         self._stops: list[str] = list(params.stop)
         self._include_stop = params.include_stop_str_in_output
@@ -49,6 +54,7 @@ class IncrementalDetokenizer:
         self._text = ""            # decoded output text (trimmed at a stop string)
         self._num_visible = 0      # leading chars of _text that output_text shows
         self._finished = False
+        self._incremental = stream or bool(self._stops)
 
     # ------------------------------------------------------------ public interface
     @property
@@ -76,7 +82,7 @@ class IncrementalDetokenizer:
             raise RuntimeError("IncrementalDetokenizer.update called after the text finished "
                                "(stop string found or finish() called)")
         self._window_ids.extend(new_token_ids)
-        if not new_token_ids:
+        if not new_token_ids or not self._incremental:
             return None
         return self._append(self._decode_pending(final=False))
 
@@ -93,7 +99,7 @@ class IncrementalDetokenizer:
 
     # ------------------------------------------------------------ decoding
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+        return self._decode_ids(ids, self._skip_special_tokens)
 
     def _decode_pending(self, final: bool) -> str:
         """New text of the tokens past ``read_offset``, or "" while a character is split."""
@@ -147,3 +153,17 @@ class IncrementalDetokenizer:
             if any(stop.startswith(tail) for stop in self._stops):
                 return length
         return 0
+
+
+def fast_decoder(tokenizer: Any) -> Callable[[list[int], bool], str]:
+    """``decode(ids, skip_special_tokens)`` for the tokenizer.
+
+    A fast ``transformers`` tokenizer's own ``decode`` adds several Python layers around
+    its Rust ``backend_tokenizer``; called twice per generated token they cost more than
+    the decoding. Where the wrapper would not change the text (no
+    ``clean_up_tokenization_spaces``), the backend is called directly.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)

@@ -64,8 +64,13 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
-                    *, priority: int | None = None, arrival_time: float | None = None) -> None:
-        """Queue a request. Raises ``ValueError`` with a user-facing message on bad input."""
+                    *, priority: int | None = None, arrival_time: float | None = None,
+                    stream: bool = True) -> None:
+        """Queue a request. Raises ``ValueError`` with a user-facing message on bad input.
+
+        ``step()`` reports a streamed request every step it advances, and one with
+        ``stream=False`` once, when it finishes.
+        """
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if self.outputs.has(request_id):
@@ -82,7 +87,7 @@ class Engine:
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             children.append(Request(child_id, token_ids, child_params, eos_token_ids=eos,
                                     arrival_time=arrival, priority=priority))
-        self.outputs.add(request_id, prompt_text, token_ids, params, children)
+        self.outputs.add(request_id, prompt_text, token_ids, params, children, stream)
         for child in children:
             self.scheduler.add_request(child)
         self._prompt_tokens_total += len(token_ids)

@@ -1,7 +1,9 @@
 """OutputProcessor: turns requests that got new tokens into user-facing RequestOutputs.
 
 It owns the per-completion incremental detokenizers (stop strings are found here) and
-groups the ``n`` child requests of a user request back into one RequestOutput.
+groups the ``n`` child requests of a user request back into one RequestOutput. A streamed
+request gets an output every step it advances; one that is not (``LLM.generate``) only
+when it finishes, so a long generation is not copied into a new output at every token.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class _UserRequest:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
+    stream: bool = True
     completions: list[_Completion] = field(default_factory=list)
 
     @property
@@ -48,11 +51,12 @@ class OutputProcessor:
         return request_id in self._requests
 
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-            params: SamplingParams, children: list[Request]) -> None:
-        user = _UserRequest(request_id, prompt, prompt_token_ids)
+            params: SamplingParams, children: list[Request], stream: bool = True) -> None:
+        user = _UserRequest(request_id, prompt, prompt_token_ids, stream)
         want_logprobs = params.logprobs is not None
         for index, child in enumerate(children):
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child.sampling_params)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, child.sampling_params,
+                                           stream=stream)
             completion = _Completion(index, child, detok, [] if want_logprobs else None,
                                      0.0 if want_logprobs else None)
             user.completions.append(completion)
@@ -83,8 +87,9 @@ class OutputProcessor:
         return stopped
 
     def collect(self) -> list[RequestOutput]:
-        """RequestOutputs for the user requests touched since the last call."""
-        touched = list(self._touched.values())
+        """RequestOutputs for the user requests touched since the last call (streamed ones,
+        and those that finished)."""
+        touched = [user for user in self._touched.values() if user.stream or user.finished]
         self._touched.clear()
         for user in touched:
             if user.finished:

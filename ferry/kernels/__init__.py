@@ -1,10 +1,16 @@
 """The single dispatch point for compute kernels.
 
 Layers call ops through this module (``from ferry import kernels; kernels.rms_norm(...)``),
-never a backend directly, so the backend is chosen in one place: the Triton kernels
-(``ferry/kernels/triton/``) for tensors on a CUDA or ROCm device when Triton imports, the
-PyTorch reference (``ferry/kernels/reference.py``) otherwise. Both have the same
-signatures and semantics; the reference is the CPU path and the Triton kernels' oracle.
+never a backend directly, so the backend is chosen in one place:
+
+- tensors on a CUDA or ROCm device, when Triton imports: the Triton kernels
+  (``ferry/kernels/triton/``);
+- CPU tensors, when the C++ kernels build (a compiler is present and
+  ``FERRY_CPU_KERNELS`` is not 0): ``ferry/kernels/cpu/``;
+- otherwise the PyTorch reference (``ferry/kernels/reference.py``).
+
+All three have the same signatures and semantics; the reference is the oracle the other
+two are tested against, and the fallback wherever they cannot run.
 """
 from __future__ import annotations
 
@@ -26,8 +32,16 @@ def _triton_ops():
     return triton_ops
 
 
+@functools.cache
+def _cpu_ops():
+    import ferry.kernels.cpu as cpu_ops
+    return cpu_ops if cpu_ops.available() else None
+
+
 def _ops_for(tensor: torch.Tensor):
     if tensor.is_cuda and (ops := _triton_ops()) is not None:  # ROCm tensors are "cuda" too
+        return ops
+    if tensor.device.type == "cpu" and (ops := _cpu_ops()) is not None:
         return ops
     return reference
 

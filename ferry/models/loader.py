@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from ferry.layers.linear import use_column_major_weights
 from ferry.models.common import CausalLM
 from ferry.models.registry import get_model_class
 
@@ -63,6 +64,8 @@ def get_model(model_dir: Path, hf_config: Any, dtype: torch.dtype, device: torch
     with torch.device(device):
         model = model_cls(hf_config, dtype=dtype)
     load_weights(model, files, Path(model_dir))
+    if device.type == "cpu":
+        use_column_major_weights(model)
     return model.eval()
 
 

@@ -1,0 +1,22 @@
+"""C++ kernels for the CPU, compiled on first use (see ``build.py``).
+
+The fast CPU path: every op has a C++ kernel with the reference's signature and
+semantics, and falls back to the reference for inputs the kernel does not take (dtypes
+other than float32/bfloat16, irregular strides). ``available()`` is False where no compiler
+is found or ``FERRY_CPU_KERNELS=0``; ``ferry/kernels/__init__.py`` then uses the
+reference for everything.
+"""
+from __future__ import annotations
+
+from ferry.kernels.cpu.build import load_library
+from ferry.kernels.cpu.attention import paged_attention
+from ferry.kernels.cpu.elementwise import (apply_rotary, fused_add_rms_norm, rms_norm,
+                                           silu_and_mul, write_kv_cache)
+
+
+def available() -> bool:
+    return load_library() is not None
+
+
+__all__ = ["apply_rotary", "available", "fused_add_rms_norm", "paged_attention", "rms_norm",
+           "silu_and_mul", "write_kv_cache"]

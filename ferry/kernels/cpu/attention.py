@@ -1,0 +1,50 @@
+"""paged_attention through the C++ kernel (``csrc/paged_attention.cpp``).
+
+Same signature and semantics as ``ferry.kernels.reference.paged_attention``; dtypes the
+kernel does not handle (float16, or a cache dtype different from the query's) go to the
+reference.
+"""
+from __future__ import annotations
+
+import torch
+
+from ferry.kernels import reference
+from ferry.kernels.cpu._lib import DTYPE_CODES, check, functions
+from ferry.runner.attn_metadata import AttentionMetadata
+
+
+
+def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    return (functions() is not None and query.dtype in DTYPE_CODES
+            and kv_cache.dtype == query.dtype and kv_cache.is_contiguous())
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    if not supports(query, kv_cache):
+        return reference.paged_attention(query, kv_cache, meta, scale, sliding_window)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of the cache's "
+                         f"KV heads ({num_kv_heads})")
+    if meta.max_seq_len > meta.block_tables.shape[1] * block_size:
+        raise ValueError("block_tables are too narrow for the longest sequence")
+    query = query.contiguous()
+    block_tables = meta.block_tables.to(torch.int32).contiguous()
+    query_start_loc = meta.query_start_loc.to(torch.int32).contiguous()
+    seq_lens = meta.seq_lens.to(torch.int32).contiguous()
+    out = torch.empty_like(query)
+    status = functions().paged_attention(
+        DTYPE_CODES[query.dtype], query.data_ptr(), kv_cache[0].data_ptr(),
+        kv_cache[1].data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        query_start_loc.data_ptr(), seq_lens.data_ptr(), meta.num_seqs, num_heads,
+        num_kv_heads, head_dim, block_size, scale, sliding_window or 0, out.data_ptr(),
+        torch.get_num_threads())
+    check(status, "paged_attention")
+    used = sum(meta.query_lens_cpu)
+    if used < num_tokens:
+        out[used:] = 0  # padding rows, as the reference returns them
+    return out

@@ -1,0 +1,278 @@
+// Paged attention on the CPU: reads K/V blocks in place through the block table.
+//
+// Twin of ferry.kernels.reference.paged_attention (same semantics, checked against it in
+// tests/kernels/test_cpu_kernels.py). The reference gathers every sequence's blocks into
+// a padded copy and then runs SDPA, so it moves the KV cache through memory three times;
+// this kernel reads each visible key and value once per query tile.
+//
+// Work items are (sequence, tile of up to kQueryTile of its new tokens), run in parallel
+// with OpenMP. An item has one "row" per (query, head). It walks the sequence's blocks
+// twice: first scoring every row against the block's keys, then (after a softmax per
+// row) adding the block's values into every row's accumulator. A block (all KV heads) is
+// small enough to stay in L1/L2 while every row uses it, and each row's query or
+// accumulator stays in registers across the block's positions. Rows only ever touch the
+// positions they can see (causal, sliding window), so there is no -inf masking and the
+// build can use -ffast-math (which gives vectorised exp from glibc's libmvec).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "dtype.h"
+
+namespace {
+
+using ferry::to_float;
+
+constexpr int64_t kQueryTile = 16;
+
+template <typename T>
+struct Problem {
+  const T* query;                  // (T, H, D)
+  const T* key_cache;              // (num_blocks, block_size, Hkv, D)
+  const T* value_cache;            // (num_blocks, block_size, Hkv, D)
+  const int32_t* block_tables;     // (B, block_table_stride)
+  int64_t block_table_stride;
+  const int32_t* query_start_loc;  // (B + 1,)
+  const int32_t* seq_lens;         // (B,)
+  int64_t num_heads, num_kv_heads, head_dim, block_size;
+  float scale;
+  int64_t sliding_window;  // 0: none
+  T* out;                  // (T, H, D)
+};
+
+struct WorkItem {
+  int64_t seq, first_query, end_query;  // queries index the sequence's new tokens
+};
+
+// Per-thread buffers, grown on demand and reused across items.
+struct Scratch {
+  std::vector<float> scores, acc, queries, block, inv_sums;
+  std::vector<int64_t> row_lo, row_hi;
+  static void grow(std::vector<float>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  }
+  void reserve(int64_t rows, int64_t span, int64_t dim, int64_t block_elements) {
+    grow(scores, rows * span);
+    grow(acc, rows * dim);
+    grow(queries, rows * dim);
+    grow(block, block_elements);
+    grow(inv_sums, rows);
+    if (static_cast<int64_t>(row_lo.size()) < rows) {
+      row_lo.resize(rows);
+      row_hi.resize(rows);
+    }
+  }
+};
+
+// A cache block as float32: the block itself for float caches, else converted into buf.
+inline const float* block_as_float(const float* block, int64_t, float*) { return block; }
+inline const float* block_as_float(const ferry::Bf16* block, int64_t n, float* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = to_float(block[i]);
+  return buf;
+}
+
+// Scores of one row against positions [lo, hi] of a block: out[pos] = q . key(pos).
+// kDim > 0 fixes the head dim at compile time (unrolled, query in registers).
+template <int kDim>
+inline void score_positions(const float* q, const float* keys, int64_t token_stride,
+                            int64_t count, int64_t dim, float* out) {
+  for (int64_t j = 0; j < count; ++j, keys += token_stride) {
+    float acc = 0.f;
+    if constexpr (kDim > 0) {
+#pragma omp simd reduction(+ : acc)
+      for (int d = 0; d < kDim; ++d) acc += q[d] * keys[d];
+    } else {
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < dim; ++d) acc += q[d] * keys[d];
+    }
+    out[j] = acc;
+  }
+}
+
+// acc += sum_j weights[j] * value(j) over a block's positions.
+template <int kDim>
+inline void accumulate_values(const float* weights, const float* values, int64_t token_stride,
+                              int64_t count, int64_t dim, float* acc) {
+  if constexpr (kDim > 0) {
+    float sum[kDim];  // held in registers across the positions
+    for (int d = 0; d < kDim; ++d) sum[d] = acc[d];
+    for (int64_t j = 0; j < count; ++j, values += token_stride) {
+      const float w = weights[j];
+#pragma omp simd
+      for (int d = 0; d < kDim; ++d) sum[d] += w * values[d];
+    }
+    for (int d = 0; d < kDim; ++d) acc[d] = sum[d];
+  } else {
+    for (int64_t j = 0; j < count; ++j, values += token_stride) {
+      const float w = weights[j];
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) acc[d] += w * values[d];
+    }
+  }
+}
+
+// Calls fn(first, block) for each block overlapping positions [lo, hi], where first is
+// the block's first position and block its (block_size, Hkv, D) data as float32.
+template <typename T, typename Fn>
+inline void for_each_block(const T* cache, const Problem<T>& p, const int32_t* table, int64_t lo,
+                           int64_t hi, Scratch& s, Fn&& fn) {
+  const int64_t block_elements = p.block_size * p.num_kv_heads * p.head_dim;
+  const int64_t last = hi / p.block_size;
+  for (int64_t b = lo / p.block_size; b <= last; ++b) {
+    const T* block = cache + static_cast<int64_t>(table[b]) * block_elements;
+    if (b < last) {
+      // Blocks are scattered, so the hardware prefetcher cannot see the next one coming.
+      const char* next = reinterpret_cast<const char*>(cache + static_cast<int64_t>(table[b + 1]) * block_elements);
+      for (int64_t offset = 0; offset < block_elements * static_cast<int64_t>(sizeof(T)); offset += 64) {
+        __builtin_prefetch(next + offset);
+      }
+    }
+    fn(b * p.block_size, block_as_float(block, block_elements, s.block.data()));
+  }
+}
+
+template <typename T, int kDim>
+void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
+  const int64_t dim = p.head_dim, heads = p.num_heads;
+  const int64_t group = heads / p.num_kv_heads;
+  const int64_t token_stride = p.num_kv_heads * dim;
+  const int64_t q_begin = p.query_start_loc[item.seq];
+  const int64_t query_len = p.query_start_loc[item.seq + 1] - q_begin;
+  const int64_t seq_len = p.seq_lens[item.seq];
+  const int32_t* table = p.block_tables + item.seq * p.block_table_stride;
+  const int64_t rows = (item.end_query - item.first_query) * heads;  // row = (query, head)
+
+  // Query i of the chunk sits at position seq_len - query_len + i and sees [lo, hi].
+  auto hi_of = [&](int64_t i) { return seq_len - query_len + i; };
+  auto lo_of = [&](int64_t i) {
+    return p.sliding_window > 0 ? std::max<int64_t>(0, hi_of(i) - p.sliding_window + 1) : 0;
+  };
+  const int64_t key_lo = lo_of(item.first_query), key_hi = hi_of(item.end_query - 1);
+  const int64_t span = key_hi - key_lo + 1;
+  s.reserve(rows, span, dim, p.block_size * token_stride);
+  for (int64_t r = 0; r < rows; ++r) {
+    s.row_lo[r] = lo_of(item.first_query + r / heads);
+    s.row_hi[r] = hi_of(item.first_query + r / heads);
+  }
+  // (num_queries, H, D) scaled queries: exactly the rows' order.
+  const T* q = p.query + (q_begin + item.first_query) * heads * dim;
+  for (int64_t n = 0; n < rows * dim; ++n) s.queries[n] = to_float(q[n]) * p.scale;
+
+  // The part of row r inside the block starting at `first`: [lo, hi], empty if lo > hi.
+  auto clip = [&](int64_t r, int64_t first, int64_t& lo, int64_t& hi) {
+    lo = std::max(first, s.row_lo[r]);
+    hi = std::min(first + p.block_size - 1, s.row_hi[r]);
+  };
+  float* scores = s.scores.data() - key_lo;  // row r's score at position pos: scores[r * span + pos]
+
+  for_each_block(p.key_cache, p, table, key_lo, key_hi, s, [&](int64_t first, const float* block) {
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t lo, hi;
+      clip(r, first, lo, hi);
+      if (lo > hi) continue;
+      const float* keys = block + (lo - first) * token_stride + (r % heads) / group * dim;
+      score_positions<kDim>(s.queries.data() + r * dim, keys, token_stride, hi - lo + 1, dim,
+                            scores + r * span + lo);
+    }
+  });
+
+  // Softmax per row over its own visible range; the weights overwrite the scores.
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = scores + r * span;
+    const int64_t lo = s.row_lo[r], hi = s.row_hi[r];
+    float max_score = row[lo];
+    for (int64_t pos = lo + 1; pos <= hi; ++pos) max_score = std::max(max_score, row[pos]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t pos = lo; pos <= hi; ++pos) {
+      row[pos] = std::exp(row[pos] - max_score);
+      sum += row[pos];
+    }
+    s.inv_sums[r] = 1.f / sum;
+  }
+
+  std::fill(s.acc.begin(), s.acc.begin() + rows * dim, 0.f);
+  for_each_block(p.value_cache, p, table, key_lo, key_hi, s, [&](int64_t first, const float* block) {
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t lo, hi;
+      clip(r, first, lo, hi);
+      if (lo > hi) continue;
+      const float* values = block + (lo - first) * token_stride + (r % heads) / group * dim;
+      accumulate_values<kDim>(scores + r * span + lo, values, token_stride, hi - lo + 1, dim,
+                              s.acc.data() + r * dim);
+    }
+  });
+
+  T* out = p.out + (q_begin + item.first_query) * heads * dim;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < dim; ++d) ferry::store(s.acc[r * dim + d] * s.inv_sums[r], out + r * dim + d);
+  }
+}
+
+template <typename T>
+void paged_attention(const Problem<T>& p, int64_t num_seqs, int num_threads) {
+  std::vector<WorkItem> items;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t query_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
+    for (int64_t first = 0; first < query_len; first += kQueryTile) {
+      items.push_back({seq, first, std::min(first + kQueryTile, query_len)});
+    }
+  }
+  // Head dims of the common models get loops unrolled at compile time.
+  auto* attend_item = p.head_dim == 64 ? &attend<T, 64>
+                      : p.head_dim == 128 ? &attend<T, 128>
+                                          : &attend<T, 0>;
+  const int64_t num_items = static_cast<int64_t>(items.size());
+#pragma omp parallel num_threads(num_threads)
+  {
+    Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n = 0; n < num_items; ++n) attend_item(p, items[n], scratch);
+  }
+}
+
+template <typename T>
+int run(const void* query, const void* key_cache, const void* value_cache,
+        const int32_t* block_tables, int64_t block_table_stride, const int32_t* query_start_loc,
+        const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+        int64_t head_dim, int64_t block_size, float scale, int64_t sliding_window, void* out,
+        int num_threads) {
+  if (num_kv_heads <= 0 || num_heads % num_kv_heads != 0 || head_dim <= 0 || block_size <= 0) return 1;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t query_len = query_start_loc[seq + 1] - query_start_loc[seq];
+    if (query_len < 0 || query_len > seq_lens[seq]) return 2;
+  }
+  const Problem<T> p{static_cast<const T*>(query), static_cast<const T*>(key_cache),
+                     static_cast<const T*>(value_cache), block_tables, block_table_stride,
+                     query_start_loc, seq_lens, num_heads, num_kv_heads, head_dim, block_size,
+                     scale, sliding_window, static_cast<T*>(out)};
+  paged_attention(p, num_seqs, std::max(1, num_threads));
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: ferry::DType. Returns 0 on success, non-zero on bad arguments.
+int ferry_paged_attention(int dtype, const void* query, const void* key_cache,
+                          const void* value_cache, const int32_t* block_tables,
+                          int64_t block_table_stride, const int32_t* query_start_loc,
+                          const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads,
+                          int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                          float scale, int64_t sliding_window, void* out, int num_threads) {
+  int status = 3;
+  ferry::dispatch(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    status = run<T>(query, key_cache, value_cache, block_tables, block_table_stride,
+                    query_start_loc, seq_lens, num_seqs, num_heads, num_kv_heads, head_dim,
+                    block_size, scale, sliding_window, out, num_threads);
+  });
+  return status;
+}
+
+}  // extern "C"
