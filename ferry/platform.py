@@ -8,9 +8,12 @@ PyTorch's ROCm builds expose AMD GPUs through the ``torch.cuda`` API and set
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -173,6 +176,39 @@ def triton_importable() -> bool:
 
 
 # ---- CPU probes -------------------------------------------------------------------------
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+
+
+def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor that Linux may back with 2 MiB transparent huge pages.
+
+    The KV cache and the weights are read in scattered blocks every step; on 4 KiB pages
+    that is a TLB miss per block. Where THP is in "madvise" mode (a common default) the
+    pages are only huge if asked for, before they are first touched: this asks. Anywhere
+    else (another OS, THP off) it is a plain ``torch.empty``.
+    """
+    tensor = torch.empty(shape, dtype=dtype)
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // _HUGE_PAGE) * _HUGE_PAGE, end // _HUGE_PAGE * _HUGE_PAGE
+    if last > first and (madvise := _libc_madvise()) is not None:
+        madvise(first, last - first, _MADV_HUGEPAGE)   # advice only: failure is harmless
+    return tensor
+
+
+@functools.cache
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
 
 def _cpu_name() -> str:
     try:

@@ -99,8 +99,11 @@ def use_column_major_weights(model: nn.Module) -> None:
     embedding keeps the embedding's row order, which the token lookup wants.
     """
     from ferry.layers.embedding import LMHead, VocabEmbedding
+    from ferry.platform import empty_on_huge_pages
 
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, VocabEmbedding)}
     for module in model.modules():
         if isinstance(module, (Linear, LMHead)) and id(module.weight) not in embedding_weights:
-            module.weight.data = module.weight.data.t().contiguous().t()
+            weight = module.weight.data                                  # (out, in)
+            transposed = empty_on_huge_pages(weight.shape[::-1], weight.dtype)
+            module.weight.data = transposed.copy_(weight.t()).t()       # (out, in), column-major

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ferry.outputs import RunnerOutput, SchedulerOutput
+from ferry.platform import empty_on_huge_pages
 from ferry.runner.input_batch import build_model_input
 from ferry.runner.sampler import Sampler
 
@@ -69,4 +70,6 @@ def allocate_kv_caches(model: torch.nn.Module, num_blocks: int, block_size: int,
     # Zeroed, not empty: padded block-table entries point at block 0 and a NaN there
     # would survive a masked softmax as 0 * NaN.
     shape = kv_cache_shape(model, num_blocks, block_size)
+    if device.type == "cpu":
+        return [empty_on_huge_pages(shape, dtype).zero_() for _ in range(model.num_layers)]
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]

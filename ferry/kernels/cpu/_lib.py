@@ -45,16 +45,16 @@ def check(status: int, op: str) -> None:
 
 
 def row_layout(x: torch.Tensor) -> tuple[int, int, int] | None:
-    """(rows, width, row stride) when x's last dim is contiguous and its leading dims
-    collapse to one uniformly strided row index; None otherwise (the caller falls back)."""
+    """(rows, width, row stride) when x's last dim is contiguous and its rows are uniformly
+    strided (a 2-D view, or any contiguous tensor); None otherwise (the caller falls back)."""
     if x.dim() == 0 or x.stride(-1) != 1:
         return None
     width = x.shape[-1]
-    try:
-        rows = x.view(-1, width)
-    except RuntimeError:
-        return None
-    return rows.shape[0], width, (rows.stride(0) if rows.shape[0] > 1 else width)
+    if x.dim() == 2:
+        return x.shape[0], width, (x.stride(0) if x.shape[0] > 1 else width)
+    if x.is_contiguous():
+        return x.numel() // max(width, 1), width, width
+    return None
 
 
 def heads_layout(x: torch.Tensor) -> int | None:

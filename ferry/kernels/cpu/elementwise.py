@@ -15,9 +15,19 @@ from ferry.kernels.cpu._lib import DTYPE_CODES, check, functions, heads_layout, 
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
+    """The kernels are built and take these tensors: CPU, one dtype they handle."""
     dtype = tensors[0].dtype
-    return (functions() is not None and dtype in DTYPE_CODES
-            and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors))
+    if dtype not in DTYPE_CODES or functions() is None:
+        return False
+    for t in tensors:
+        if t.dtype != dtype or not t.is_cpu:
+            return False
+    return True
+
+
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor of x's shape and dtype (``empty_like`` is the cheap call)."""
+    return torch.empty_like(x) if x.is_contiguous() else torch.empty(x.shape, dtype=x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -25,7 +35,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not _usable(x, weight) or layout is None or not weight.is_contiguous():
         return reference.rms_norm(x, weight, eps)
     rows, width, stride = layout
-    out = torch.empty(x.shape, dtype=x.dtype)
+    out = _empty_like(x)
     check(functions().rms_norm(DTYPE_CODES[x.dtype], x.data_ptr(), stride, weight.data_ptr(), eps,
                                rows, width, out.data_ptr(), torch.get_num_threads()), "rms_norm")
     return out
@@ -38,7 +48,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
             or x.shape != residual.shape or not weight.is_contiguous()):
         return reference.fused_add_rms_norm(x, residual, weight, eps)
     rows, width, x_stride = x_layout
-    normed, summed = torch.empty(x.shape, dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)
+    normed, summed = _empty_like(x), _empty_like(x)
     check(functions().fused_add_rms_norm(
         DTYPE_CODES[x.dtype], x.data_ptr(), x_stride, residual.data_ptr(), r_layout[2],
         weight.data_ptr(), eps, rows, width, normed.data_ptr(), summed.data_ptr(),

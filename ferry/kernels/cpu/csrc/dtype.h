@@ -2,6 +2,8 @@
 // Kernels compute in float32 and round once when they store.
 #pragma once
 
+#include <omp.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -34,6 +36,20 @@ inline float round_to(float x) {
   T t;
   store(x, &t);
   return to_float(t);
+}
+
+// Runs fn(i) for i in [0, n): on an OpenMP team of num_threads when `parallel`, else on the
+// calling thread. NOTE: small work must not open a region at all, not even a one-thread
+// one: a team of another size than PyTorch's makes libgomp rebuild its team, and the next
+// PyTorch (MKL) call pays tens of microseconds to wake its threads again.
+template <typename Fn>
+inline void parallel_for(int64_t n, bool parallel, int num_threads, Fn&& fn) {
+  if (!parallel || num_threads <= 1 || n <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
 // dtype codes shared with ferry/kernels/cpu/_lib.py

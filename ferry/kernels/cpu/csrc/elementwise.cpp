@@ -21,11 +21,10 @@ using ferry::round_to;
 using ferry::store;
 using ferry::to_float;
 
-constexpr int64_t kMinParallelElements = 1 << 16;
+using ferry::parallel_for;
 
-inline int threads_for(int64_t elements, int num_threads) {
-  return elements >= kMinParallelElements ? num_threads : 1;
-}
+// Below this many elements a parallel region costs more than it saves.
+constexpr int64_t kMinParallelElements = 1 << 16;
 
 // out = round(weight * round(x * rsqrt(mean(x^2) + eps))), the reference's roundings.
 template <typename T>
@@ -42,8 +41,9 @@ void rms_norm_row(const T* x, const T* weight, float eps, int64_t width, T* out)
 template <typename T>
 void rms_norm(const T* x, int64_t x_stride, const T* weight, float eps, int64_t rows,
               int64_t width, T* out, int num_threads) {
-#pragma omp parallel for num_threads(threads_for(rows * width, num_threads))
-  for (int64_t r = 0; r < rows; ++r) rms_norm_row(x + r * x_stride, weight, eps, width, out + r * width);
+  parallel_for(rows, rows * width >= kMinParallelElements, num_threads, [&](int64_t r) {
+    rms_norm_row(x + r * x_stride, weight, eps, width, out + r * width);
+  });
 }
 
 // summed = x + residual; normed = rms_norm(summed). Both outputs are (rows, width).
@@ -51,14 +51,13 @@ template <typename T>
 void fused_add_rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_stride,
                         const T* weight, float eps, int64_t rows, int64_t width, T* normed,
                         T* summed, int num_threads) {
-#pragma omp parallel for num_threads(threads_for(rows * width, num_threads))
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(rows, rows * width >= kMinParallelElements, num_threads, [&](int64_t r) {
     const T* xr = x + r * x_stride;
     const T* rr = residual + r * residual_stride;
     T* sr = summed + r * width;
     for (int64_t i = 0; i < width; ++i) store(to_float(xr[i]) + to_float(rr[i]), sr + i);
     rms_norm_row(sr, weight, eps, width, normed + r * width);
-  }
+  });
 }
 
 // Neox-style rotation of one head: halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
@@ -80,8 +79,8 @@ void apply_rotary(const T* query, int64_t q_stride, const T* key, int64_t k_stri
                   int64_t heads, int64_t kv_heads, int64_t dim, T* q_out, T* k_out,
                   int num_threads) {
   const int64_t half = dim / 2;
-#pragma omp parallel for num_threads(threads_for(tokens * (heads + kv_heads) * dim, num_threads))
-  for (int64_t t = 0; t < tokens; ++t) {
+  const bool parallel = tokens * (heads + kv_heads) * dim >= kMinParallelElements;
+  parallel_for(tokens, parallel, num_threads, [&](int64_t t) {
     const float* cos = cos_sin_cache + positions[t] * dim;
     const float* sin = cos + half;
     for (int64_t h = 0; h < heads; ++h) {
@@ -90,15 +89,14 @@ void apply_rotary(const T* query, int64_t q_stride, const T* key, int64_t k_stri
     for (int64_t h = 0; h < kv_heads; ++h) {
       rotate_head(key + t * k_stride + h * dim, cos, sin, half, k_out + (t * kv_heads + h) * dim);
     }
-  }
+  });
 }
 
 // x (T, 2I) = [gate | up] -> out (T, I) = round(silu(gate)) * up.
 template <typename T>
 void silu_and_mul(const T* x, int64_t x_stride, int64_t rows, int64_t inter, T* out,
                   int num_threads) {
-#pragma omp parallel for num_threads(threads_for(rows * inter, num_threads))
-  for (int64_t r = 0; r < rows; ++r) {
+  parallel_for(rows, rows * inter >= kMinParallelElements, num_threads, [&](int64_t r) {
     const T* gate = x + r * x_stride;
     const T* up = gate + inter;
     T* o = out + r * inter;
@@ -107,7 +105,7 @@ void silu_and_mul(const T* x, int64_t x_stride, int64_t rows, int64_t inter, T* 
       const float g = to_float(gate[i]);
       store(round_to<T>(g / (1.f + std::exp(-g))) * to_float(up[i]), o + i);
     }
-  }
+  });
 }
 
 // Copies token t's key and value rows (width = Hkv * D) into slot slot_mapping[t] of the
