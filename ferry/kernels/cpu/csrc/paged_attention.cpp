@@ -115,23 +115,33 @@ inline void accumulate_values(const float* weights, const float* values, int64_t
   }
 }
 
-// Calls fn(first, block) for each block overlapping positions [lo, hi], where first is
-// the block's first position and block its (block_size, Hkv, D) data as float32.
+// Prefetches the next block a slice at a time, spread over the work on the current one:
+// a burst of a whole block's lines at once would overflow the line-fill buffers.
+struct Prefetch {
+  const char* next = nullptr;
+  int64_t bytes = 0;
+  void slice(int64_t i, int64_t n) const {
+    if (next == nullptr) return;
+    const int64_t begin = bytes * i / n / 64 * 64, end = bytes * (i + 1) / n;
+    for (int64_t offset = begin; offset < end; offset += 64) __builtin_prefetch(next + offset);
+  }
+};
+
+// Calls fn(first, block, prefetch) for each block overlapping positions [lo, hi], where
+// first is the block's first position and block its (block_size, Hkv, D) data as float32.
+// After the last block, prefetch points at `after` (the next pass's first block).
 template <typename T, typename Fn>
 inline void for_each_block(const T* cache, const Problem<T>& p, const int32_t* table, int64_t lo,
-                           int64_t hi, Scratch& s, Fn&& fn) {
+                           int64_t hi, const T* after, Scratch& s, Fn&& fn) {
   const int64_t block_elements = p.block_size * p.num_kv_heads * p.head_dim;
   const int64_t last = hi / p.block_size;
+  Prefetch prefetch;
+  prefetch.bytes = block_elements * static_cast<int64_t>(sizeof(T));
   for (int64_t b = lo / p.block_size; b <= last; ++b) {
     const T* block = cache + static_cast<int64_t>(table[b]) * block_elements;
-    if (b < last) {
-      // Blocks are scattered, so the hardware prefetcher cannot see the next one coming.
-      const char* next = reinterpret_cast<const char*>(cache + static_cast<int64_t>(table[b + 1]) * block_elements);
-      for (int64_t offset = 0; offset < block_elements * static_cast<int64_t>(sizeof(T)); offset += 64) {
-        __builtin_prefetch(next + offset);
-      }
-    }
-    fn(b * p.block_size, block_as_float(block, block_elements, s.block.data()));
+    prefetch.next = reinterpret_cast<const char*>(
+        b < last ? cache + static_cast<int64_t>(table[b + 1]) * block_elements : after);
+    fn(b * p.block_size, block_as_float(block, block_elements, s.block.data()), prefetch);
   }
 }
 
@@ -169,8 +179,12 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
   };
   float* scores = s.scores.data() - key_lo;  // row r's score at position pos: scores[r * span + pos]
 
-  for_each_block(p.key_cache, p, table, key_lo, key_hi, s, [&](int64_t first, const float* block) {
+  const int64_t block_elements = p.block_size * token_stride;
+  const T* first_values = p.value_cache + static_cast<int64_t>(table[key_lo / p.block_size]) * block_elements;
+  for_each_block(p.key_cache, p, table, key_lo, key_hi, first_values, s,
+                 [&](int64_t first, const float* block, const Prefetch& prefetch) {
     for (int64_t r = 0; r < rows; ++r) {
+      prefetch.slice(r, rows);
       int64_t lo, hi;
       clip(r, first, lo, hi);
       if (lo > hi) continue;
@@ -196,8 +210,10 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
   }
 
   std::fill(s.acc.begin(), s.acc.begin() + rows * dim, 0.f);
-  for_each_block(p.value_cache, p, table, key_lo, key_hi, s, [&](int64_t first, const float* block) {
+  for_each_block(p.value_cache, p, table, key_lo, key_hi, static_cast<const T*>(nullptr), s,
+                 [&](int64_t first, const float* block, const Prefetch& prefetch) {
     for (int64_t r = 0; r < rows; ++r) {
+      prefetch.slice(r, rows);
       int64_t lo, hi;
       clip(r, first, lo, hi);
       if (lo > hi) continue;
