@@ -45,6 +45,9 @@ class Engine:
         self.runner = ModelRunner(loaded.model, num_blocks=loaded.num_blocks,
                                   block_size=config.block_size, device=loaded.device,
                                   kv_dtype=loaded.dtype)
+        if self.platform.is_gpu and not config.enforce_eager:
+            self.runner.capture_decode_graphs(max_num_seqs=config.max_num_seqs,
+                                              max_model_len=self.max_model_len)
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,

@@ -5,12 +5,17 @@ the model, sample one token for each request whose chunk reached its last token.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.platform import empty_on_huge_pages
+from ferry.runner.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
 from ferry.runner.input_batch import build_model_input
 from ferry.runner.sampler import Sampler
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -21,6 +26,7 @@ class ModelRunner:
         self.device = device
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype, device)
         self.sampler = Sampler()
+        self.decode_graphs: DecodeGraphs | None = None
         # Seeded requests keep their generator for their whole life, preemption included,
         # so a seed gives the same tokens alone, in any batch, or after a recompute.
         self._generators: dict[str, torch.Generator] = {}
@@ -31,7 +37,11 @@ class ModelRunner:
         if sched.is_empty:
             return RunnerOutput()
         batch = build_model_input(sched, self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_metadata)
+        hidden = None
+        if self.decode_graphs is not None:
+            hidden = self.decode_graphs.try_run(batch.input_ids, batch.positions, batch.attn_metadata)
+        if hidden is None:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_metadata)
         if not batch.sampling_requests:
             return RunnerOutput()
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # (N, V) float32
@@ -45,6 +55,22 @@ class ModelRunner:
             if lp is not None:
                 out.logprobs[req.request_id] = lp
         return out
+
+    def capture_decode_graphs(self, *, max_num_seqs: int, max_model_len: int,
+                              capture: GraphCapture | None = None) -> bool:
+        """Capture device graphs for decode steps (``cuda_graphs.py``). Returns False, with
+        a warning, when capture fails: the runner then stays eager, which is always correct."""
+        graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs=max_num_seqs,
+                              max_model_len=max_model_len, block_size=self.block_size,
+                              device=self.device, capture=capture or CudaGraphCapture(self.device))
+        try:
+            graphs.capture_all()
+        except Exception as exc:  # a driver or compiler limit must not stop the server
+            logger.warning("could not capture decode graphs (%s: %s); running eagerly",
+                           type(exc).__name__, exc)
+            return False
+        self.decode_graphs = graphs
+        return True
 
     def release(self, request_ids: set[str]) -> None:
         for request_id in request_ids:
