@@ -172,26 +172,28 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
   const T* q = p.query + (q_begin + item.first_query) * heads * dim;
   for (int64_t n = 0; n < rows * dim; ++n) s.queries[n] = to_float(q[n]) * p.scale;
 
-  // The part of row r inside the block starting at `first`: [lo, hi], empty if lo > hi.
-  auto clip = [&](int64_t r, int64_t first, int64_t& lo, int64_t& hi) {
-    lo = std::max(first, s.row_lo[r]);
-    hi = std::min(first + p.block_size - 1, s.row_hi[r]);
+  // One pass over the blocks of `cache`: fn(r, lo, count, rows) for each row r and the
+  // part [lo, lo + count) of its visible range inside the block, where rows points at
+  // position lo's (K or V) row for r's KV head. `after` is prefetched at the end.
+  auto sweep = [&](const T* cache, const T* after, auto&& fn) {
+    for_each_block(cache, p, table, key_lo, key_hi, after, s,
+                   [&](int64_t first, const float* block, const Prefetch& prefetch) {
+      for (int64_t r = 0; r < rows; ++r) {
+        prefetch.slice(r, rows);
+        const int64_t lo = std::max(first, s.row_lo[r]);
+        const int64_t hi = std::min(first + p.block_size - 1, s.row_hi[r]);
+        if (lo > hi) continue;
+        fn(r, lo, hi - lo + 1, block + (lo - first) * token_stride + (r % heads) / group * dim);
+      }
+    });
   };
   float* scores = s.scores.data() - key_lo;  // row r's score at position pos: scores[r * span + pos]
 
-  const int64_t block_elements = p.block_size * token_stride;
-  const T* first_values = p.value_cache + static_cast<int64_t>(table[key_lo / p.block_size]) * block_elements;
-  for_each_block(p.key_cache, p, table, key_lo, key_hi, first_values, s,
-                 [&](int64_t first, const float* block, const Prefetch& prefetch) {
-    for (int64_t r = 0; r < rows; ++r) {
-      prefetch.slice(r, rows);
-      int64_t lo, hi;
-      clip(r, first, lo, hi);
-      if (lo > hi) continue;
-      const float* keys = block + (lo - first) * token_stride + (r % heads) / group * dim;
-      score_positions<kDim>(s.queries.data() + r * dim, keys, token_stride, hi - lo + 1, dim,
-                            scores + r * span + lo);
-    }
+  const T* first_values = p.value_cache + static_cast<int64_t>(table[key_lo / p.block_size]) *
+                                              p.block_size * token_stride;
+  sweep(p.key_cache, first_values, [&](int64_t r, int64_t lo, int64_t count, const float* keys) {
+    score_positions<kDim>(s.queries.data() + r * dim, keys, token_stride, count, dim,
+                          scores + r * span + lo);
   });
 
   // Softmax per row over its own visible range; the weights overwrite the scores.
@@ -210,17 +212,10 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
   }
 
   std::fill(s.acc.begin(), s.acc.begin() + rows * dim, 0.f);
-  for_each_block(p.value_cache, p, table, key_lo, key_hi, static_cast<const T*>(nullptr), s,
-                 [&](int64_t first, const float* block, const Prefetch& prefetch) {
-    for (int64_t r = 0; r < rows; ++r) {
-      prefetch.slice(r, rows);
-      int64_t lo, hi;
-      clip(r, first, lo, hi);
-      if (lo > hi) continue;
-      const float* values = block + (lo - first) * token_stride + (r % heads) / group * dim;
-      accumulate_values<kDim>(scores + r * span + lo, values, token_stride, hi - lo + 1, dim,
-                              s.acc.data() + r * dim);
-    }
+  sweep(p.value_cache, static_cast<const T*>(nullptr),
+        [&](int64_t r, int64_t lo, int64_t count, const float* values) {
+    accumulate_values<kDim>(scores + r * span + lo, values, token_stride, count, dim,
+                            s.acc.data() + r * dim);
   });
 
   T* out = p.out + (q_begin + item.first_query) * heads * dim;
