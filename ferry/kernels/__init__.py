@@ -46,6 +46,16 @@ def _ops_for(tensor: torch.Tensor):
     return reference
 
 
+def prepare(device: torch.device) -> str:
+    """Load (and on the CPU, build) the backend for ``device`` now rather than on the first
+    request; returns its name: "triton", "cpu" (C++) or "reference"."""
+    if device.type == "cuda" and _triton_ops() is not None:
+        return "triton"
+    if device.type == "cpu" and _cpu_ops() is not None:
+        return "cpu"
+    return "reference"
+
+
 def write_kv_cache(key, value, kv_cache, slot_mapping) -> None:
     return _ops_for(key).write_kv_cache(key, value, kv_cache, slot_mapping)
 
@@ -70,5 +80,5 @@ def silu_and_mul(x):
     return _ops_for(x).silu_and_mul(x)
 
 
-__all__ = ["apply_rotary", "fused_add_rms_norm", "paged_attention", "rms_norm",
+__all__ = ["apply_rotary", "fused_add_rms_norm", "paged_attention", "prepare", "rms_norm",
            "silu_and_mul", "write_kv_cache"]

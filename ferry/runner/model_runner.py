@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from ferry import kernels
 from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.platform import empty_on_huge_pages
 from ferry.runner.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
@@ -25,6 +26,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype, device)
+        logger.info("kernels: %s", kernels.prepare(device))
         self.sampler = Sampler()
         self.decode_graphs: DecodeGraphs | None = None
         # Seeded requests keep their generator for their whole life, preemption included,

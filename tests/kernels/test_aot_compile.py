@@ -31,7 +31,9 @@ def bf16_results():
 
 
 def _kernel_names_in_package() -> set[str]:
-    """Every @triton.jit kernel defined in ferry.kernels.triton (interpreted or not)."""
+    """Every @triton.jit kernel (``*_kernel``) defined in ferry.kernels.triton, interpreted
+    or not. Other @triton.jit functions are device helpers: they are inlined into, and
+    compiled with, the kernels that call them."""
     import importlib
     import pkgutil
 
@@ -42,7 +44,8 @@ def _kernel_names_in_package() -> set[str]:
         module = importlib.import_module(f"{package.__name__}.{module_info.name}")
         for value in vars(module).values():
             fn = getattr(value, "fn", None)
-            if callable(fn) and hasattr(value, "run") and getattr(fn, "__module__", "") == module.__name__:
+            if (callable(fn) and hasattr(value, "run") and fn.__name__.endswith("_kernel")
+                    and getattr(fn, "__module__", "") == module.__name__):
                 names.add(fn.__name__)
     return names
 

@@ -21,6 +21,7 @@ from ferry.kernels.triton._common import (
     triton_dtype,
 )
 from ferry.kernels.triton.attention_configs import decode_config
+from ferry.kernels.triton.paged_tile import attend_key_tile
 from ferry.platform import device_arch
 from ferry.runner.attn_metadata import AttentionMetadata
 
@@ -77,8 +78,6 @@ def paged_decode_kernel(
     # A cache of another dtype is cast on load. DOT_FP32 only serves Triton's CPU
     # interpreter, whose tl.dot cannot multiply bf16; compiled kernels never set it.
     dot_type = tl.float32 if DOT_FP32 else query_ptr.dtype.element_ty
-    # NOTE: input_precision="ieee" only matters for fp32 inputs (no TF32 for fp32 models);
-    # 16-bit inputs still use the tensor cores / matrix cores.
     q = tl.load(query_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(dot_type)  # (BLOCK_G, BLOCK_D)
 
@@ -90,20 +89,9 @@ def paged_decode_kernel(
     for start in range(split_start, split_end, BLOCK_N):
         pos = start + offs_n                               # (BLOCK_N,) key positions
         valid = (pos < split_end) & (pos >= first_key)
-        block = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-        row = block * stride_kb + (pos % PAGE_SIZE) * stride_ks + kv_head * stride_kh  # (BLOCK_N,)
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(kv_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(dot_type)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_G, BLOCK_N)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(kv_cache_ptr + stride_kv + row[:, None] + offs_d[None, :], mask=kv_mask,
-                    other=0.0).to(dot_type)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_type), v, input_precision="ieee")  # (G, D)
-        m_i = m_new
+        acc, m_i, l_i = attend_key_tile(q, acc, m_i, l_i, kv_cache_ptr, table, pos, valid,
+                                        valid[None, :], kv_head, offs_d, d_mask, qk_scale,
+                                        stride_kv, stride_kb, stride_ks, stride_kh, PAGE_SIZE)
 
     if DIRECT_OUTPUT:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

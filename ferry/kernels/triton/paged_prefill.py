@@ -23,6 +23,7 @@ from ferry.kernels.triton._common import (
     triton_dtype,
 )
 from ferry.kernels.triton.attention_configs import prefill_config, prefill_configs
+from ferry.kernels.triton.paged_tile import attend_key_tile
 from ferry.platform import device_arch
 from ferry.runner.attn_metadata import AttentionMetadata
 
@@ -60,8 +61,6 @@ def paged_prefill_kernel(
     # A cache of another dtype is cast on load. DOT_FP32 only serves Triton's CPU
     # interpreter, whose tl.dot cannot multiply bf16; compiled kernels never set it.
     dot_type = tl.float32 if DOT_FP32 else query_ptr.dtype.element_ty
-    # NOTE: input_precision="ieee" only matters for fp32 inputs (no TF32 for fp32 models);
-    # 16-bit inputs still use the tensor cores / matrix cores.
     q = tl.load(query_ptr + tokens[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(dot_type)  # (BLOCK_M, BLOCK_D)
 
@@ -76,22 +75,11 @@ def paged_prefill_kernel(
     for start in range(key_start, key_end, BLOCK_N):
         pos = start + offs_n                                  # (BLOCK_N,) key positions
         in_range = pos < key_end
-        block = tl.load(table + pos // PAGE_SIZE, mask=in_range, other=0).to(tl.int64)
-        row = block * stride_kb + (pos % PAGE_SIZE) * stride_ks + kv_head * stride_kh
-        kv_mask = in_range[:, None] & d_mask[None, :]
-        k = tl.load(kv_cache_ptr + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(dot_type)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N)
         visible = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window) \
-            & in_range[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(kv_cache_ptr + stride_kv + row[:, None] + offs_d[None, :], mask=kv_mask,
-                    other=0.0).to(dot_type)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_type), v, input_precision="ieee")  # (M, D)
-        m_i = m_new
+            & in_range[None, :]                               # (BLOCK_M, BLOCK_N)
+        acc, m_i, l_i = attend_key_tile(q, acc, m_i, l_i, kv_cache_ptr, table, pos, in_range,
+                                        visible, kv_head, offs_d, d_mask, qk_scale,
+                                        stride_kv, stride_kb, stride_ks, stride_kh, PAGE_SIZE)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
