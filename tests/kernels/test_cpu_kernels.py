@@ -57,6 +57,17 @@ def test_long_chunk_on_prefix_spans_query_tiles(window):
           naive_attention(query, cache, meta, 0.125, window), torch.float32)
 
 
+def test_long_context_uses_smaller_query_tiles():
+    """32 heads over 20,000 positions: the kernel cuts its query tiles (to bound its score
+    buffers), which must not change the result."""
+    meta, cache = make_batch([1, 20], [20_000, 20_000], 1, 64, torch.float32, "cpu", seed=9,
+                             block_size=16)
+    query = torch.randn(21, 32, 64)
+    torch.testing.assert_close(cpu.paged_attention(query, cache, meta, 0.125),
+                               reference.paged_attention(query, cache, meta, 0.125),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_random_ragged_batches_match_reference():
     """Many random mixes of decodes and chunks; the reference path is the oracle."""
     rng = random.Random(4)

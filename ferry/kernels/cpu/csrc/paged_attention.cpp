@@ -28,6 +28,15 @@ namespace {
 using ferry::to_float;
 
 constexpr int64_t kQueryTile = 16;
+// An item keeps a score for each of its rows and visible positions: long contexts get
+// smaller query tiles so that this stays under ~16 MB per thread.
+constexpr int64_t kMaxScores = int64_t{1} << 22;
+
+// Queries per item for a sequence: kQueryTile, fewer when its scores would not fit.
+inline int64_t query_tile(int64_t seq_len, int64_t heads, int64_t sliding_window) {
+  const int64_t span = sliding_window > 0 ? std::min(seq_len, sliding_window + kQueryTile) : seq_len;
+  return std::clamp<int64_t>(kMaxScores / std::max<int64_t>(heads * span, 1), 1, kQueryTile);
+}
 
 template <typename T>
 struct Problem {
@@ -229,8 +238,9 @@ void paged_attention(const Problem<T>& p, int64_t num_seqs, int num_threads) {
   std::vector<WorkItem> items;
   for (int64_t seq = 0; seq < num_seqs; ++seq) {
     const int64_t query_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
-    for (int64_t first = 0; first < query_len; first += kQueryTile) {
-      items.push_back({seq, first, std::min(first + kQueryTile, query_len)});
+    const int64_t tile = query_tile(p.seq_lens[seq], p.num_heads, p.sliding_window);
+    for (int64_t first = 0; first < query_len; first += tile) {
+      items.push_back({seq, first, std::min(first + tile, query_len)});
     }
   }
   // Head dims of the common models get loops unrolled at compile time.
