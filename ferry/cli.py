@@ -59,10 +59,13 @@ def _config_or_exit(kwargs: dict[str, Any], *, use_env_api_key: bool = False):
         _fail(str(exc), 2)
 
 
-def _load_engine(config):
+def _load_engine(config, executor=None):
+    """The Engine, built on ``executor``'s thread when given (the server's engine thread)."""
     from ferry.engine.engine import Engine
 
     try:
+        if executor is not None:
+            return executor.submit(Engine, config).result()
         return Engine(config)
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(f"could not load the model: {exc}", 1)
@@ -85,8 +88,10 @@ def serve(**kwargs: Any) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ferry.server.api_server import run_server
+    from ferry.server.async_engine import engine_executor
 
-    run_server(config, _load_engine(config))
+    executor = engine_executor()   # the engine is built on the thread that will run it
+    run_server(config, _load_engine(config, executor), executor)
 
 
 # ---------------------------------------------------------------------------- generate

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ferry.config import EngineConfig
-from ferry.server.async_engine import AsyncEngine
+from ferry.server.async_engine import AsyncEngine, engine_executor
 from ferry.server.errors import APIError, install_error_handlers
 from ferry.server.metrics import ServerMetrics
 from ferry.server.probes import energy_probe, memory_probe
@@ -44,14 +45,15 @@ def ferry_version() -> str:
         return "0.0.0+source"
 
 
-def build_state(engine: Any, config: EngineConfig) -> ServerState:
+def build_state(engine: Any, config: EngineConfig,
+                executor: ThreadPoolExecutor | None = None) -> ServerState:
     platform = getattr(engine, "platform", None)
     vendor = getattr(platform, "vendor", "cpu")
     metrics = ServerMetrics(engine.served_model_name, getattr(engine, "quant_type", "none"),
                             vendor, memory_probe=memory_probe(platform),
                             energy_probe=energy_probe(platform))
     async_engine = AsyncEngine(engine, max_waiting_requests=config.max_waiting_requests,
-                               metrics=metrics)
+                               metrics=metrics, executor=executor)
     tokenizer = _own_tokenizer(engine.tokenizer)
     vocab_size = getattr(engine, "vocab_size", None) or len(tokenizer)
     return ServerState(engine=async_engine, tokenizer=tokenizer,
@@ -71,9 +73,11 @@ def _own_tokenizer(tokenizer: Any) -> Any:
         return tokenizer
 
 
-def build_app(engine: Any, config: EngineConfig) -> FastAPI:
-    """The app serving ``engine``; its lifespan starts and drains the engine loop."""
-    state = build_state(engine, config)
+def build_app(engine: Any, config: EngineConfig,
+              executor: ThreadPoolExecutor | None = None) -> FastAPI:
+    """The app serving ``engine``; its lifespan starts and drains the engine loop.
+    ``executor``: the engine's own thread (``async_engine.engine_executor``), if it has one."""
+    state = build_state(engine, config, executor)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -211,15 +215,17 @@ class _DrainingServer(uvicorn.Server):
         self._captured_signals.clear()  # a drained shutdown is a clean exit
 
 
-def run_server(config: EngineConfig, engine: Any | None = None) -> None:
-    """Load the model (unless ``engine`` is given) and serve until SIGTERM; then drain:
-    refuse new requests, let requests in flight finish for ``shutdown_grace_seconds``,
-    abort the rest, return."""
+def run_server(config: EngineConfig, engine: Any | None = None,
+               executor: ThreadPoolExecutor | None = None) -> None:
+    """Load the model (unless ``engine`` is given, built on ``executor``'s thread) and serve
+    until SIGTERM; then drain: refuse new requests, let requests in flight finish for
+    ``shutdown_grace_seconds``, abort the rest, return."""
     if engine is None:
         from ferry.engine.engine import Engine
 
-        engine = Engine(config)
-    app = build_app(engine, config)
+        executor = engine_executor()
+        engine = executor.submit(Engine, config).result()   # built where it will run
+    app = build_app(engine, config, executor)
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                                # a backstop: the engine's drain ends streams before it
                                timeout_graceful_shutdown=config.shutdown_grace_seconds + 10,

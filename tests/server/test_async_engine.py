@@ -95,6 +95,25 @@ def test_requests_complete_and_the_engine_stays_on_one_thread():
     assert len(engine.threads) == 1 and threading.get_ident() not in engine.threads
 
 
+def test_an_engine_built_on_the_engine_executor_runs_on_that_same_thread():
+    """The server builds its Engine on the executor thread that later runs it (see
+    engine_executor: an OpenMP team on the main thread as well slows every step 3x)."""
+    from ferry.server.async_engine import engine_executor
+
+    executor = engine_executor()
+    engine = executor.submit(FakeEngine).result()
+    engine_thread = executor.submit(threading.get_ident).result()
+
+    async def main():
+        async_engine = await _started(engine, executor=executor)
+        async for _ in async_engine.generate("r", "hi", SamplingParams(max_tokens=3)):
+            pass
+        await async_engine.shutdown()
+
+    _run(main())
+    assert engine.threads == {engine_thread}
+
+
 def test_closing_a_stream_aborts_its_request():
     async def main():
         engine = FakeEngine()

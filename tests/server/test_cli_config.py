@@ -22,9 +22,9 @@ def captured(monkeypatch) -> dict:
     import ferry.server.api_server as api_server
 
     seen: dict = {}
-    monkeypatch.setattr(cli, "_load_engine", lambda config: "engine")
-    monkeypatch.setattr(api_server, "run_server",
-                        lambda config, engine: seen.update(config=config, engine=engine))
+    monkeypatch.setattr(cli, "_load_engine", lambda config, executor=None: "engine")
+    monkeypatch.setattr(api_server, "run_server", lambda config, engine, executor=None:
+                        seen.update(config=config, engine=engine))
     monkeypatch.delenv("FERRY_API_KEY", raising=False)
     return seen
 
