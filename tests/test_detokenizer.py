@@ -245,3 +245,53 @@ def test_sentencepiece_style_without_prompt_matches_plain_decode(metaspace):
     stream(detok, output)
     detok.finish()
     assert detok.output_text == metaspace.decode(output) == "hello world again"
+
+
+# ---------------------------------------------------------------- unstreamed requests
+@pytest.mark.parametrize("tokenizer_name", ["hf_byte_level", "llama2_style"])
+def test_unstreamed_completion_is_decoded_once_with_the_streamed_text(request, tokenizer_name):
+    """stream=False without stop strings decodes only at finish(): same text, and nothing
+    decoded before (the tokenizer is never called per token)."""
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    output = encode(tokenizer, MULTIBYTE_TEXT)
+    prompt = encode(tokenizer, "a prompt")
+    streamed = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
+    stream(streamed, output)
+    streamed.finish()
+
+    calls = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens):
+            calls.append(len(ids))
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    lazy = IncrementalDetokenizer(Counting(), prompt, SamplingParams(), stream=False)
+    for token in output:
+        assert lazy.update([token]) is None
+    assert calls == []
+    lazy.finish()
+    assert lazy.output_text == streamed.output_text
+    assert len(calls) == 2
+
+
+def test_unstreamed_completion_with_a_stop_string_still_stops(hf_byte_level):
+    output = encode(hf_byte_level, " the fox said hello and more")
+    detok = IncrementalDetokenizer(hf_byte_level, [], SamplingParams(stop=["said"]), stream=False)
+    _, stop = stream(detok, output)
+    assert stop == "said" and detok.output_text == " the fox "
+
+
+def test_fast_decoder_gives_the_tokenizers_own_text(hf_byte_level, llama2_style):
+    from ferry.engine.detokenizer import fast_decoder
+
+    for tokenizer in (hf_byte_level, llama2_style):
+        ids = encode(tokenizer, MULTIBYTE_TEXT + " <eos>")
+        for skip in (True, False):
+            assert fast_decoder(tokenizer)(ids, skip) == tokenizer.decode(ids, skip_special_tokens=skip)
+    hf_byte_level.clean_up_tokenization_spaces = True      # the wrapper's own post-processing
+    try:
+        ids = encode(hf_byte_level, "a , b .")
+        assert fast_decoder(hf_byte_level)(ids, True) == hf_byte_level.decode(ids, skip_special_tokens=True)
+    finally:
+        hf_byte_level.clean_up_tokenization_spaces = False

@@ -176,3 +176,21 @@ def test_quantized_checkpoint_is_refused_clearly(model_dirs, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quantized checkpoint \\(gptq\\)"):
         LLM(str(path))
+
+
+def test_unstreamed_requests_report_only_when_finished(model_dirs):
+    """stream=False (what LLM.generate uses): one RequestOutput, at the end, with the same
+    tokens and text as the streamed request's last output."""
+    llm = LLM(model_dirs["llama"], dtype="float32", kv_cache_memory="64MiB")
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompt = {"prompt_token_ids": _prompts(seed=5, count=1)[0]}
+    engine.add_request("streamed", prompt, params)
+    engine.add_request("quiet", prompt, params, stream=False)
+    seen: dict[str, list] = {"streamed": [], "quiet": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen[out.request_id].append(out)
+    assert len(seen["streamed"]) == 6 and [o.finished for o in seen["quiet"]] == [True]
+    last, quiet = seen["streamed"][-1].outputs[0], seen["quiet"][0].outputs[0]
+    assert quiet.token_ids == last.token_ids and quiet.text == last.text

@@ -86,6 +86,22 @@ def test_packed_projections_hold_hf_weights(tiny_model_dir):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])   # tied and untied head
+def test_cpu_matmul_weights_are_column_major_and_the_embedding_row_major(tiny_model_dir, arch):
+    """On the CPU the loader stores matmul weights transposed-contiguous (MKL then skips a
+    repack per call); the values are the checkpoint's (test above), and the embedding,
+    also the head when tied, keeps its rows contiguous for the token lookup."""
+    model = _load(tiny_model_dir(arch))
+    layer = model.model.layers[0]
+    for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                   layer.mlp.down_proj):
+        assert linear.weight.t().is_contiguous() and not linear.weight.is_contiguous()
+    assert model.model.embed_tokens.weight.is_contiguous()
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == (arch == "qwen2")
+    assert model.lm_head.weight.is_contiguous() if tied else model.lm_head.weight.t().is_contiguous()
+
+
 def test_bfloat16_load(tiny_model_dir):
     path = tiny_model_dir("llama")
     model = get_model(path, load_hf_config(path), torch.bfloat16, CPU)

@@ -38,6 +38,15 @@ def test_greedy_equals_argmax():
     assert logprobs == [None] * 7
 
 
+def test_greedy_ties_go_to_the_first_index_like_hf():
+    """HF's greedy is argmax, which returns the first of tied maxima; so must we."""
+    logits = torch.zeros(3, VOCAB)
+    logits[0, [7, 3, 11]] = 5.0
+    logits[1, [VOCAB - 1, VOCAB - 2]] = 1.0
+    tokens, _ = sample(logits, [SamplingParams(temperature=0.0)] * 3)
+    assert tokens == [3, VOCAB - 2, 0]
+
+
 def test_greedy_rows_in_a_mixed_batch_take_argmax():
     torch.manual_seed(0)
     logits = random_logits(6)
