@@ -197,26 +197,27 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
       }
     });
   };
-  float* scores = s.scores.data() - key_lo;  // row r's score at position pos: scores[r * span + pos]
+  // Row r's score for position pos (key_lo <= pos <= key_hi): *score_at(r, pos).
+  auto score_at = [&](int64_t r, int64_t pos) { return s.scores.data() + r * span + (pos - key_lo); };
 
   const T* first_values = p.value_cache + static_cast<int64_t>(table[key_lo / p.block_size]) *
                                               p.block_size * token_stride;
   sweep(p.key_cache, first_values, [&](int64_t r, int64_t lo, int64_t count, const float* keys) {
     score_positions<kDim>(s.queries.data() + r * dim, keys, token_stride, count, dim,
-                          scores + r * span + lo);
+                          score_at(r, lo));
   });
 
   // Softmax per row over its own visible range; the weights overwrite the scores.
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = scores + r * span;
-    const int64_t lo = s.row_lo[r], hi = s.row_hi[r];
-    float max_score = row[lo];
-    for (int64_t pos = lo + 1; pos <= hi; ++pos) max_score = std::max(max_score, row[pos]);
+    float* row = score_at(r, s.row_lo[r]);
+    const int64_t count = s.row_hi[r] - s.row_lo[r] + 1;
+    float max_score = row[0];
+    for (int64_t j = 1; j < count; ++j) max_score = std::max(max_score, row[j]);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t pos = lo; pos <= hi; ++pos) {
-      row[pos] = std::exp(row[pos] - max_score);
-      sum += row[pos];
+    for (int64_t j = 0; j < count; ++j) {
+      row[j] = std::exp(row[j] - max_score);
+      sum += row[j];
     }
     s.inv_sums[r] = 1.f / sum;
   }
@@ -224,7 +225,7 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
   std::fill(s.acc.begin(), s.acc.begin() + rows * dim, 0.f);
   sweep(p.value_cache, static_cast<const T*>(nullptr),
         [&](int64_t r, int64_t lo, int64_t count, const float* values) {
-    accumulate_values<kDim>(scores + r * span + lo, values, token_stride, count, dim,
+    accumulate_values<kDim>(score_at(r, lo), values, token_stride, count, dim,
                             s.acc.data() + r * dim);
   });
 
