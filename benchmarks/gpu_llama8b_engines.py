@@ -78,11 +78,14 @@ def run_ferry(args, shape: ModelShape, device: torch.device, out: Path) -> None:
     start = time.perf_counter()
     llm = LLM(str(args.model_dir), **{k: v for k, v in kwargs.items() if v is not None})
     cfg = llm.config
+    graphs = llm.engine.runner.decode_graphs   # None: eager (flag, CPU, or capture failed)
     results: dict = {"load_s": time.perf_counter() - start,
                      "config": {key: getattr(cfg, key) for key in (
                          "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
-                         "gpu_memory_utilization", "enable_prefix_caching")}}
-    print(f"ferry: loaded in {results['load_s']:.0f} s", flush=True)
+                         "gpu_memory_utilization", "enable_prefix_caching")},
+                     "decode_graph_buckets": graphs.buckets if graphs is not None else None}
+    print(f"ferry: loaded in {results['load_s']:.0f} s (decode graphs: "
+          f"{'yes' if graphs is not None else 'no'})", flush=True)
     for w in workloads(args):
         run = ferry_decode if w.name == "decode" else ferry_throughput
         results[w.name] = run(llm, w, shape, args.seed)
