@@ -94,8 +94,8 @@ def use_column_major_weights(model: nn.Module) -> None:
 
     The parameter keeps its shape and values; only its memory order changes. With a
     row-major weight MKL repacks the whole weight on every call, which for the few rows
-    of a decode step costs more than the multiply: column-major measured 1.3-1.9x faster
-    for 4-48 rows and the same from 64 up (``docs/benchmarks.md``). A head tied to the
+    of a decode step costs more than the multiply: column-major measured 1.3-2.2x faster
+    for 4-48 rows and the same from 64 up (``benchmarks/cpu_kernels.py``). A head tied to the
     embedding keeps the embedding's row order, which the token lookup wants.
     """
     from ferry.layers.embedding import LMHead, VocabEmbedding
