@@ -31,9 +31,12 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    layout = row_layout(x)
-    if not _usable(x, weight) or layout is None or not weight.is_contiguous():
+    if not _usable(x, weight) or not weight.is_contiguous():
         return reference.rms_norm(x, weight, eps)
+    layout = row_layout(x)
+    if layout is None:   # e.g. Qwen3's q/k norm over (T, H, D) views of qkv: one copy is cheaper
+        x = x.contiguous()
+        layout = row_layout(x)
     rows, width, stride = layout
     out = _empty_like(x)
     check(functions().rms_norm(DTYPE_CODES[x.dtype], x.data_ptr(), stride, weight.data_ptr(), eps,
