@@ -107,6 +107,8 @@ def test_invalid_arguments_raise_value_error():
         cpu.paged_attention(torch.randn(1, 4, 16), cache, meta, 1.0, sliding_window=0)
     with pytest.raises(ValueError, match="multiple"):
         cpu.paged_attention(torch.randn(1, 3, 16), cache, meta, 1.0)
+    with pytest.raises(ValueError, match="head dim"):
+        cpu.paged_attention(torch.randn(1, 4, 32), cache, meta, 1.0)
     meta.seq_lens_cpu = [40]                         # more positions than the table covers
     with pytest.raises(ValueError, match="block_tables"):
         cpu.paged_attention(torch.randn(1, 4, 16), cache, meta, 1.0)
