@@ -179,6 +179,8 @@ def test_write_kv_cache_matches_reference(dtype):
     cpu.write_kv_cache(k, v, ours, slots)
     reference.write_kv_cache(k, v, theirs, slots)
     assert torch.equal(ours, theirs)
+    with pytest.raises((IndexError, RuntimeError)):      # never a write out of bounds
+        cpu.write_kv_cache(k, v, ours, slots[:3])
 
 
 # --------------------------------------------------------------------- build and dispatch

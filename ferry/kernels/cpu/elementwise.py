@@ -96,7 +96,8 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     block tables it was given); the reference would raise on a bad one, this would not."""
     k_stride, v_stride = heads_layout(key), heads_layout(value)
     if (not _usable(key, value, kv_cache) or k_stride is None or v_stride is None
-            or not kv_cache.is_contiguous() or key.shape != value.shape):
+            or not kv_cache.is_contiguous() or key.shape != value.shape
+            or key.shape[1:] != kv_cache.shape[3:] or slot_mapping.shape != key.shape[:1]):
         return reference.write_kv_cache(key, value, kv_cache, slot_mapping)
     slots = slot_mapping.to(torch.int64).contiguous()
     width = key.shape[1] * key.shape[2]
