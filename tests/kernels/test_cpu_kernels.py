@@ -183,6 +183,18 @@ def test_write_kv_cache_matches_reference(dtype):
         cpu.write_kv_cache(k, v, ours, slots[:3])
 
 
+def test_mismatched_shapes_never_reach_the_kernels():
+    """What the C++ side cannot take safely goes to the reference, which raises."""
+    x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError):
+        cpu.rms_norm(x, torch.randn(4), 1e-6)
+    with pytest.raises(RuntimeError):
+        cpu.fused_add_rms_norm(x, x, torch.randn(4), 1e-6)
+    with pytest.raises(RuntimeError):
+        cpu.apply_rotary(torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.tensor([0, 1]),
+                         torch.randn(16, 8))
+
+
 # --------------------------------------------------------------------- build and dispatch
 def test_disabled_or_without_a_compiler_the_reference_runs(monkeypatch, tmp_path, caplog):
     build.load_library.cache_clear()

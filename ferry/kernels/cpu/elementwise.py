@@ -31,7 +31,7 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if not _usable(x, weight) or not weight.is_contiguous():
+    if not _usable(x, weight) or not weight.is_contiguous() or weight.shape != x.shape[-1:]:
         return reference.rms_norm(x, weight, eps)
     layout = row_layout(x)
     if layout is None:   # e.g. Qwen3's q/k norm over (T, H, D) views of qkv: one copy is cheaper
@@ -48,7 +48,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     x_layout, r_layout = row_layout(x), row_layout(residual)
     if (not _usable(x, residual, weight) or x_layout is None or r_layout is None
-            or x.shape != residual.shape or not weight.is_contiguous()):
+            or x.shape != residual.shape or not weight.is_contiguous()
+            or weight.shape != x.shape[-1:]):
         return reference.fused_add_rms_norm(x, residual, weight, eps)
     rows, width, x_stride = x_layout
     normed, summed = _empty_like(x), _empty_like(x)
@@ -64,7 +65,8 @@ def apply_rotary(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor
     q_stride, k_stride = heads_layout(query), heads_layout(key)
     if (not _usable(query, key) or q_stride is None or k_stride is None
             or cos_sin_cache.dtype != torch.float32 or not cos_sin_cache.is_contiguous()
-            or query.shape[2] != cos_sin_cache.shape[1] or key.shape[2] != query.shape[2]):
+            or query.shape[2] != cos_sin_cache.shape[1] or key.shape[2] != query.shape[2]
+            or key.shape[0] != query.shape[0] or positions.shape != query.shape[:1]):
         return reference.apply_rotary(query, key, positions, cos_sin_cache)
     tokens, heads, dim = query.shape
     positions = positions.to(torch.int64).contiguous()
