@@ -22,6 +22,11 @@ from ferry.kernels import reference
 from ferry.platform import triton_importable
 
 
+# The ops every backend implements (the tests reroute them all to one backend).
+OP_NAMES = ("write_kv_cache", "paged_attention", "rms_norm", "fused_add_rms_norm",
+            "apply_rotary", "silu_and_mul")
+
+
 @functools.cache
 def _triton_ops():
     """ferry.kernels.triton, imported on the first GPU call: importing it imports triton,
@@ -80,5 +85,5 @@ def silu_and_mul(x):
     return _ops_for(x).silu_and_mul(x)
 
 
-__all__ = ["apply_rotary", "fused_add_rms_norm", "paged_attention", "prepare", "rms_norm",
-           "silu_and_mul", "write_kv_cache"]
+__all__ = ["OP_NAMES", "apply_rotary", "fused_add_rms_norm", "paged_attention", "prepare",
+           "rms_norm", "silu_and_mul", "write_kv_cache"]

@@ -12,8 +12,10 @@ import logging
 import random
 
 import pytest
+import torch
 
 from ferry import LLM, SamplingParams
+from ferry.runner.attn_metadata import AttentionMetadata
 from ferry.runner.cuda_graphs import DecodeGraphs, EagerReplay, decode_buckets
 from hf_reference import assert_greedy_matches, hf_greedy
 from tiny_models import make_tiny_model
@@ -82,9 +84,6 @@ def test_graph_steps_give_the_eager_tokens_and_hf_tokens(mistral_dir):
 
 
 def test_only_decode_only_steps_within_the_largest_bucket_use_a_graph(mistral_dir):
-    from ferry.runner.attn_metadata import AttentionMetadata
-    import torch
-
     llm = LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=4)
     runner = llm.engine.runner
     graphs = DecodeGraphs(runner.model, runner.kv_caches, max_num_seqs=4, max_model_len=64,

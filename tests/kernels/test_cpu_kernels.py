@@ -24,6 +24,8 @@ if build.find_compiler() is None:
 def test_library_builds_and_is_dispatched_for_cpu_tensors():
     assert cpu.available(), "a compiler is present but the CPU kernels did not build (see the log)"
     assert ferry.kernels._ops_for(torch.zeros(1)) is cpu
+    for name in ferry.kernels.OP_NAMES:   # every dispatched op has its C++-path twin
+        assert callable(getattr(cpu, name)) and callable(getattr(reference, name))
 
 
 # --------------------------------------------------------------------- paged attention
@@ -196,7 +198,7 @@ def test_mismatched_shapes_never_reach_the_kernels():
 
 
 # --------------------------------------------------------------------- build and dispatch
-def test_disabled_or_without_a_compiler_the_reference_runs(monkeypatch, tmp_path, caplog):
+def test_disabled_or_without_a_compiler_the_reference_runs(monkeypatch, caplog):
     build.load_library.cache_clear()
     try:
         monkeypatch.setenv("FERRY_CPU_KERNELS", "0")
@@ -244,9 +246,6 @@ def test_build_is_cached_by_source(monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------- whole engine
-OPS = ("write_kv_cache", "paged_attention", "rms_norm", "fused_add_rms_norm", "apply_rotary",
-       "silu_and_mul")
-
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])   # + sliding window, q/k norm
 def test_engine_greedy_matches_hf_on_both_cpu_paths(tmp_path, monkeypatch, arch):
@@ -268,7 +267,7 @@ def test_engine_greedy_matches_hf_on_both_cpu_paths(tmp_path, monkeypatch, arch)
         return [o.outputs[0].token_ids for o in outs]
 
     with_kernels = greedy()
-    for name in OPS:
+    for name in ferry.kernels.OP_NAMES:
         monkeypatch.setattr(ferry.kernels, name, getattr(reference, name))
     with_reference = greedy()
     for prompt, ours, theirs in zip(prompts, with_kernels, with_reference):

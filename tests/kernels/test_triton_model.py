@@ -26,8 +26,6 @@ from ferry.kernels.triton._common import interpreter_active  # noqa: E402
 from hf_reference import assert_greedy_matches, hf_greedy  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
 
-OPS = ("write_kv_cache", "paged_attention", "rms_norm", "fused_add_rms_norm", "apply_rotary",
-       "silu_and_mul")
 MAX_NEW = 6
 
 if torch.cuda.is_available():
@@ -41,7 +39,7 @@ else:
 @pytest.fixture
 def triton_kernels(monkeypatch):
     """Route every op of ``ferry.kernels`` to its Triton twin for one test."""
-    for name in OPS:
+    for name in ferry.kernels.OP_NAMES:
         monkeypatch.setattr(ferry.kernels, name, getattr(triton_ops, name))
 
 

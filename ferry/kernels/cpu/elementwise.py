@@ -3,8 +3,8 @@
 
 Each function has the signature and semantics of its namesake in
 ``ferry.kernels.reference`` and falls back to it for what the C++ side does not take: a
-dtype other than float32/bfloat16, mixed dtypes, or a layout whose rows are not uniformly
-strided.
+dtype other than float32/bfloat16, mixed dtypes, mismatched shapes, or (except for
+``rms_norm``, which copies such input first) rows that are not uniformly strided.
 """
 from __future__ import annotations
 
