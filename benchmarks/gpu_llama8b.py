@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, help="ferry (default: ferry's)")
     p.add_argument("--gpu-memory-utilization", type=float, help="ferry (default: ferry's)")
     p.add_argument("--enforce-eager", action="store_true", help="ferry without device graphs")
+    p.add_argument("--async-scheduling", choices=["auto", "on", "off"],
+                   help="ferry: overlap scheduling with the device (default: ferry's, auto)")
     p.add_argument("--copy-gib", type=float, help="bandwidth probe size (default 4; CPU 0.0625)")
     p.add_argument("--deadline-s", type=float, help="stop the engines (keeping what they "
                    "measured) so that the whole run ends within this many seconds")

@@ -72,7 +72,8 @@ def run_ferry(args, shape: ModelShape, device: torch.device, out: Path) -> None:
     kwargs = {"dtype": args.dtype, "device": device.type, "seed": args.seed,
               "max_num_seqs": args.max_num_seqs, "enforce_eager": args.enforce_eager or None,
               "max_num_batched_tokens": args.max_num_batched_tokens,
-              "gpu_memory_utilization": args.gpu_memory_utilization}
+              "gpu_memory_utilization": args.gpu_memory_utilization,
+              "async_scheduling": args.async_scheduling}
     if device.type == "cpu":
         kwargs["kv_cache_memory"] = "256MiB"
     start = time.perf_counter()
@@ -83,9 +84,11 @@ def run_ferry(args, shape: ModelShape, device: torch.device, out: Path) -> None:
                      "config": {key: getattr(cfg, key) for key in (
                          "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
                          "gpu_memory_utilization", "enable_prefix_caching")},
-                     "decode_graph_buckets": graphs.buckets if graphs is not None else None}
+                     "decode_graph_buckets": graphs.buckets if graphs is not None else None,
+                     "async_scheduling": llm.engine.async_scheduling}
     print(f"ferry: loaded in {results['load_s']:.0f} s (decode graphs: "
-          f"{'yes' if graphs is not None else 'no'})", flush=True)
+          f"{'yes' if graphs is not None else 'no'}, async scheduling: "
+          f"{'on' if llm.engine.async_scheduling else 'off'})", flush=True)
     for w in workloads(args):
         run = ferry_decode if w.name == "decode" else ferry_throughput
         results[w.name] = run(llm, w, shape, args.seed)

@@ -56,6 +56,7 @@ class EngineConfig(BaseModel):
     prefill_parallelism: int = Field(4, ge=1)
     scheduling_policy: Literal["fcfs", "priority"] = "priority"
     enforce_eager: bool = False
+    async_scheduling: Literal["auto", "on", "off"] = "auto"
     # parallelism and adapters
     tensor_parallel_size: int = Field(1, ge=1)
     lora_adapters_dir: str | None = None

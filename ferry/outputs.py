@@ -7,6 +7,9 @@ from ferry.sampling_params import SamplingParams
 
 
 # ---------------------------------------------------------------- scheduler -> runner
+PLACEHOLDER_TOKEN = -1   # a token the previous step samples on the device (async scheduling)
+
+
 @dataclass
 class ScheduledRequest:
     """One request's share of a step.
@@ -18,6 +21,9 @@ class ScheduledRequest:
     ``all_token_ids`` is the request's token list (a live reference, read-only for the
     runner) and ``num_prompt_tokens`` splits it; the sampler needs both for penalties.
     The scheduler fills ``eos_token_ids`` from ``Request.eos_token_ids``.
+    With async scheduling the last ``num_placeholders`` entries of ``token_ids`` are
+    ``PLACEHOLDER_TOKEN``: tokens the previous step is still sampling on the device, which
+    the runner fills in there; they are not in ``all_token_ids`` yet either.
     """
 
     request_id: str
@@ -29,6 +35,7 @@ class ScheduledRequest:
     all_token_ids: list[int]
     num_prompt_tokens: int
     eos_token_ids: tuple[int, ...] = ()   # the request's EOS ids (the sampler masks them under min_tokens)
+    num_placeholders: int = 0
 
     @property
     def num_tokens(self) -> int:

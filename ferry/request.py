@@ -46,6 +46,9 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1          # prefix-cache hit at first schedule (-1: not yet)
     num_preemptions: int = 0
+    # Async scheduling: tokens scheduled as sampled by a step still running on the device,
+    # not yet in ``all_token_ids`` (0 or 1 when a step is scheduled, 2 for a moment).
+    num_output_placeholders: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     first_token_time: float | None = None

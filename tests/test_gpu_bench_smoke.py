@@ -27,7 +27,8 @@ def smoke_run(tmp_path_factory) -> tuple[dict, Path]:
     out, model_dir = tmp / "result.json", tmp / "model"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu",
-                           "--model-dir", str(model_dir), "--json", str(out)],
+                           "--model-dir", str(model_dir), "--json", str(out),
+                           "--async-scheduling", "on"],   # the GPU default, here on the CPU
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), model_dir
@@ -51,6 +52,8 @@ def test_every_workload_has_positive_figures(smoke_run, engine):
     figures = result[engine]
     assert "error" not in figures, figures.get("error")
     assert figures["decode"]["decode_tok_s"] > 0
+    if engine == "ferry":
+        assert figures["async_scheduling"] is True
     assert len(figures["decode"]["decode_tok_s_runs"]) == 3
     assert 0 < figures["decode"]["roofline_ratio"]
     for w in result["workloads"]:

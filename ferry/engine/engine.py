@@ -2,6 +2,10 @@
 
 Data flows request -> Scheduler (+ KVCacheManager) -> ModelRunner (model, Sampler) ->
 Scheduler.update_from_output -> detokenizers -> RequestOutput. One owner calls ``step``.
+
+With async scheduling (on a GPU by default) ``step`` schedules and launches step N, then
+finishes step N-1 while the device runs N, so the host's scheduling, input building and
+detokenizing hide behind the device's work instead of leaving it idle between steps.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ from ferry.engine.output_processor import OutputProcessor
 from ferry.engine.scheduler import Scheduler
 from ferry.outputs import RequestOutput, SchedulerStats
 from ferry.request import Request, RequestStatus
+from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.runner.model_runner import ModelRunner
+from ferry.runner.pending_output import PendingOutput
 from ferry.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -48,6 +54,10 @@ class Engine:
         if self.platform.is_gpu and not config.enforce_eager:
             self.runner.capture_decode_graphs(max_num_seqs=config.max_num_seqs,
                                               max_model_len=self.max_model_len)
+        # Overlap pays where the device runs asynchronously; on the CPU it only delays outputs.
+        self.async_scheduling = (config.async_scheduling == "on" or
+                                 (config.async_scheduling == "auto" and self.platform.is_gpu))
+        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -57,6 +67,7 @@ class Engine:
             enable_prefix_caching=config.enable_prefix_caching,
             scheduling_policy=config.scheduling_policy,
             prefill_parallelism=config.prefill_parallelism,
+            async_scheduling=self.async_scheduling,
         )
         self.outputs = OutputProcessor(self.tokenizer)
         self._prompt_tokens_total = 0
@@ -103,19 +114,40 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
+        """One engine step; returns the outputs of the requests it advanced."""
+        if not self.async_scheduling:
+            sched_out = self.scheduler.schedule()
+            return self._finish_step(sched_out, self.runner.execute(sched_out))
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and self.scheduler.has_penalized_tokens_in_flight():
+            outputs = self._finish_in_flight()   # penalties need every token on the host
         sched_out = self.scheduler.schedule()
-        runner_out = self.runner.execute(sched_out)
+        pending = self.runner.launch(sched_out)
+        previous = self._in_flight
+        self._in_flight = None if sched_out.is_empty else (sched_out, pending)
+        if previous is not None:
+            outputs = self._finish_step(previous[0], previous[1].result())
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        sched_out, pending = self._in_flight
+        self._in_flight = None
+        return self._finish_step(sched_out, pending.result())
+
+    def _finish_step(self, sched_out: SchedulerOutput,
+                     runner_out: RunnerOutput) -> list[RequestOutput]:
+        """Append the step's tokens, apply stop conditions, and build the outputs."""
         if sched_out.is_empty:
             return []
         updated = self.scheduler.update_from_output(sched_out, runner_out)
-        self._generation_tokens_total += len(runner_out.sampled_token_ids)
+        self._generation_tokens_total += len(updated)
         stopped = self.outputs.process(updated, runner_out.logprobs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return self.outputs.collect()
-
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
         stats = self.scheduler.get_stats()

@@ -147,7 +147,10 @@ class KVCacheManager:
         table = self._tables.get(request.request_id)
         if not table:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        # With async scheduling the last computed position may hold a token still being
+        # sampled on the device: only blocks of known tokens can be hashed.
+        num_known = min(request.num_computed_tokens, request.num_tokens)
+        num_full = min(num_known // self.block_size, len(table))
         start = self._num_registered.get(request.request_id, 0)
         if num_full <= start:
             return

@@ -21,6 +21,15 @@ prefill, prefix-cache hits and preemption by recompute are all that rule:
 runner's step is taken as done) and registers their full blocks in the prefix cache; the
 next ``schedule()`` may then hit them. ``update_from_output()`` appends the sampled tokens
 and applies the stop conditions. This module is pure Python (no torch).
+
+Async scheduling (``async_scheduling=True``): step N+1 is scheduled while step N still runs
+on the device, so the tokens N samples are not known yet. Each request that samples in a
+step gets a placeholder (``Request.num_output_placeholders``) that counts as a token to
+compute: it decodes in N+1 with ``PLACEHOLDER_TOKEN`` as input, which the runner fills in
+from N's sampled tokens on the device. ``update_from_output(N)`` then turns the placeholder
+into the real token. A request whose token in flight ends it by length is not scheduled
+again; one that stops on EOS computes one wasted token. A request preempted while its
+token is in flight still gets that token, and is not re-admitted before it has it.
 """
 from __future__ import annotations
 
@@ -29,7 +38,8 @@ from collections.abc import Iterable
 
 from ferry.engine.kv_cache_manager import KVCacheManager
 from ferry.engine.request_queue import create_request_queue
-from ferry.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput, SchedulerStats
+from ferry.outputs import (PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput,
+                           SchedulerStats)
 from ferry.request import Request, RequestStatus
 
 
@@ -42,7 +52,8 @@ class Scheduler:
 
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 scheduling_policy: str = "priority", prefill_parallelism: int = 4) -> None:
+                 scheduling_policy: str = "priority", prefill_parallelism: int = 4,
+                 async_scheduling: bool = False) -> None:
         for name, value in [("max_num_seqs", max_num_seqs),
                             ("max_num_batched_tokens", max_num_batched_tokens),
                             ("max_model_len", max_model_len), ("num_blocks", num_blocks),
@@ -53,6 +64,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.prefill_parallelism = prefill_parallelism
+        self.async_scheduling = async_scheduling
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.waiting = create_request_queue(scheduling_policy)
         self.running: list[Request] = []
@@ -104,6 +116,12 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.running) or bool(self.waiting)
 
+    def has_penalized_tokens_in_flight(self) -> bool:
+        """True when a request with penalties waits for a token still being sampled: the
+        sampler needs all its output tokens, so that step must be finished first."""
+        return any(request.num_output_placeholders and request.sampling_params.has_penalties
+                   for request in self.running)
+
     def get_request(self, request_id: str) -> Request | None:
         """A waiting or running request; None once it finished."""
         return self._requests.get(request_id)
@@ -138,23 +156,32 @@ class Scheduler:
         """Append each sampled token and apply the stop conditions.
 
         Returns the requests that got a new token this step, including those it finished.
+        Requests finished since the step was scheduled are skipped. (With async scheduling
+        a request may have been preempted since: it still gets its token.)
         """
         now = time.monotonic()
         updated: list[Request] = []
+        any_finished = False
         for scheduled in scheduler_output.scheduled:
-            token_id = runner_output.sampled_token_ids.get(scheduled.request_id)
             request = self._requests.get(scheduled.request_id)
-            if (not scheduled.sample or token_id is None or request is None
-                    or request.status is not RequestStatus.RUNNING):
+            if not scheduled.sample or request is None:
+                continue
+            if self.async_scheduling:
+                request.num_output_placeholders -= 1
+            token_id = runner_output.sampled_token_ids.get(scheduled.request_id)
+            if token_id is None:
                 continue
             request.append_output_token(token_id)
             if request.first_token_time is None:
                 request.first_token_time = now
             status = self._stop_status(request, token_id)
             if status is not None:
+                if request.status is not RequestStatus.RUNNING:
+                    self.waiting.remove(request)   # preempted while its token was in flight
                 self._finish(request, status, now)
+                any_finished = True
             updated.append(request)
-        if any(request.is_finished for request in updated):
+        if any_finished:
             self.running = [request for request in self.running if not request.is_finished]
         return updated
 
@@ -164,9 +191,11 @@ class Scheduler:
         budget, num_prefills, index = self.max_num_batched_tokens, 0, 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            remaining = request.num_tokens - request.num_computed_tokens
+            remaining = (request.num_tokens + request.num_output_placeholders
+                         - request.num_computed_tokens)
             is_prefill = remaining > 1
-            if remaining <= 0 or (is_prefill and num_prefills >= self.prefill_parallelism):
+            if (remaining <= 0 or (is_prefill and num_prefills >= self.prefill_parallelism)
+                    or self._must_wait_for_token_in_flight(request)):
                 index += 1
                 continue
             num_new = min(remaining, budget)
@@ -198,6 +227,8 @@ class Scheduler:
         kv = self.kv_cache_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting.peek()
+            if request.num_output_placeholders:
+                break   # preempted while its last token was in flight: next step
             computed_blocks, num_hit = kv.get_computed_blocks(request)
             remaining = request.num_tokens - num_hit
             if remaining > 1 and num_prefills >= self.prefill_parallelism:
@@ -218,17 +249,25 @@ class Scheduler:
     def _commit(self, request: Request, num_new: int) -> ScheduledRequest:
         """Describe the request's share for the runner and advance it as if computed."""
         start = request.num_computed_tokens
+        token_ids = request.all_token_ids[start:start + num_new]
+        # Only async scheduling leaves tokens unknown; they come last (one decode token).
+        num_placeholders = num_new - len(token_ids)
+        token_ids.extend([PLACEHOLDER_TOKEN] * num_placeholders)
+        sample = start + num_new == request.num_tokens + request.num_output_placeholders
         scheduled = ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start:start + num_new],
+            token_ids=token_ids,
             start_pos=start,
             block_ids=list(self.kv_cache_manager.get_block_ids(request.request_id)),
-            sample=start + num_new == request.num_tokens,
+            sample=sample,
             sampling_params=request.sampling_params,
             all_token_ids=request.all_token_ids,
             num_prompt_tokens=request.num_prompt_tokens,
-            eos_token_ids=request.eos_token_ids)
+            eos_token_ids=request.eos_token_ids,
+            num_placeholders=num_placeholders)
         request.num_computed_tokens = start + num_new
+        if sample and self.async_scheduling:
+            request.num_output_placeholders += 1
         self.kv_cache_manager.cache_full_blocks(request)
         return scheduled
 
@@ -241,6 +280,19 @@ class Scheduler:
         self.num_preemptions += 1
         self._preempted_ids.add(request.request_id)
         self.waiting.prepend(request)
+
+    def _must_wait_for_token_in_flight(self, request: Request) -> bool:
+        """True when ``request`` cannot take a step before its token in flight is known:
+        that token ends it by length anyway, or a step is already ahead of it (the engine
+        keeps one step in flight, so a request has at most one placeholder when scheduled).
+        """
+        pending = request.num_output_placeholders
+        if not pending:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        return (pending > 1
+                or (max_tokens is not None and request.num_output_tokens + pending >= max_tokens)
+                or request.num_tokens + pending >= self._max_len)
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params

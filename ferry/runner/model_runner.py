@@ -2,6 +2,9 @@
 
 ``execute(scheduler_output) -> RunnerOutput`` is its one verb: build the flat batch, run
 the model, sample one token for each request whose chunk reached its last token.
+``launch`` is the same step without waiting for the tokens (async scheduling): it returns
+a ``PendingOutput``, and fills the step's placeholder tokens from the previous launch's
+samples on the device.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from ferry import kernels
 from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.platform import empty_on_huge_pages
 from ferry.runner.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
-from ferry.runner.input_batch import build_model_input
+from ferry.runner.input_batch import ModelInput, build_model_input, device_tensor
+from ferry.runner.pending_output import PendingOutput
 from ferry.runner.sampler import Sampler
 
 logger = logging.getLogger(__name__)
@@ -32,31 +36,49 @@ class ModelRunner:
         # Seeded requests keep their generator for their whole life, preemption included,
         # so a seed gives the same tokens alone, in any batch, or after a recompute.
         self._generators: dict[str, torch.Generator] = {}
+        # The last launched step's sampled tokens (N,) on the device and each request's row.
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step and wait for its tokens."""
+        return self.launch(sched).result()
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+    def launch(self, sched: SchedulerOutput) -> PendingOutput:
+        """Queue one step; on a GPU this returns while the device still runs it."""
         self.release(sched.finished_request_ids)
         if sched.is_empty:
-            return RunnerOutput()
+            return PendingOutput()
         batch = build_model_input(sched, self.block_size, self.device)
+        self._fill_placeholders(batch)
         hidden = None
         if self.decode_graphs is not None:
             hidden = self.decode_graphs.try_run(batch.input_ids, batch.positions, batch.attn_metadata)
         if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_metadata)
-        if not batch.sampling_requests:
-            return RunnerOutput()
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # (N, V) float32
         requests = batch.sampling_requests
+        if not requests:
+            self._last_sampled = None
+            return PendingOutput()
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # (N, V) float32
         generators = [self._generator(r.request_id, r.sampling_params.seed) for r in requests]
-        token_ids, logprobs = self.sampler(logits, requests, generators,
-                                           eos_token_ids=[r.eos_token_ids for r in requests])
-        out = RunnerOutput()
-        for req, token_id, lp in zip(requests, token_ids, logprobs):
-            out.sampled_token_ids[req.request_id] = token_id
-            if lp is not None:
-                out.logprobs[req.request_id] = lp
-        return out
+        token_ids, logprobs = self.sampler.sample(
+            logits, requests, generators, eos_token_ids=[r.eos_token_ids for r in requests])
+        request_ids = [r.request_id for r in requests]
+        self._last_sampled = (token_ids, {rid: row for row, rid in enumerate(request_ids)})
+        return PendingOutput(request_ids, token_ids, logprobs)
+
+    def _fill_placeholders(self, batch: ModelInput) -> None:
+        """Write the previous launch's sampled tokens over this step's placeholders."""
+        if not batch.placeholder_positions:
+            return
+        if self._last_sampled is None:
+            raise RuntimeError("a step has placeholder tokens but the previous step sampled none")
+        tokens, rows = self._last_sampled
+        source = device_tensor([rows[rid] for rid in batch.placeholder_request_ids],
+                               torch.int64, self.device)
+        target = device_tensor(batch.placeholder_positions, torch.int64, self.device)
+        batch.input_ids[target] = tokens[source]
 
     def capture_decode_graphs(self, *, max_num_seqs: int, max_model_len: int,
                               capture: GraphCapture | None = None) -> bool:

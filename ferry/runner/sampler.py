@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ferry.outputs import ScheduledRequest, TokenLogprobs
+from ferry.runner.input_batch import device_tensor
 from ferry.sampling_params import SamplingParams
 
 
@@ -35,7 +36,17 @@ class Sampler:
                  generators: list[torch.Generator | None], *,
                  eos_token_ids: list[tuple[int, ...]] | None = None,
                  ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """Sample one token per row.
+        """``sample`` with the token ids as a list (one host sync)."""
+        tokens, logprobs = self.sample(logits, requests, generators, eos_token_ids=eos_token_ids)
+        return tokens.tolist(), logprobs
+
+    def sample(self, logits: torch.Tensor, requests: list[ScheduledRequest],
+               generators: list[torch.Generator | None], *,
+               eos_token_ids: list[tuple[int, ...]] | None = None,
+               ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
+        """Sample one token per row: a (N,) int64 tensor on the logits' device.
+
+        No host sync, except to read back logprobs for the rows that ask for them.
 
         ``logits``: (N, V), one row per request, in the order of ``requests``.
         ``generators[i]``: the request's own generator when its seed is set, else None;
@@ -47,13 +58,22 @@ class Sampler:
         """
         _check_inputs(logits, requests, generators, eos_token_ids)
         if not requests:
-            return [], []
+            return torch.empty(0, dtype=torch.int64, device=logits.device), []
         logits = logits.float()
         params = [req.sampling_params for req in requests]
         logits = _mask_min_tokens(logits, requests, eos_token_ids)
         logits = _apply_penalties(logits, requests)
         tokens = _choose_tokens(logits, params, generators)  # (N,)
-        return tokens.tolist(), _gather_logprobs(logits, tokens, params)
+        return tokens, _gather_logprobs(logits, tokens, params)
+
+
+# ---------------------------------------------------------------- host values on the device
+def _indices(values: list[int], device: torch.device) -> torch.Tensor:
+    return device_tensor(values, torch.int64, device)
+
+
+def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+    return device_tensor(values, torch.float32, device)
 
 
 # ---------------------------------------------------------------- input checks
@@ -75,7 +95,8 @@ def _check_inputs(logits: torch.Tensor, requests: list[ScheduledRequest],
 
 
 def _num_outputs(req: ScheduledRequest) -> int:
-    return len(req.all_token_ids) - req.num_prompt_tokens
+    # Placeholders: outputs the previous step is still sampling (async scheduling).
+    return len(req.all_token_ids) + req.num_placeholders - req.num_prompt_tokens
 
 
 # ---------------------------------------------------------------- min_tokens
@@ -96,8 +117,8 @@ def _mask_min_tokens(logits: torch.Tensor, requests: list[ScheduledRequest],
         cols.extend(banned)
     if not rows:
         return logits
-    index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-    return logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))
+    index = (_indices(rows, logits.device), _indices(cols, logits.device))
+    return logits.index_put(index, torch.full((), float("-inf"), device=logits.device))
 
 
 # ---------------------------------------------------------------- penalties
@@ -108,10 +129,13 @@ def _apply_penalties(logits: torch.Tensor, requests: list[ScheduledRequest]) -> 
         return logits
     device = logits.device
     chosen = [requests[i] for i in rows]
-    sub = logits[torch.tensor(rows, device=device)]  # (P, V), a copy
+    if any(req.num_placeholders for req in chosen):
+        # The engine resolves the step in flight before scheduling penalized requests.
+        raise RuntimeError("penalties need every output token; got a placeholder")
+    sub = logits[_indices(rows, device)]  # (P, V), a copy
     output_counts = _token_counts(chosen, sub.shape[1], device, prompt=False)  # (P, V)
-    rep = _row_param(chosen, "repetition_penalty", device)  # (P, 1)
-    if bool((rep != 1.0).any()):
+    if any(req.sampling_params.repetition_penalty != 1.0 for req in chosen):
+        rep = _row_param(chosen, "repetition_penalty", device)  # (P, 1)
         prompt_counts = _token_counts(chosen, sub.shape[1], device, prompt=True)  # (P, V)
         seen = (prompt_counts > 0) | (output_counts > 0)
         penalized = torch.where(sub > 0, sub / rep, sub * rep)
@@ -119,7 +143,7 @@ def _apply_penalties(logits: torch.Tensor, requests: list[ScheduledRequest]) -> 
     presence = _row_param(chosen, "presence_penalty", device)  # (P, 1)
     frequency = _row_param(chosen, "frequency_penalty", device)  # (P, 1)
     sub = sub - presence * (output_counts > 0) - frequency * output_counts
-    return logits.index_copy(0, torch.tensor(rows, device=device), sub)
+    return logits.index_copy(0, _indices(rows, device), sub)
 
 
 def _token_counts(requests: list[ScheduledRequest], vocab: int, device: torch.device,
@@ -132,7 +156,7 @@ def _token_counts(requests: list[ScheduledRequest], vocab: int, device: torch.de
         flat_index.extend(row * vocab + t for t in part if t < vocab)
     counts = torch.zeros(len(requests) * vocab, device=device)
     if flat_index:
-        index = torch.tensor(flat_index, device=device)
+        index = _indices(flat_index, device)
         counts.scatter_add_(0, index, torch.ones(len(flat_index), device=device))
     return counts.view(len(requests), vocab)
 
@@ -140,7 +164,7 @@ def _token_counts(requests: list[ScheduledRequest], vocab: int, device: torch.de
 def _row_param(requests: list[ScheduledRequest], name: str, device: torch.device) -> torch.Tensor:
     """(P, 1) float tensor of one sampling parameter, one value per request."""
     values = [float(getattr(req.sampling_params, name)) for req in requests]
-    return torch.tensor(values, device=device).unsqueeze(1)
+    return _floats(values, device).unsqueeze(1)
 
 
 # ---------------------------------------------------------------- token choice
@@ -153,7 +177,7 @@ def _choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
     if len(random_rows) == len(params):
         return _sample(logits, params, generators)
     tokens = _argmax(logits)  # (N,)
-    index = torch.tensor(random_rows, device=logits.device)
+    index = _indices(random_rows, logits.device)
     drawn = _sample(logits[index], [params[i] for i in random_rows],
                     [generators[i] for i in random_rows])
     return tokens.index_copy(0, index, drawn)
@@ -169,7 +193,7 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams],
             generators: list[torch.Generator | None]) -> torch.Tensor:
     """(R,) long: temperature, top-k, top-p, min-p, then the exponential race."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)
+    temperature = _floats([p.temperature for p in params], device)
     logits = logits / temperature.unsqueeze(1)  # (R, V)
     logits = _top_k_top_p(logits, params)
     probs = torch.softmax(logits, dim=-1)  # (R, V)
@@ -187,11 +211,11 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     device = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # (R, V)
     if use_top_k:
-        k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        k = _indices([p.top_k if p.top_k > 0 else vocab for p in params], device)
         position = torch.arange(vocab, device=device).expand(rows, vocab)  # (R, V)
         sorted_logits = sorted_logits.masked_fill(position >= k.unsqueeze(1), float("-inf"))
     if use_top_p:
-        top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)  # (R, 1)
+        top_p = _floats([p.top_p for p in params], device).unsqueeze(1)  # (R, 1)
         sorted_probs = torch.softmax(sorted_logits, dim=-1)  # (R, V)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (R, V)
         # A token stays while the mass of the better tokens is still short of top_p: this
@@ -206,7 +230,7 @@ def _min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Zero tokens whose probability is below ``min_p`` times the row's largest."""
     if not any(p.min_p > 0 for p in params):
         return probs
-    min_p = torch.tensor([p.min_p for p in params], device=probs.device).unsqueeze(1)  # (R, 1)
+    min_p = _floats([p.min_p for p in params], probs.device).unsqueeze(1)  # (R, 1)
     threshold = min_p * probs.amax(dim=-1, keepdim=True)  # (R, 1)
     # The top token always survives (its prob equals the max), so no row becomes empty.
     return probs.masked_fill(probs < threshold, 0.0)
@@ -222,7 +246,7 @@ def _exponential_noise(probs: torch.Tensor,
         noise.exponential_()
     else:
         if unseeded:
-            index = torch.tensor(unseeded, device=probs.device)
+            index = _indices(unseeded, probs.device)
             noise[index] = torch.empty(len(unseeded), vocab, device=probs.device).exponential_()
         for i, gen in enumerate(generators):
             if gen is not None:
@@ -242,7 +266,7 @@ def _gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
         return result
-    index = torch.tensor(rows, device=logits.device)
+    index = _indices(rows, logits.device)
     logprobs = torch.log_softmax(logits[index], dim=-1)  # (L, V)
     chosen_ids = tokens[index]  # (L,)
     chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()

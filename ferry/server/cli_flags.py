@@ -39,6 +39,7 @@ HELP: dict[str, str] = {
     "prefill_parallelism": "Prompts prefilled together in one step",
     "scheduling_policy": "Order of the waiting queue",
     "enforce_eager": "Disable CUDA graphs",
+    "async_scheduling": "Schedule step N+1 while the device runs step N (auto: on GPUs)",
     "tensor_parallel_size": "GPUs per replica",
     "lora_adapters_dir": "Directory of LoRA adapters to serve",
     "max_loras": "LoRA adapters resident at once",

@@ -116,3 +116,17 @@ def test_a_failed_capture_leaves_the_runner_eager(mistral_dir, caplog):
     assert "running eagerly" in caplog.text
     prompts = _prompts()[:2]
     assert len(_generate(llm, prompts, [3, 3])) == 2
+
+
+def test_graphs_with_async_scheduling_fill_placeholders_before_the_copy(mistral_dir):
+    """Placeholders are written into input_ids before the graph copies them in."""
+    prompts = _prompts()
+    max_tokens = [3, 12, 7, 12, 1, 9, 5]
+    eager = _generate(LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB"), prompts, max_tokens)
+    llm = LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=8,
+              async_scheduling="on")
+    capture = CountingReplay()
+    assert llm.engine.runner.capture_decode_graphs(max_num_seqs=8, max_model_len=llm.engine.max_model_len,
+                                                   capture=capture)
+    assert _generate(llm, prompts, max_tokens) == eager
+    assert sum(capture.replays) >= 8

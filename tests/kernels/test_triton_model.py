@@ -85,3 +85,39 @@ def test_decode_graph_steps_match_hf_on_triton_kernels(tmp_path, triton_kernels)
     for prompt, output, p in zip(prompts, outputs, params):
         assert_greedy_matches(output.outputs[0].token_ids, hf_greedy(model_dir, prompt, p.max_tokens),
                               "llama")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU")
+def test_async_launch_never_waits_for_the_device(tmp_path):
+    """With async scheduling, ``launch`` must only queue work: a host sync inside it (a
+    pageable copy, ``.item()``, an event wait) would stall the host until the step in
+    flight ends, and the overlap would be gone. CUDA's sync debug mode turns any such sync
+    into an error. Greedy tokens must still equal the synchronous engine's."""
+    model_dir = str(make_tiny_model("llama", tmp_path / "llama"))
+    rng = random.Random(2)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 256) for _ in range(n)]} for n in (5, 17, 9)]
+    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, max_tokens=8,
+                             ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=3, min_tokens=2, max_tokens=8)]
+
+    def generate(setting: str, strict: bool):
+        llm = LLM(model_dir, dtype="float32", device="cuda", max_num_seqs=4,
+                  gpu_memory_utilization=0.2, async_scheduling=setting)
+        runner = llm.engine.runner
+        launch = runner.launch
+
+        def strict_launch(sched):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return launch(sched)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        if strict:
+            runner.launch = strict_launch
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    overlapped = generate("on", strict=True)
+    assert overlapped[0] == generate("off", strict=False)[0]
+    assert all(len(tokens) == 8 for tokens in overlapped[:2])
