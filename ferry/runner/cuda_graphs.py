@@ -9,8 +9,9 @@ kernel arguments, so:
   multiples of 8 up to ``max_num_seqs``); padding rows write their K/V to no slot
   (slot -1) and attend over one position of block 0, and their output is dropped;
 - the inputs live in static buffers that the graph reads; a step copies its values in;
-- the attention is planned at capture for the longest context (``max_model_len``), so
-  its split-K partitions cover any sequence; partitions past a sequence's end are empty.
+- the attention is planned at capture for the longest context (``max_model_len``); the
+  decode kernel's split-K deals key tiles round-robin over the splits, so that plan fits
+  any sequence and still spreads a short one over the splits (the ones past it are empty).
 
 Only decode-only steps with at most ``max_num_seqs`` sequences replay a graph; prefills
 and mixed steps run eagerly. The capture backend is a small interface so that the

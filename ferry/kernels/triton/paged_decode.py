@@ -2,9 +2,13 @@
 
 One program handles one (sequence, KV head, split): all G query heads that share the KV
 head are stacked as the rows of one tile (GQA), so each key/value is read once per split.
-Long contexts are cut into ``num_splits`` partitions processed in parallel; each writes its
-running max, sum and unnormalised output, and a second small kernel merges the partitions.
-With a single split the first kernel writes the final output itself.
+Long contexts are split ``num_splits`` ways, processed in parallel: the context's key tiles
+are dealt round-robin (split s takes tiles s, s + num_splits, ...), each split writes its
+running max, sum and unnormalised output, and a second small kernel merges them. With a
+single split the first kernel writes the final output itself. Dealing tiles rather than
+cutting contiguous partitions makes the split count the only plan: a plan made for the
+longest context (device graphs plan for max_model_len) keeps a short context spread over
+the splits too, instead of leaving it all in the first partition.
 
 Softmax runs in the log2 domain (``exp2``, scale folded with log2(e)) in float32.
 """
@@ -31,19 +35,13 @@ MIN_PARTITION_TOKENS = 256
 MAX_SPLITS = 32
 
 
-def plan_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int, block_n: int) -> tuple[int, int]:
-    """(num_splits, partition_tokens) for a decode batch; partitions are block_n multiples."""
+def plan_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int) -> int:
+    """Splits of a decode batch's contexts: enough programs to fill the GPU, each split
+    with at least MIN_PARTITION_TOKENS keys of the longest context."""
     programs = num_decodes * num_kv_heads
-    splits = 1
-    if programs < TARGET_PROGRAMS and max_seq_len >= 2 * MIN_PARTITION_TOKENS:
-        splits = min(cdiv(TARGET_PROGRAMS, programs), max_seq_len // MIN_PARTITION_TOKENS, MAX_SPLITS)
-    return fix_partitions(max_seq_len, splits, block_n)
-
-
-def fix_partitions(max_seq_len: int, splits: int, block_n: int) -> tuple[int, int]:
-    """Round the partition up to whole key tiles and drop splits that would be empty."""
-    partition = cdiv(cdiv(max(max_seq_len, 1), splits), block_n) * block_n
-    return cdiv(max(max_seq_len, 1), partition), partition
+    if programs >= TARGET_PROGRAMS or max_seq_len < 2 * MIN_PARTITION_TOKENS:
+        return 1
+    return min(cdiv(TARGET_PROGRAMS, programs), max_seq_len // MIN_PARTITION_TOKENS, MAX_SPLITS)
 
 
 @triton.jit
@@ -54,7 +52,7 @@ def paged_decode_kernel(
     query_ptr,                   # (T, H, D); decode b's token is row b
     kv_cache_ptr,                # (2, num_blocks, PAGE_SIZE, Hkv, D)
     block_tables_ptr, seq_lens_ptr,
-    qk_scale, window, partition_tokens, group,
+    qk_scale, window, group,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kv, stride_kb, stride_ks, stride_kh, stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -66,8 +64,8 @@ def paged_decode_kernel(
     num_splits = tl.num_programs(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     first_key = tl.maximum(seq_len - window, 0)           # query sits at seq_len - 1
-    split_end = tl.minimum((split + 1) * partition_tokens, seq_len)
-    split_start = tl.maximum(split * partition_tokens, (first_key // BLOCK_N) * BLOCK_N)
+    first_tile = first_key // BLOCK_N
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -86,9 +84,9 @@ def paged_decode_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start in range(split_start, split_end, BLOCK_N):
-        pos = start + offs_n                               # (BLOCK_N,) key positions
-        valid = (pos < split_end) & (pos >= first_key)
+    for tile in range(first_tile + split, num_tiles, num_splits):   # this split's tiles
+        pos = tile * BLOCK_N + offs_n                      # (BLOCK_N,) key positions
+        valid = (pos < seq_len) & (pos >= first_key)
         acc, m_i, l_i = attend_key_tile(q, acc, m_i, l_i, kv_cache_ptr, table, pos, valid,
                                         valid[None, :], kv_head, offs_d, d_mask, qk_scale,
                                         stride_kv, stride_kb, stride_ks, stride_kh, PAGE_SIZE)
@@ -139,11 +137,10 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: tor
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
     config = decode_config(head_dim, group, triton_dtype(query.dtype), device_arch(query.device))
-    max_seq_len = max(meta.seq_lens_cpu[:num_decodes])
     if num_splits is None:
-        splits, partition = plan_splits(num_decodes, num_kv_heads, max_seq_len, config.block_n)
+        splits = plan_splits(num_decodes, num_kv_heads, max(meta.seq_lens_cpu[:num_decodes]))
     elif 1 <= num_splits <= MAX_SPLITS:
-        splits, partition = fix_partitions(max_seq_len, num_splits, config.block_n)
+        splits = num_splits
     else:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     block_d = next_power_of_2(head_dim)
@@ -156,7 +153,7 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: tor
         part_out = part_max = part_sum = torch.empty(1, dtype=torch.float32, device=query.device)
     launch(paged_decode_kernel, (num_decodes, num_kv_heads, splits),
            out, part_out, part_max, part_sum, query, kv_cache, meta.block_tables, meta.seq_lens,
-           scale * math.log2(math.e), window, partition, group,
+           scale * math.log2(math.e), window, group,
            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
            meta.block_tables.stride(0),
@@ -176,7 +173,7 @@ def aot_variants(dtype: str, arch: str) -> list[KernelVariant]:
     types = {"out_ptr": f"*{dtype}", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
              "part_sum_ptr": "*fp32", "query_ptr": f"*{dtype}", "kv_cache_ptr": f"*{dtype}",
              "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "qk_scale": "fp32",
-             "window": "i32", "partition_tokens": "i32", "group": "i32"}
+             "window": "i32", "group": "i32"}
     for head_dim in AOT_HEAD_DIMS:
         config = decode_config(head_dim, 8, dtype, arch)
         for direct in (True, False):
