@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -146,10 +146,12 @@ def count_kv_blocks(config: EngineConfig, model, dtype: torch.dtype, device: tor
 @torch.inference_mode()
 def profile_peak_activation(model, config: EngineConfig, device: torch.device) -> int:
     """Activation memory of the largest step: one forward of max_num_batched_tokens tokens
-    (as one prefill over a scratch cache) and the logits of max_num_seqs rows."""
+    (as one prefill over a scratch cache), the logits of max_num_seqs rows, and sampling
+    them with every filter on (top-k/top-p sort the whole vocabulary: the sampler's peak)."""
     from ferry.outputs import ScheduledRequest, SchedulerOutput
     from ferry.runner.input_batch import build_model_input
     from ferry.runner.model_runner import allocate_kv_caches
+    from ferry.runner.sampler import Sampler
     from ferry.sampling_params import SamplingParams
 
     tokens = config.max_num_batched_tokens
@@ -163,6 +165,9 @@ def profile_peak_activation(model, config: EngineConfig, device: torch.device) -
     before = torch.cuda.memory_allocated(device)
     hidden = model(batch.input_ids, batch.positions, caches, batch.attn_metadata)
     logits = model.compute_logits(hidden[-min(tokens, config.max_num_seqs):])
+    every_filter = replace(req, sampling_params=SamplingParams(
+        temperature=1.0, top_k=50, top_p=0.9, min_p=0.05))
+    Sampler().sample(logits, [every_filter] * logits.shape[0], [None] * logits.shape[0])
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
     del hidden, logits, caches

@@ -1,0 +1,69 @@
+"""KV cache sizing: blocks from a budget, the GPU budget, and the profile of the largest step.
+
+The GPU functions read ``torch.cuda`` memory counters; here those are replaced by fakes so
+that the arithmetic, the error messages and what the profile runs are checked on the CPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ferry import LLM
+from ferry.engine.model_setup import profile_peak_activation
+from ferry.runner import memory
+from ferry.runner.sampler import Sampler
+from tiny_models import make_tiny_model
+
+GIB = 2**30
+
+
+def test_blocks_fit_the_budget_and_stop_at_what_can_be_used():
+    block = memory.kv_block_bytes(num_layers=2, num_kv_heads=2, head_dim=16, block_size=4,
+                                  dtype=torch.float32)
+    assert block == 2 * 2 * 4 * 2 * 16 * 4
+    assert memory.num_kv_blocks_for_budget(10 * block + 5, block, max_num_seqs=64,
+                                           max_model_len=4096, block_size=4) == 10
+    # 2 seats of 8 tokens use 4 blocks; the floor of 1,024 keeps room for the prefix cache.
+    assert memory.num_kv_blocks_for_budget(10**9, block, max_num_seqs=2, max_model_len=8,
+                                           block_size=4) == 1024
+    with pytest.raises(ValueError, match="does not hold a single block"):
+        memory.num_kv_blocks_for_budget(block - 1, block, max_num_seqs=1, max_model_len=8,
+                                        block_size=4)
+
+
+def test_gpu_budget_is_the_share_less_what_is_used_and_the_peak(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * GIB, 80 * GIB))
+    budget = memory.gpu_kv_budget(torch.device("cuda"), 0.9, peak_activation_bytes=2 * GIB)
+    assert budget == int(80 * GIB * 0.9) - 20 * GIB - 2 * GIB
+    with pytest.raises(ValueError, match=r"20\.00 GiB are used.*needs 60\.00 GiB more.*"
+                                         r"gpu_memory_utilization=0\.9"):
+        memory.gpu_kv_budget(torch.device("cuda"), 0.9, peak_activation_bytes=60 * GIB)
+
+
+def test_profile_runs_the_largest_forward_and_samples_every_row(tmp_path, monkeypatch):
+    model_dir = str(make_tiny_model("llama", tmp_path / "llama"))
+    llm = LLM(model_dir, dtype="float32", kv_cache_memory="8MiB", max_num_seqs=6,
+              max_num_batched_tokens=40)
+    counters = iter([1000, 1000 + 12345])          # allocated before; peak after
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: next(counters))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: next(counters))
+    seen = {}
+    sample = Sampler.sample
+
+    def spy(self, logits, requests, generators, **kwargs):
+        seen["rows"], seen["params"] = logits.shape[0], requests[0].sampling_params
+        return sample(self, logits, requests, generators, **kwargs)
+    monkeypatch.setattr(Sampler, "sample", spy)
+
+    forward_tokens = []
+    model = llm.engine.runner.model
+    monkeypatch.setattr(model, "forward", lambda ids, *a, _f=model.forward: (
+        forward_tokens.append(ids.shape[0]), _f(ids, *a))[1])
+    peak = profile_peak_activation(model, llm.config, torch.device("cpu"))
+    assert peak == 12345
+    assert forward_tokens == [40]                  # max_num_batched_tokens in one forward
+    assert seen["rows"] == 6                       # max_num_seqs rows of logits sampled
+    p = seen["params"]
+    assert p.top_k > 0 and p.top_p < 1 and p.min_p > 0 and not p.greedy
