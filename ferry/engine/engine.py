@@ -19,9 +19,8 @@ from ferry.config import EngineConfig
 from ferry.engine.model_setup import LoadedModel, load_model_for_engine
 from ferry.engine.output_processor import OutputProcessor
 from ferry.engine.scheduler import Scheduler
-from ferry.outputs import RequestOutput, SchedulerStats
+from ferry.outputs import RequestOutput, RunnerOutput, SchedulerOutput, SchedulerStats
 from ferry.request import Request, RequestStatus
-from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.runner.model_runner import ModelRunner
 from ferry.runner.pending_output import PendingOutput
 from ferry.sampling_params import SamplingParams

@@ -13,8 +13,8 @@ import pytest
 
 from ferry.outputs import PLACEHOLDER_TOKEN, RunnerOutput, SchedulerOutput
 from ferry.request import RequestStatus
-from test_scheduler import (FakeRunner, assert_all_blocks_free, check_step, make_request,
-                            make_scheduler, next_token, prompt_of)
+from test_scheduler import (FakeRunner, RandomLoad, assert_all_blocks_free, check_step,
+                            make_request, make_scheduler, next_token, prompt_of)
 
 
 class PipelinedFakeRunner(FakeRunner):
@@ -129,28 +129,13 @@ def test_random_load_with_preemption_prefix_hits_and_aborts(seed, policy):
                                max_num_batched_tokens=12, prefill_parallelism=2,
                                scheduling_policy=policy, async_scheduling=True)
     runner = PipelinedFakeRunner(scheduler)
-    stems = [prompt_of(8, s) for s in range(3)]
     eos = (3, 44)
-    requests, aborted = [], set()
-
-    def arrivals_and_aborts(step):
-        if step < 300 and len(requests) < 16 and rng.random() < 0.4:
-            prompt = rng.choice(stems)[:rng.randint(1, 8)] + prompt_of(rng.randint(1, 10), step)
-            request = make_request(f"r{len(requests)}", prompt, max_tokens=rng.randint(1, 12),
-                                   priority=rng.randint(0, 2), eos=eos)
-            scheduler.add_request(request)
-            requests.append(request)
-        if requests and rng.random() < 0.05:
-            victim = rng.choice(requests)
-            if not victim.is_finished:
-                scheduler.finish_requests(victim.request_id, RequestStatus.FINISHED_ABORTED)
-                aborted.add(victim.request_id)
-
-    run_pipelined(scheduler, runner, on_step=arrivals_and_aborts, min_steps=300)
-    assert len(requests) == 16
-    for request in requests:
+    load = RandomLoad(scheduler, rng, eos)
+    run_pipelined(scheduler, runner, on_step=load, min_steps=300)
+    assert len(load.requests) == 16
+    for request in load.requests:
         expected = reference(request.prompt_token_ids, request.sampling_params.max_tokens, eos)
-        if request.request_id in aborted:
+        if request.request_id in load.aborted:
             assert expected[:request.num_output_tokens] == request.output_token_ids
         else:
             assert request.output_token_ids == expected, request.request_id

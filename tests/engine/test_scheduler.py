@@ -284,6 +284,30 @@ def test_request_that_outgrows_everyone_preempts_itself_and_still_finishes():
     assert_all_blocks_free(scheduler)
 
 
+class RandomLoad:
+    """Called once per step: up to 16 arrivals sharing prompt stems (prefix hits), and
+    aborts of random requests, running or not."""
+
+    def __init__(self, scheduler, rng, eos=()):
+        self.scheduler, self.rng, self.eos = scheduler, rng, eos
+        self.stems = [prompt_of(8, s) for s in range(3)]
+        self.requests, self.aborted = [], set()
+
+    def __call__(self, step):
+        rng = self.rng
+        if step < 300 and len(self.requests) < 16 and rng.random() < 0.4:
+            prompt = rng.choice(self.stems)[:rng.randint(1, 8)] + prompt_of(rng.randint(1, 10), step)
+            request = make_request(f"r{len(self.requests)}", prompt, max_tokens=rng.randint(1, 12),
+                                   priority=rng.randint(0, 2), eos=self.eos)
+            self.scheduler.add_request(request)
+            self.requests.append(request)
+        if self.requests and rng.random() < 0.05:
+            victim = rng.choice(self.requests)
+            if not victim.is_finished:
+                self.scheduler.finish_requests(victim.request_id, RequestStatus.FINISHED_ABORTED)
+                self.aborted.add(victim.request_id)
+
+
 @pytest.mark.parametrize("seed, policy", [(0, "priority"), (1, "fcfs"), (2, "priority")])
 def test_random_load_on_a_tiny_pool_matches_reference(seed, policy):
     """Shared prefixes, chunking, preemption, prefix hits and aborts all at once."""
@@ -292,28 +316,17 @@ def test_random_load_on_a_tiny_pool_matches_reference(seed, policy):
                                max_num_batched_tokens=12, prefill_parallelism=2,
                                scheduling_policy=policy)
     runner = FakeRunner(scheduler)
-    stems = [prompt_of(8, s) for s in range(3)]
-    requests, aborted = [], set()
+    load = RandomLoad(scheduler, rng)
     for step in range(300):
-        if len(requests) < 16 and rng.random() < 0.4:
-            prompt = rng.choice(stems)[:rng.randint(1, 8)] + prompt_of(rng.randint(1, 10), step)
-            request = make_request(f"r{len(requests)}", prompt, max_tokens=rng.randint(1, 12),
-                                   priority=rng.randint(0, 2))
-            scheduler.add_request(request)
-            requests.append(request)
-        if requests and rng.random() < 0.05:
-            victim = rng.choice(requests)
-            if not victim.is_finished:
-                scheduler.finish_requests(victim.request_id, RequestStatus.FINISHED_ABORTED)
-                aborted.add(victim.request_id)
+        load(step)
         output = scheduler.schedule()
         check_step(scheduler, output)
         scheduler.update_from_output(output, runner.execute(output))
     run(scheduler, runner)
-    assert len(requests) == 16
-    for request in requests:
+    assert len(load.requests) == 16
+    for request in load.requests:
         expected = reference_generate(request.prompt_token_ids, request.sampling_params.max_tokens)
-        if request.request_id in aborted:
+        if request.request_id in load.aborted:
             assert expected[:request.num_output_tokens] == request.output_token_ids
         else:
             assert request.output_token_ids == expected
