@@ -144,42 +144,23 @@ def compile_variant(variant: Any, target_name: str) -> CompileResult:
     return result
 
 
-# The head dim of the CI subset: the one of nearly every supported model (Llama, Qwen, Mistral).
-REPRESENTATIVE_HEAD_DIM = 128
-
-
 def select_variants(target: str, dtypes: Iterable[str] | None = None,
-                    kernels: Iterable[str] | None = None, representative: bool = False) -> list[Any]:
-    """Variants for one target, optionally only some kernels.
-
-    ``representative`` keeps a subset for CI: head dim 128 for kernels compiled per head
-    dim, the largest block for the others (every kernel and every target still appear).
-    """
+                    kernels: Iterable[str] | None = None) -> list[Any]:
+    """Variants for one target, optionally only some kernels."""
     wanted = set(kernels) if kernels else None
-    variants = [v for v in all_variants(target, dtypes) if wanted is None or v.kernel_name in wanted]
-    if not representative:
-        return variants
-    largest: dict[tuple[str, str], Any] = {}
-    kept = []
-    for variant in variants:
-        if variant.head_dim is None:
-            largest[(variant.kernel_name, variant.dtype)] = variant   # factories list blocks ascending
-        elif variant.head_dim == REPRESENTATIVE_HEAD_DIM:
-            kept.append(variant)
-    return kept + list(largest.values())
+    return [v for v in all_variants(target, dtypes) if wanted is None or v.kernel_name in wanted]
 
 
 def compile_matrix(targets: Iterable[str] | None = None, dtypes: Iterable[str] | None = None,
-                   kernels: Iterable[str] | None = None, representative: bool = False) -> list[CompileResult]:
+                   kernels: Iterable[str] | None = None) -> list[CompileResult]:
     """Compile the selected variants for every target (all of :data:`TARGETS` by default)."""
     return [compile_variant(variant, target) for target in (targets or TARGETS)
-            for variant in select_variants(target, dtypes, kernels, representative)]
+            for variant in select_variants(target, dtypes, kernels)]
 
 
 def compile_matrix_in_subprocess(targets: Iterable[str] | None = None,
                                  dtypes: Iterable[str] | None = None,
                                  kernels: Iterable[str] | None = None,
-                                 representative: bool = False,
                                  fresh_cache: bool = True,
                                  timeout: float = 3600) -> list[CompileResult]:
     """:func:`compile_matrix` in a fresh Python without ``TRITON_INTERPRET``.
@@ -188,7 +169,7 @@ def compile_matrix_in_subprocess(targets: Iterable[str] | None = None,
     cached by an earlier run.
     """
     request = {"targets": list(targets or []), "dtypes": list(dtypes or []),
-               "kernels": list(kernels or []), "representative": representative}
+               "kernels": list(kernels or [])}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         if fresh_cache:
@@ -257,7 +238,7 @@ def _amdgcn_registers_and_spills(asm: str) -> tuple[int | None, int | None]:
 def _main(argv: list[str]) -> int:
     request, out_path = json.loads(argv[0]), argv[1]
     results = compile_matrix(request.get("targets") or None, request.get("dtypes") or None,
-                             request.get("kernels") or None, bool(request.get("representative")))
+                             request.get("kernels") or None)
     with open(out_path, "w") as handle:
         json.dump([asdict(r) for r in results], handle)
     return 0
