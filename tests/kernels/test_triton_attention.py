@@ -85,6 +85,16 @@ def test_wide_gqa_group_and_odd_head_dim(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_largest_head_dim(device, dtype):
+    """Head dim 256, the kernels' limit: its own key-tile class (halved tiles)."""
+    meta, cache = make_batch([1, 20], [40, 20], 1, 256, dtype, device, seed=9)
+    query = torch.randn(21, 2, 256).to(dtype).to(device)
+    check(paged_attention(query, cache, meta, 0.06), naive_attention(query, cache, meta, 0.06, None),
+          dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_query_and_padding_rows(device):
     """q as a view of a fused qkv tensor; rows after the batch's tokens come back zero."""
     meta, cache = make_batch([1, 4], [6, 4], 2, 16, torch.float32, device, seed=7)

@@ -13,8 +13,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-# Head dims the AOT matrix compiles for (the kernels accept any head dim up to 256).
-AOT_HEAD_DIMS = (64, 128)
+# Head dims the AOT matrix compiles for. The kernels accept any even head dim up to 256;
+# the block configurations depend on the head dim only through these three classes
+# (below 128, 128, above 128: see attention_configs.py), so the matrix covers them all.
+AOT_HEAD_DIMS = (64, 128, 256)
 # KV-cache page size the AOT matrix compiles for (the engine's default block_size).
 AOT_PAGE_SIZE = 16
 # Element types of the activations the kernels take (Triton's names).

@@ -8,8 +8,9 @@ register use, spills and shared memory per target, not from timings (no GPU meas
   head dims >= 128; halved for head dims over 128 and on RDNA (256 VGPRs per lane spill
   otherwise); never below 16, the smallest ``tl.dot`` tile.
 * Pipelining: 2 stages, but 1 on RDNA (software pipelining spills there).
-* Prefill rows (``block_m``): 16 for chunks of <= 16 tokens, else 64; the 64-row tile
-  takes 8 warps at head dims >= 128, on RDNA and for fp32 (4 warps spill there).
+* Prefill rows (``block_m``): 16 for chunks of <= 16 tokens, else 64 (32 on RDNA at head
+  dims over 128, which spill with 64); the large tile takes 8 warps at head dims >= 128,
+  on RDNA and for fp32 (4 warps spill there).
 * Decode rows: the GQA group padded to >= 16 (smallest ``tl.dot`` tile).
 """
 from __future__ import annotations
@@ -57,13 +58,16 @@ def decode_config(head_dim: int, group: int, dtype: str, arch: str) -> Attention
 def prefill_configs(head_dim: int, dtype: str, arch: str) -> tuple[AttentionConfig, AttentionConfig]:
     """(small, large) configs of the prefill kernel: all that :func:`prefill_config` returns."""
     block_n = key_block(head_dim, dtype, arch)
-    wide = head_dim >= 128 or dtype == "fp32" or arch_family(arch) == "amd_rdna"
+    rdna = arch_family(arch) == "amd_rdna"
+    wide = head_dim >= 128 or dtype == "fp32" or rdna
     large_warps = 8 if wide else 4
+    # RDNA's 256 VGPRs per lane hold a 64-row tile of head dim > 128 only with spills.
+    large_rows = LARGE_PREFILL_ROWS // 2 if rdna and head_dim > 128 else LARGE_PREFILL_ROWS
     return (AttentionConfig(SMALL_PREFILL_ROWS, block_n, 4, _stages(arch)),
-            AttentionConfig(LARGE_PREFILL_ROWS, block_n, large_warps, _stages(arch)))
+            AttentionConfig(large_rows, block_n, large_warps, _stages(arch)))
 
 
 def prefill_config(head_dim: int, dtype: str, arch: str, max_query_len: int) -> AttentionConfig:
-    """Short chunks take 16-row tiles, so few rows are padding; longer ones 64-row tiles."""
+    """Short chunks take 16-row tiles, so few rows are padding; longer ones the large tile."""
     small, large = prefill_configs(head_dim, dtype, arch)
     return small if max_query_len <= small.block_m else large
