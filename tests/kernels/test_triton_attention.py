@@ -85,6 +85,18 @@ def test_wide_gqa_group_and_odd_head_dim(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_group_wider_than_one_tile(device, num_splits):
+    """A GQA group of 24 heads: two 16-row programs per KV head, the second half masked,
+    both writing their own heads' partials when split."""
+    meta, cache = make_batch([1, 1], [7, 40], 2, 16, torch.float32, device, seed=10)
+    query = torch.randn(2, 48, 16).to(device)
+    out = torch.zeros_like(query)
+    paged_decode_attention(out, query, cache, meta, 0.25, NO_WINDOW, num_splits=num_splits)
+    check(out, naive_attention(query, cache, meta, 0.25, None), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_largest_head_dim(device, dtype):
     """Head dim 256, the kernels' limit: its own key-tile class (halved tiles)."""

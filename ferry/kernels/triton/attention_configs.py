@@ -11,7 +11,8 @@ register use, spills and shared memory per target, not from timings (no GPU meas
 * Prefill rows (``block_m``): 16 for chunks of <= 16 tokens, else 64 (32 on RDNA at head
   dims over 128, which spill with 64); the large tile takes 8 warps at head dims >= 128,
   on RDNA and for fp32 (4 warps spill there).
-* Decode rows: the GQA group padded to >= 16 (smallest ``tl.dot`` tile).
+* Decode rows: 16 query heads of a GQA group (the smallest ``tl.dot`` tile); a larger
+  group takes several programs, so one configuration serves every group size.
 """
 from __future__ import annotations
 
@@ -49,9 +50,12 @@ def _stages(arch: str) -> int:
     return 1 if arch_family(arch) == "amd_rdna" else 2
 
 
-def decode_config(head_dim: int, group: int, dtype: str, arch: str) -> AttentionConfig:
-    """Config of the decode kernel for ``group`` query heads per KV head."""
-    return AttentionConfig(block_m=max(16, next_power_of_2(group)),
+DECODE_ROWS = 16
+
+
+def decode_config(head_dim: int, dtype: str, arch: str) -> AttentionConfig:
+    """Config of the decode kernel: DECODE_ROWS query heads of one GQA group per program."""
+    return AttentionConfig(block_m=DECODE_ROWS,
                            block_n=key_block(head_dim, dtype, arch), num_stages=_stages(arch))
 
 

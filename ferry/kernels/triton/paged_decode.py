@@ -1,7 +1,9 @@
 """Paged decode attention: one query token per sequence, flash-decoding with split-K.
 
-One program handles one (sequence, KV head, split): all G query heads that share the KV
-head are stacked as the rows of one tile (GQA), so each key/value is read once per split.
+One program handles one (sequence, KV head, split): the G query heads that share the KV
+head are stacked as the rows of one 16-row tile (GQA), so each key/value is read once per
+split; a group of more than 16 heads takes several programs (the tile stays 16 rows, so
+one compiled configuration serves every group size).
 Long contexts are split ``num_splits`` ways, processed in parallel: the context's key tiles
 are dealt round-robin (split s takes tiles s, s + num_splits, ...), each split writes its
 running max, sum and unnormalised output, and a second small kernel merges them. With a
@@ -35,10 +37,11 @@ MIN_PARTITION_TOKENS = 256
 MAX_SPLITS = 32
 
 
-def plan_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int) -> int:
+def plan_splits(num_decodes: int, head_programs: int, max_seq_len: int) -> int:
     """Splits of a decode batch's contexts: enough programs to fill the GPU, each split
-    with at least MIN_PARTITION_TOKENS keys of the longest context."""
-    programs = num_decodes * num_kv_heads
+    with at least MIN_PARTITION_TOKENS keys of the longest context. ``head_programs``:
+    programs per sequence without splits (one per KV head and block of its GQA group)."""
+    programs = num_decodes * head_programs
     if programs >= TARGET_PROGRAMS or max_seq_len < 2 * MIN_PARTITION_TOKENS:
         return 1
     return min(cdiv(TARGET_PROGRAMS, programs), max_seq_len // MIN_PARTITION_TOKENS, MAX_SPLITS)
@@ -59,7 +62,9 @@ def paged_decode_kernel(
     PAGE_SIZE: tl.constexpr, DOT_FP32: tl.constexpr, DIRECT_OUTPUT: tl.constexpr,
 ):
     seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    group_blocks = tl.cdiv(group, BLOCK_G)                # programs per KV head
+    kv_head = tl.program_id(1) // group_blocks
+    first_row = (tl.program_id(1) % group_blocks) * BLOCK_G
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -70,8 +75,9 @@ def paged_decode_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    heads = kv_head * group + offs_g                       # (BLOCK_G,) query heads of this KV head
-    g_mask = offs_g < group
+    rows = first_row + offs_g                              # (BLOCK_G,) rows of the GQA group
+    heads = kv_head * group + rows                         # their query heads
+    g_mask = rows < group
     d_mask = offs_d < HEAD_DIM
     # A cache of another dtype is cast on load. DOT_FP32 only serves Triton's CPU
     # interpreter, whose tl.dot cannot multiply bf16; compiled kernels never set it.
@@ -96,7 +102,7 @@ def paged_decode_kernel(
         out_ptrs = out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
     else:
-        num_heads = tl.num_programs(1) * group
+        num_heads = (tl.num_programs(1) // group_blocks) * group
         part = (seq.to(tl.int64) * num_heads + heads) * num_splits + split    # (BLOCK_G,)
         tl.store(part_max_ptr + part, m_i, mask=g_mask)
         tl.store(part_sum_ptr + part, l_i, mask=g_mask)
@@ -136,9 +142,10 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: tor
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = kv_cache.shape[3]
     group = num_heads // num_kv_heads
-    config = decode_config(head_dim, group, triton_dtype(query.dtype), device_arch(query.device))
+    config = decode_config(head_dim, triton_dtype(query.dtype), device_arch(query.device))
+    head_programs = num_kv_heads * cdiv(group, config.block_m)
     if num_splits is None:
-        splits = plan_splits(num_decodes, num_kv_heads, max(meta.seq_lens_cpu[:num_decodes]))
+        splits = plan_splits(num_decodes, head_programs, max(meta.seq_lens_cpu[:num_decodes]))
     elif 1 <= num_splits <= MAX_SPLITS:
         splits = num_splits
     else:
@@ -151,7 +158,7 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: tor
         part_sum = torch.empty_like(part_max)
     else:   # unused by the kernel when DIRECT_OUTPUT; fp32 keeps the compiled signature one
         part_out = part_max = part_sum = torch.empty(1, dtype=torch.float32, device=query.device)
-    launch(paged_decode_kernel, (num_decodes, num_kv_heads, splits),
+    launch(paged_decode_kernel, (num_decodes, head_programs, splits),
            out, part_out, part_max, part_sum, query, kv_cache, meta.block_tables, meta.seq_lens,
            scale * math.log2(math.e), window, group,
            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -168,19 +175,19 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: tor
 
 
 def aot_variants(dtype: str, arch: str) -> list[KernelVariant]:
-    """Decode kernel per head dim and output mode (direct / split-K) for GQA groups <= 16."""
+    """Decode kernel per head dim and output mode (direct / split-K), any GQA group."""
     variants = []
     types = {"out_ptr": f"*{dtype}", "part_out_ptr": "*fp32", "part_max_ptr": "*fp32",
              "part_sum_ptr": "*fp32", "query_ptr": f"*{dtype}", "kv_cache_ptr": f"*{dtype}",
              "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "qk_scale": "fp32",
              "window": "i32", "group": "i32"}
     for head_dim in AOT_HEAD_DIMS:
-        config = decode_config(head_dim, 8, dtype, arch)
+        config = decode_config(head_dim, dtype, arch)
         for direct in (True, False):
             constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": next_power_of_2(head_dim),
                           "BLOCK_G": config.block_m, "BLOCK_N": config.block_n,
                           "PAGE_SIZE": AOT_PAGE_SIZE, "DIRECT_OUTPUT": direct, "DOT_FP32": False}
-            label = (f"D={head_dim} G<=16 N={config.block_n} w={config.num_warps} "
+            label = (f"D={head_dim} G={config.block_m} N={config.block_n} w={config.num_warps} "
                      f"s={config.num_stages} {'direct' if direct else 'split-K'}")
             variants.append(KernelVariant(paged_decode_kernel, types, constexprs, config.num_warps,
                                           config.num_stages, label, dtype, unaligned=("stride_bt",),
