@@ -169,6 +169,36 @@ def test_request_preempted_while_its_token_is_in_flight_keeps_the_token():
     assert_all_blocks_free(scheduler)
 
 
+def test_request_with_unknown_token_is_not_readmitted():
+    """Scheduling again before the step in flight is finished (which the engine never does)
+    must not re-admit a preempted request whose last token is still unknown."""
+    scheduler = make_scheduler(num_blocks=4, block_size=4, max_num_seqs=2, async_scheduling=True,
+                               scheduling_policy="fcfs")
+    for name, seed in (("first", 1), ("second", 2)):
+        scheduler.add_request(make_request(name, prompt_of(7, seed), max_tokens=8))
+    runner = PipelinedFakeRunner(scheduler)
+    in_flight = None
+    for _ in range(40):
+        output = scheduler.schedule()
+        victims = output.preempted_request_ids
+        if victims and in_flight is not None and any(
+                s.request_id in victims and s.sample for s in in_flight[0].scheduled):
+            break
+        launched = None if output.is_empty else (output, runner.launch(output))
+        if in_flight is not None:
+            scheduler.update_from_output(*in_flight)
+        in_flight = launched
+    else:
+        raise AssertionError("the scenario should preempt a request with a token in flight")
+    (victim,) = victims
+    assert scheduler.get_request(victim).num_output_placeholders == 1
+    other = ({"first", "second"} - {victim}).pop()
+    scheduler.finish_requests(other, RequestStatus.FINISHED_ABORTED)   # blocks and seat free
+    again = scheduler.schedule()
+    assert victim not in {s.request_id for s in again.scheduled}
+    assert scheduler.get_request(victim).status is RequestStatus.PREEMPTED
+
+
 def test_sync_scheduling_never_makes_placeholders():
     scheduler = make_scheduler()
     scheduler.add_request(make_request("a", prompt_of(6, 1), max_tokens=4))
