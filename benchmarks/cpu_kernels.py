@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ferry.kernels import cpu, reference
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 
 MATMUL_SHAPES = [(384, 640), (384, 384), (384, 2048), (1024, 384), (384, 8000)]  # (in, out)
 ROWS = [1, 4, 8, 16, 32, 48, 64, 128]

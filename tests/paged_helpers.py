@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 
 
 @dataclass

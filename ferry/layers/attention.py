@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ferry import kernels
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 
 
 class Attention(nn.Module):

@@ -19,7 +19,7 @@ from ferry.layers.embedding import LMHead, VocabEmbedding
 from ferry.layers.linear import Linear, MergedLinear, QKVLinear
 from ferry.layers.norm import RMSNorm
 from ferry.layers.rotary import RotaryEmbedding, get_rope_parameters
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

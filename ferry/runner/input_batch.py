@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ferry.outputs import ScheduledRequest, SchedulerOutput
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 
 
 @dataclass

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ferry import LLM, SamplingParams
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 from ferry.runner.cuda_graphs import DecodeGraphs, EagerReplay, decode_buckets
 from hf_reference import assert_greedy_matches, hf_greedy
 from tiny_models import make_tiny_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 BLOCK = 4   # page size of the tests: small, so short sequences cross several pages

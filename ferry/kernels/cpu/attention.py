@@ -10,7 +10,7 @@ import torch
 
 from ferry.kernels import reference
 from ferry.kernels.cpu._lib import DTYPE_CODES, check, functions
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 
 
 def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:

@@ -6,7 +6,7 @@ import torch
 from ferry.kernels.triton._common import check_same_device, last_dim_contiguous
 from ferry.kernels.triton.paged_decode import paged_decode_attention
 from ferry.kernels.triton.paged_prefill import paged_prefill_attention
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 
 # Stands for "no sliding window": larger than any context, small enough for int32 maths.
 NO_WINDOW = 1 << 30

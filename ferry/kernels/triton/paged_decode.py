@@ -29,7 +29,7 @@ from ferry.kernels.triton._common import (
 from ferry.kernels.triton.attention_configs import decode_config
 from ferry.kernels.triton.paged_tile import attend_key_tile
 from ferry.platform import device_arch
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 
 # Below this many programs a long decode batch leaves the GPU idle: split the context.
 TARGET_PROGRAMS = 256

@@ -25,7 +25,7 @@ from ferry.kernels.triton._common import (
 from ferry.kernels.triton.attention_configs import prefill_config, prefill_configs
 from ferry.kernels.triton.paged_tile import attend_key_tile
 from ferry.platform import device_arch
-from ferry.runner.attn_metadata import AttentionMetadata
+from ferry.kernels.attn_metadata import AttentionMetadata
 
 
 @triton.jit

@@ -37,13 +37,5 @@ class AttentionMetadata:
         return len(self.seq_lens_cpu)
 
     @property
-    def max_query_len(self) -> int:
-        return max(self.query_lens_cpu, default=0)
-
-    @property
     def max_seq_len(self) -> int:
         return max(self.seq_lens_cpu, default=0)
-
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.num_decodes
