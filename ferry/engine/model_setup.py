@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ferry.config import EngineConfig
+from ferry.platform import PeakMemory, empty_cache
 from ferry.runner import memory
 
 logger = logging.getLogger(__name__)
@@ -160,19 +161,15 @@ def profile_peak_activation(model, config: EngineConfig, device: torch.device) -
     req = ScheduledRequest("profile", [0] * tokens, 0, list(range(num_blocks)), True,
                            SamplingParams(), [0] * tokens, tokens)
     batch = build_model_input(SchedulerOutput([req]), config.block_size, device)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    hidden = model(batch.input_ids, batch.positions, caches, batch.attn_metadata)
-    logits = model.compute_logits(hidden[-min(tokens, config.max_num_seqs):])
-    every_filter = replace(req, sampling_params=SamplingParams(
-        temperature=1.0, top_k=50, top_p=0.9, min_p=0.05))
-    Sampler().sample(logits, [every_filter] * logits.shape[0], [None] * logits.shape[0])
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
+    with PeakMemory(device) as peak:
+        hidden = model(batch.input_ids, batch.positions, caches, batch.attn_metadata)
+        logits = model.compute_logits(hidden[-min(tokens, config.max_num_seqs):])
+        every_filter = replace(req, sampling_params=SamplingParams(
+            temperature=1.0, top_k=50, top_p=0.9, min_p=0.05))
+        Sampler().sample(logits, [every_filter] * logits.shape[0], [None] * logits.shape[0])
     del hidden, logits, caches
-    torch.cuda.empty_cache()
-    return int(peak)
+    empty_cache(device)
+    return peak.bytes
 
 
 def model_dtype(model) -> torch.dtype:

@@ -16,7 +16,7 @@ kernel arguments, so:
 Only decode-only steps with at most ``max_num_seqs`` sequences replay a graph; prefills
 and mixed steps run eagerly. The capture backend is a small interface so that the
 bucket, padding and buffer logic is tested on the CPU with a stand-in that records the
-forward and calls it again (``EagerReplay``); on a GPU ``CudaGraphCapture`` captures.
+forward and calls it again (``EagerReplay``); on a GPU ``platform.DeviceGraphCapture`` captures.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from typing import Protocol
 import torch
 
 from ferry.kernels.attn_metadata import AttentionMetadata
+from ferry.platform import DeviceGraphCapture  # noqa: F401 - the GPU capture backend
 
 logger = logging.getLogger(__name__)
 
@@ -42,29 +43,6 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
 class GraphCapture(Protocol):
     def capture(self, forward: Callable[[], None]) -> Callable[[], None]:
         """Record ``forward`` (which reads and writes only static tensors); return replay."""
-
-
-class CudaGraphCapture:
-    """Captures on the current CUDA/ROCm device; all graphs share one memory pool."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._pool = None
-
-    def capture(self, forward: Callable[[], None]) -> Callable[[], None]:
-        # Warm up outside the graph first: Triton compiles its kernels on the first call,
-        # and nothing may compile or allocate from the host during capture.
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            forward()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            forward()
-        self._pool = graph.pool()
-        return graph.replay
 
 
 class EagerReplay:

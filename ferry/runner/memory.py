@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ferry.platform import memory_info
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ def num_kv_blocks_for_budget(budget_bytes: int, block_bytes: int, *, max_num_seq
 def gpu_kv_budget(device: torch.device, utilization: float, peak_activation_bytes: int) -> int:
     """Share ``utilization`` of the GPU's total memory, less what is already taken
     (weights, the framework) and the profiled activation peak of the largest batch."""
-    free, total = torch.cuda.mem_get_info(device)
+    free, total = memory_info(device)
     used = total - free
     budget = int(total * utilization) - used - peak_activation_bytes
     if budget <= 0:

@@ -14,8 +14,8 @@ import torch
 
 from ferry import kernels
 from ferry.outputs import RunnerOutput, SchedulerOutput
-from ferry.platform import empty_on_huge_pages
-from ferry.runner.cuda_graphs import CudaGraphCapture, DecodeGraphs, GraphCapture
+from ferry.platform import DeviceGraphCapture, empty_on_huge_pages
+from ferry.runner.cuda_graphs import DecodeGraphs, GraphCapture
 from ferry.runner.input_batch import ModelInput, build_model_input, device_tensor
 from ferry.runner.pending_output import PendingOutput
 from ferry.runner.sampler import Sampler
@@ -86,7 +86,7 @@ class ModelRunner:
         a warning, when capture fails: the runner then stays eager, which is always correct."""
         graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs=max_num_seqs,
                               max_model_len=max_model_len, block_size=self.block_size,
-                              device=self.device, capture=capture or CudaGraphCapture(self.device))
+                              device=self.device, capture=capture or DeviceGraphCapture(self.device))
         try:
             graphs.capture_all()
         except Exception as exc:  # a driver or compiler limit must not stop the server

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ferry.outputs import RunnerOutput, TokenLogprobs
+from ferry.platform import record_event
 
 
 class PendingOutput:
@@ -19,13 +20,12 @@ class PendingOutput:
         self._request_ids = request_ids or []
         self._logprobs = logprobs or [None] * len(self._request_ids)
         self._host_tokens = tokens
-        self._copied: torch.cuda.Event | None = None
+        self._copied = None
         if tokens is not None and tokens.device.type != "cpu":
             # Pinned memory, so the copy is a real asynchronous DMA.
             self._host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host_tokens.copy_(tokens, non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record()
+            self._copied = record_event(tokens.device)
 
     def result(self) -> RunnerOutput:
         """Wait for the step's tokens (if it still runs) and return them."""
