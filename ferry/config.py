@@ -1,17 +1,27 @@
-"""EngineConfig: every user-facing setting, validated once.
+"""Settings, validated once: flat keys outside, frozen parts inside.
 
 The keys are the contract of DESIGN.md §4: a config.yaml key is the CLI flag's long name
-with ``_`` for ``-``. Values discovered at run time (the number of KV blocks, the model's
-context length) are returned by the components that find them, never written back here.
+with ``_`` for ``-``, and ``LLM(...)`` takes any engine key as a keyword. Internally the keys
+are grouped into parts (``ModelConfig``, ``CacheConfig``, ...), each a frozen pydantic model
+whose fields carry the help text (``Field(description=...)``) the CLI shows.
+
+``EngineConfig`` holds the parts the engine reads and no server part (the engine never sees
+the API key); ``FerryConfig`` is the engine plus ``ServerConfig``, for ``ferry serve``.
+Values discovered at start-up (the number of KV blocks, the model's context length) are not
+written back here: they go into one ``RuntimeConfig``.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+
+API_KEY_ENV = "FERRY_API_KEY"
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
                "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
@@ -28,72 +38,234 @@ def parse_size(value: int | str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
-class EngineConfig(BaseModel):
-    """All settings of an engine and its server. Frozen after validation."""
+def _cli(**presentation: Any) -> dict[str, Any]:
+    """How the CLI shows a field beyond its name and description (extra names, metavar,
+    the default as words)."""
+    return {"cli": presentation}
+
+
+# ---------------------------------------------------------------------------- the parts
+class ConfigPart(BaseModel):
+    """One group of keys. Frozen; unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
                               protected_namespaces=())
 
-    # model
-    model_path: str | None = Field(None, validation_alias=AliasChoices("model_path", "model"))
-    served_model_name: str | None = None
-    tokenizer: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    device: Literal["auto", "cuda", "rocm", "cpu"] = "auto"
-    quant_type: Literal["auto", "none", "gptq_int4", "awq_int4", "int8", "fp8"] = "auto"
-    seed: int = 0
-    # cache and batching
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
-    max_model_len: int | None = Field(None, ge=1)
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(8192, ge=1)
-    block_size: int = Field(16, ge=1, le=1024)
-    gpu_memory_utilization: float = Field(0.90, gt=0, le=1)
-    kv_cache_memory: int = Field(4 * 2**30, gt=0)
-    enable_prefix_caching: bool = True
-    prefill_parallelism: int = Field(4, ge=1)
-    scheduling_policy: Literal["fcfs", "priority"] = "priority"
-    enforce_eager: bool = False
-    async_scheduling: Literal["auto", "on", "off"] = "auto"
-    # parallelism and adapters
-    tensor_parallel_size: int = Field(1, ge=1)
-    lora_adapters_dir: str | None = None
-    max_loras: int = Field(8, ge=1)
-    max_lora_rank: int = Field(64, ge=1)
-    # observability
-    debug_trace: Literal["none", "attention"] = "none"
-    # server
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = None
-    max_waiting_requests: int = Field(1024, ge=1)
-    shutdown_grace_seconds: float = Field(30.0, ge=0)
+
+class ModelConfig(ConfigPart):
+    """Which model, how its weights are read and run."""
+
+    model_path: str | None = Field(
+        None, validation_alias=AliasChoices("model_path", "model"),
+        description="Model directory or hub id; omitted: the bundled demo model",
+        json_schema_extra=_cli(names=("-m",), metavar="PATH|HUB_ID", default="the demo model"))
+    served_model_name: str | None = Field(
+        None, description="Model name in the API (default: the model directory's name)")
+    tokenizer: str | None = Field(None, description="Tokenizer directory or hub id "
+                                                    "(default: the model's)")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of "
+                                                   "the model")
+    trust_remote_code: bool = Field(False, description="Allow custom code from the model "
+                                                       "repository")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights and activations dtype")
+    device: Literal["auto", "cuda", "rocm", "cpu"] = Field("auto", description="Where to run")
+    quant_type: Literal["auto", "none", "gptq_int4", "awq_int4", "int8", "fp8"] = Field(
+        "auto", description="Weight quantization (auto: read from the checkpoint)")
+    seed: int = Field(0, description="Seed of the engine's random sampling")
+    max_model_len: int | None = Field(None, ge=1, description="Context length "
+                                                              "(default: the model's)")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs")
+
+
+class CacheConfig(ConfigPart):
+    """The paged KV cache: block size, how much memory, prefix reuse."""
+
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block")
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1,
+                                          description="Share of GPU memory the engine may use")
+    kv_cache_memory: int = Field(4 * 2**30, gt=0,
+                                 description="KV cache size on the CPU (e.g. 4GiB)",
+                                 json_schema_extra=_cli(metavar="SIZE", default="4GiB"))
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt "
+                                                          "prefixes")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="KV cache dtype")
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int:
         return parse_size(value)
 
-    @classmethod
-    def from_sources(cls, yaml_path: str | Path | None = None, **overrides: Any) -> "EngineConfig":
-        """Merge a config.yaml (if given) with overrides (CLI flags, kwargs); overrides win.
 
-        Raises ``ValueError`` naming the offending key.
-        """
-        values: dict[str, Any] = {}
-        if yaml_path is not None:
-            values.update(load_yaml(yaml_path))
-        if "model" in values:
-            values["model_path"] = values.pop("model")
-        for key, value in overrides.items():
-            if value is not None:
-                values["model_path" if key == "model" else key] = value
-        return validate_config(values)
+class SchedulerConfig(ConfigPart):
+    """Batching: how many sequences and tokens per step, in which order."""
+
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences in one batch")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="Token budget of one engine "
+                                                                "step")
+    prefill_parallelism: int = Field(4, ge=1, description="Prompts prefilled together in one "
+                                                          "step")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "priority", description="Order of the waiting queue")
+    async_scheduling: Literal["auto", "on", "off"] = Field(
+        "auto", description="Schedule step N+1 while the device runs step N (auto: on GPUs)")
+
+
+class ParallelConfig(ConfigPart):
+    """How many devices one replica spans."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica")
+
+
+class LoRAConfig(ConfigPart):
+    """LoRA adapters served next to the base model."""
+
+    lora_adapters_dir: str | None = Field(None, description="Directory of LoRA adapters to "
+                                                            "serve")
+    max_loras: int = Field(8, ge=1, description="LoRA adapters resident at once")
+    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted")
+
+
+class ObservabilityConfig(ConfigPart):
+    """Debugging aids."""
+
+    debug_trace: Literal["none", "attention"] = Field("none", description="Debug tracing")
+
+
+class ServerConfig(ConfigPart):
+    """The HTTP server around the engine: address, API key, queue limit, shutdown."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on")
+    api_key: str | None = Field(
+        None, repr=False, description=f"Require 'Authorization: Bearer KEY' on /v1 routes "
+                          f"(or set {API_KEY_ENV})")
+    max_waiting_requests: int = Field(
+        1024, ge=1, description="Waiting-queue limit; beyond it requests get 503 + Retry-After")
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long requests in flight may finish")
+
+
+# ---------------------------------------------------------------------------- containers
+class EngineConfig(BaseModel):
+    """Everything the engine reads, by part: ``config.scheduler.max_num_seqs``,
+    ``config.model.model_path``, ``config.cache.block_size``, ... No server settings.
+
+    Build it from flat keys with :meth:`from_flat` or :meth:`from_sources`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+
+    @classmethod
+    def from_flat(cls, **flat: Any) -> "EngineConfig":
+        """From flat keys (``max_num_seqs=4, model="x"``); ``ValueError`` names a bad key,
+        and a server key (``api_key``, ``port``, ...) is refused as a server setting."""
+        return cls(**build_parts(_normalized(flat), ENGINE_PARTS))
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | Path | None = None,
+                     **overrides: Any) -> "EngineConfig":
+        """A config.yaml (if given) merged with overrides (kwargs; ``None`` = not given);
+        overrides win."""
+        return cls.from_flat(**merge_sources(yaml_path, overrides))
+
+    def to_flat(self) -> dict[str, Any]:
+        """Every engine key and its value, flat (``{"max_num_seqs": 256, ...}``)."""
+        return {key: value for part in ENGINE_PARTS
+                for key, value in getattr(self, part).model_dump().items()}
+
+
+class FerryConfig(BaseModel):
+    """What ``ferry serve`` runs: the engine's settings and the server's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @classmethod
+    def from_flat(cls, **flat: Any) -> "FerryConfig":
+        """From flat keys of any part; ``ValueError`` names every bad key."""
+        parts = build_parts(_normalized(flat), ALL_PARTS)
+        server = parts.pop(SERVER_PART)
+        return cls(engine=EngineConfig(**parts), server=server)
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | Path | None = None,
+                     **overrides: Any) -> "FerryConfig":
+        """A config.yaml (if given) merged with overrides (CLI flags; ``None`` = not given);
+        overrides win."""
+        return cls.from_flat(**merge_sources(yaml_path, overrides))
+
+    def to_flat(self) -> dict[str, Any]:
+        """Every key and its value, flat, as in a config.yaml."""
+        return {**self.engine.to_flat(), **self.server.model_dump()}
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The one resolved run-time view every component reads.
+
+    Start-up fills it once, from the ``EngineConfig`` and what it finds (the checkpoint's
+    dtype and context length, the memory left for KV blocks), so a later choice such as an
+    FP8 KV cache changes one value here instead of every component's arguments.
+    """
+
+    dtype: str                 # weights and activations, e.g. "bfloat16"
+    kv_cache_dtype: str        # e.g. "bfloat16"; "fp8" later
+    max_model_len: int         # tokens of one request, prompt + output
+    num_blocks: int            # KV cache blocks allocated
+    block_size: int            # tokens per KV cache block
+    device: str                # e.g. "cuda:0", "cpu"
+
+
+# ---------------------------------------------------------------------------- which key where
+SERVER_PART = "server"
+ENGINE_PARTS: dict[str, type[ConfigPart]] = {
+    name: field.annotation for name, field in EngineConfig.model_fields.items()}
+ALL_PARTS: dict[str, type[ConfigPart]] = {**ENGINE_PARTS, SERVER_PART: ServerConfig}
+PART_OF_KEY: dict[str, str] = {key: part for part, cls in ALL_PARTS.items()
+                               for key in cls.model_fields}
+SERVER_KEYS: frozenset[str] = frozenset(ServerConfig.model_fields)
+
+
+def config_fields(parts: dict[str, type[ConfigPart]] = ALL_PARTS) -> dict[str, FieldInfo]:
+    """Every key of ``parts`` and its field (type, default, description), part by part."""
+    return {key: field for cls in parts.values() for key, field in cls.model_fields.items()}
+
+
+def _aliases() -> dict[str, str]:
+    """Other accepted names of keys (``model`` -> ``model_path``), from the fields."""
+    return {alias: key for key, field in config_fields().items()
+            if isinstance(field.validation_alias, AliasChoices)
+            for alias in field.validation_alias.choices if alias != key}
+
+
+_ALIASES = _aliases()
+
+
+def _normalized(flat: dict[str, Any]) -> dict[str, Any]:
+    return {_ALIASES.get(key, key): value for key, value in flat.items()}
+
+
+# ---------------------------------------------------------------------------- sources
+def merge_sources(yaml_path: str | Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The file's keys, then the overrides that are not ``None`` (later wins), aliases
+    resolved."""
+    values = _normalized(load_yaml(yaml_path)) if yaml_path is not None else {}
+    values.update(_normalized({k: v for k, v in overrides.items() if v is not None}))
+    return values
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping of a config.yaml, keys with ``_`` for ``-``; ``ValueError`` otherwise."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
@@ -105,15 +277,41 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def validate_config(values: dict[str, Any]) -> EngineConfig:
-    try:
-        return EngineConfig(**values)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "config"
-            if err["type"] == "extra_forbidden":
-                problems.append(f"unknown key '{key}'")
-            else:
-                problems.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
-        raise ValueError("invalid configuration: " + "; ".join(problems)) from None
+# ---------------------------------------------------------------------------- validation
+def build_parts(values: dict[str, Any],
+                parts: dict[str, type[ConfigPart]]) -> dict[str, ConfigPart]:
+    """Validate flat ``values`` into one instance per part; one ``ValueError`` names every
+    bad key ("invalid configuration: unknown key 'x'; 'port': ...")."""
+    grouped, problems = _group(values, parts)
+    built = {}
+    for part, cls in parts.items():
+        try:
+            built[part] = cls(**grouped[part])
+        except ValidationError as exc:
+            problems += [_describe(err) for err in exc.errors()]
+    if problems:
+        raise ValueError("invalid configuration: " + "; ".join(problems))
+    return built
+
+
+def _group(values: dict[str, Any], parts: dict[str, type[ConfigPart]]
+           ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    grouped: dict[str, dict[str, Any]] = {part: {} for part in parts}
+    problems = []
+    for key, value in values.items():
+        part = PART_OF_KEY.get(key)
+        if part in parts:
+            grouped[part][key] = value
+        elif part == SERVER_PART:
+            problems.append(f"'{key}' is a server setting (ferry serve --"
+                            f"{key.replace('_', '-')}), not an engine one")
+        else:
+            problems.append(f"unknown key '{key}'")
+    return grouped, problems
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    return f"'{key}': {err['msg']} (got {err.get('input')!r})"
