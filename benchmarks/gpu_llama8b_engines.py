@@ -78,10 +78,10 @@ def run_ferry(args, shape: ModelShape, device: torch.device, out: Path) -> None:
         kwargs["kv_cache_memory"] = "256MiB"
     start = time.perf_counter()
     llm = LLM(str(args.model_dir), **{k: v for k, v in kwargs.items() if v is not None})
-    cfg = llm.config
+    cfg = llm.config.to_flat()
     graphs = llm.engine.runner.decode_graphs   # None: eager (flag, CPU, or capture failed)
     results: dict = {"load_s": time.perf_counter() - start,
-                     "config": {key: getattr(cfg, key) for key in (
+                     "config": {key: cfg[key] for key in (
                          "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
                          "gpu_memory_utilization", "enable_prefix_caching")},
                      "decode_graph_buckets": graphs.buckets if graphs is not None else None,

@@ -15,11 +15,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ferry.config import EngineConfig
+from ferry.config import ENGINE_PARTS, FerryConfig
 from ferry.server.cli_flags import build_config, with_config_flags
 
-SERVER_ONLY = {"host", "port", "api_key", "max_waiting_requests", "shutdown_grace_seconds"}
-ENGINE_FIELDS = set(EngineConfig.model_fields) - SERVER_ONLY
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k")
 
 app = typer.Typer(name="ferry", help="ferry: an LLM inference and serving engine.",
@@ -51,7 +49,7 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _config_or_exit(kwargs: dict[str, Any], *, use_env_api_key: bool = False):
+def _config_or_exit(kwargs: dict[str, Any], *, use_env_api_key: bool = False) -> FerryConfig:
     config_path = kwargs.pop("config", None)
     try:
         return build_config(config_path, kwargs, use_env_api_key=use_env_api_key)
@@ -59,14 +57,15 @@ def _config_or_exit(kwargs: dict[str, Any], *, use_env_api_key: bool = False):
         _fail(str(exc), 2)
 
 
-def _load_engine(config, executor=None):
-    """The Engine, built on ``executor``'s thread when given (the server's engine thread)."""
+def _load_engine(config: FerryConfig, executor=None):
+    """The Engine of ``config.engine``, built on ``executor``'s thread when given (the
+    server's engine thread)."""
     from ferry.engine.engine import Engine
 
     try:
         if executor is not None:
-            return executor.submit(Engine, config).result()
-        return Engine(config)
+            return executor.submit(Engine, config.engine).result()
+        return Engine(config.engine)
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(f"could not load the model: {exc}", 1)
 
@@ -128,7 +127,7 @@ def stream_text(engine: Any, prompt: Any, params: Any) -> Iterator[str]:
 @app.command(help="Generate one answer to PROMPT and stream it to the terminal "
                   "(PROMPT '-' or omitted: read standard input).")
 @with_config_flags(
-    fields=ENGINE_FIELDS,
+    ENGINE_PARTS,
     extra=[_param("prompt", Optional[str], None, argument=True, metavar="PROMPT",
                   help="The prompt text"),
            *_sampling_parameters(128),
@@ -159,7 +158,7 @@ def generate(**kwargs: Any) -> None:
 @app.command(help="Chat with a model in the terminal (uses its chat template). "
                   "Type /reset to start over, /exit or Ctrl-D to leave.")
 @with_config_flags(
-    fields=ENGINE_FIELDS,
+    ENGINE_PARTS,
     extra=[*_sampling_parameters(512),
            _param("system", Optional[str], None, "--system", help="A system message")])
 def chat(**kwargs: Any) -> None:

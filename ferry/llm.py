@@ -19,7 +19,8 @@ class LLM:
     """Run a model over many prompts at once with continuous batching.
 
     ``model`` is a local directory or a hub id (None: the bundled demo model); any
-    config key (see docs/configuration.md) may be passed as a keyword.
+    engine config key (see docs/configuration.md) may be passed as a keyword. Server keys
+    (``api_key``, ``port``, ...) are refused: they belong to ``ferry serve``.
     """
 
     def __init__(self, model: str | None = None, **config: Any) -> None:

@@ -134,7 +134,7 @@ def test_streamed_outputs_abort_in_flight_and_stop_strings(model_dirs):
 
 def test_auto_turns_async_scheduling_on_only_on_a_gpu(model_dirs):
     llm = LLM(model_dirs["llama"], dtype="float32", kv_cache_memory="16MiB")
-    assert llm.engine.config.async_scheduling == "auto"
+    assert llm.engine.config.scheduler.async_scheduling == "auto"
     assert llm.engine.async_scheduling is llm.engine.platform.is_gpu
     with pytest.raises(ValueError, match="async_scheduling"):
         LLM(model_dirs["llama"], async_scheduling="sometimes")

@@ -27,12 +27,14 @@ KvCacheMemory = Annotated[Optional[str], typer.Option(help="KV cache bytes on CP
 
 
 def _engine_args(config: Path | None, engine_arg: list[str] | None, **flags: Any) -> dict:
-    """Engine config from a YAML file, KEY=VALUE pairs and flags (flags win)."""
+    """Engine config from a YAML file (its server keys, if any, ignored), KEY=VALUE pairs
+    and flags (flags win)."""
     import yaml
 
-    from ferry.config import load_yaml
+    from ferry.config import SERVER_KEYS, load_yaml
 
-    values: dict[str, Any] = load_yaml(config) if config else {}
+    from_file = load_yaml(config) if config else {}
+    values: dict[str, Any] = {k: v for k, v in from_file.items() if k not in SERVER_KEYS}
     for item in engine_arg or []:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():

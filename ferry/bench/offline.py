@@ -72,7 +72,7 @@ def run_throughput(llm, options: DatasetOptions, temperature: float = 0.0) -> di
 def _throughput_bound(llm, cost: ModelCost, info: dict[str, Any], outputs, elapsed: float):
     """Lower bound on the run's time: decode steps at full batch, each moving its bytes at the
     measured bandwidth, plus prefill at peak FLOPs where the peak is known."""
-    batch = min(len(outputs), llm.engine.config.max_num_seqs)
+    batch = min(len(outputs), llm.engine.config.scheduler.max_num_seqs)
     prompt_lens = [len(o.prompt_token_ids) for o in outputs]
     out_lens = [len(o.outputs[0].token_ids) for o in outputs]
     context = float(np.mean(prompt_lens) + np.mean(out_lens) / 2)

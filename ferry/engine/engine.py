@@ -45,34 +45,35 @@ class Engine:
         self.vocab_size = loaded.model.vocab_size
         self.eos_token_ids = loaded.eos_token_ids
         self.quant_type = "none"
-        self.served_model_name = config.served_model_name or default_served_name(config)
+        self.served_model_name = config.model.served_model_name or default_served_name(config)
         self.num_blocks = loaded.num_blocks
         self.runner = ModelRunner(loaded.model, num_blocks=loaded.num_blocks,
-                                  block_size=config.block_size, device=loaded.device,
+                                  block_size=config.cache.block_size, device=loaded.device,
                                   kv_dtype=loaded.dtype)
-        if self.platform.is_gpu and not config.enforce_eager:
-            self.runner.capture_decode_graphs(max_num_seqs=config.max_num_seqs,
+        if self.platform.is_gpu and not config.model.enforce_eager:
+            self.runner.capture_decode_graphs(max_num_seqs=config.scheduler.max_num_seqs,
                                               max_model_len=self.max_model_len)
         # Overlap pays where the device runs asynchronously; on the CPU it only delays outputs.
-        self.async_scheduling = (config.async_scheduling == "on" or
-                                 (config.async_scheduling == "auto" and self.platform.is_gpu))
+        self.async_scheduling = (config.scheduler.async_scheduling == "on" or
+                                 (config.scheduler.async_scheduling == "auto"
+                                  and self.platform.is_gpu))
         self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
         self.scheduler = Scheduler(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             num_blocks=loaded.num_blocks,
-            block_size=config.block_size,
-            enable_prefix_caching=config.enable_prefix_caching,
-            scheduling_policy=config.scheduling_policy,
-            prefill_parallelism=config.prefill_parallelism,
+            block_size=config.cache.block_size,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
+            scheduling_policy=config.scheduler.scheduling_policy,
+            prefill_parallelism=config.scheduler.prefill_parallelism,
             async_scheduling=self.async_scheduling,
         )
         self.outputs = OutputProcessor(self.tokenizer)
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
-                    self.model_dir, self.platform.kind, self.num_blocks, config.block_size,
+                    self.model_dir, self.platform.kind, self.num_blocks, config.cache.block_size,
                     self.max_model_len)
 
     # ------------------------------------------------------------------ requests
@@ -198,7 +199,7 @@ class Engine:
                 f"this model's maximum context length is {self.max_model_len} tokens, but the "
                 f"request asks for {prompt_len + max_tokens} ({prompt_len} in the prompt and "
                 f"{max_tokens} to generate); shorten the prompt or lower max_tokens")
-        blocks_needed = -(-(prompt_len + max_tokens) // self.config.block_size)
+        blocks_needed = -(-(prompt_len + max_tokens) // self.config.cache.block_size)
         if blocks_needed > self.num_blocks:
             raise ValueError(
                 f"the request needs {blocks_needed} KV blocks but the cache holds "
@@ -215,7 +216,7 @@ def default_served_name(config: EngineConfig) -> str:
     """The API's model name: a local directory's name, a hub id as typed, or ferry-demo."""
     from pathlib import Path
 
-    if config.model_path is None:
+    if config.model.model_path is None:
         return "ferry-demo"
-    path = Path(config.model_path)
-    return path.resolve().name if path.is_dir() else config.model_path
+    path = Path(config.model.model_path)
+    return path.resolve().name if path.is_dir() else config.model.model_path

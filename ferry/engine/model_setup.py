@@ -35,13 +35,13 @@ def load_model_for_engine(config: EngineConfig) -> LoadedModel:
     from ferry.platform import detect_platform
 
     check_features_available(config)
-    platform = detect_platform(config.device)
+    platform = detect_platform(config.model.device)
     device = platform.torch_device
     model_dir = resolve_model_dir(config)
     hf_config = load_hf_config(model_dir)
     check_checkpoint_unquantized(hf_config, model_dir)
-    dtype = resolve_dtype(config.dtype, hf_config, device)
-    torch.manual_seed(config.seed)
+    dtype = resolve_dtype(config.model.dtype, hf_config, device)
+    torch.manual_seed(config.model.seed)
     model = get_model(model_dir, hf_config, dtype, device)
     tokenizer = load_tokenizer(config, model_dir)
     max_model_len = resolve_max_model_len(config, hf_config)
@@ -63,8 +63,9 @@ _NOT_YET = {
 
 
 def check_features_available(config: EngineConfig) -> None:
+    flat = config.to_flat()
     for key, defaults in _NOT_YET.items():
-        value = getattr(config, key)
+        value = flat[key]
         if value not in defaults:
             raise ValueError(f"{key}={value!r} is not supported by this version of ferry yet; "
                              f"leave it at its default ({defaults[0]!r})")
@@ -81,18 +82,19 @@ def check_checkpoint_unquantized(hf_config, model_dir: Path) -> None:
 def resolve_model_dir(config: EngineConfig) -> Path:
     from ferry.models.loader import resolve_model_path
 
-    if config.model_path is None:
+    if config.model.model_path is None:
         from ferry.demo import demo_model_path
         return demo_model_path()
-    return resolve_model_path(config.model_path, config.revision)
+    return resolve_model_path(config.model.model_path, config.model.revision)
 
 
 def load_tokenizer(config: EngineConfig, model_dir: Path):
     from transformers import AutoTokenizer
 
-    source = config.tokenizer or str(model_dir)
+    source = config.model.tokenizer or str(model_dir)
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=config.trust_remote_code)
+        return AutoTokenizer.from_pretrained(source,
+                                             trust_remote_code=config.model.trust_remote_code)
     except Exception as exc:
         raise ValueError(f"could not load a tokenizer from {source}: {exc}") from None
 
@@ -109,12 +111,12 @@ def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
 
 def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
     model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
-    if config.max_model_len is None:
+    if config.model.max_model_len is None:
         return int(model_max)
-    if config.max_model_len > model_max:
-        raise ValueError(f"max_model_len={config.max_model_len} is longer than the model's "
+    if config.model.max_model_len > model_max:
+        raise ValueError(f"max_model_len={config.model.max_model_len} is longer than the model's "
                          f"max_position_embeddings ({model_max})")
-    return config.max_model_len
+    return config.model.max_model_len
 
 
 def resolve_eos_token_ids(model_dir: Path, hf_config, tokenizer) -> tuple[int, ...]:
@@ -133,15 +135,16 @@ def resolve_eos_token_ids(model_dir: Path, hf_config, tokenizer) -> tuple[int, .
 def count_kv_blocks(config: EngineConfig, model, dtype: torch.dtype, device: torch.device,
                     max_model_len: int) -> int:
     block_bytes = memory.kv_block_bytes(model.num_layers, model.num_kv_heads, model.head_dim,
-                                        config.block_size, dtype)
+                                        config.cache.block_size, dtype)
     if device.type == "cpu":
-        budget = config.kv_cache_memory
+        budget = config.cache.kv_cache_memory
     else:
         peak = profile_peak_activation(model, config, device)
-        budget = memory.gpu_kv_budget(device, config.gpu_memory_utilization, peak)
-    return memory.num_kv_blocks_for_budget(budget, block_bytes, max_num_seqs=config.max_num_seqs,
+        budget = memory.gpu_kv_budget(device, config.cache.gpu_memory_utilization, peak)
+    return memory.num_kv_blocks_for_budget(budget, block_bytes,
+                                           max_num_seqs=config.scheduler.max_num_seqs,
                                            max_model_len=max_model_len,
-                                           block_size=config.block_size)
+                                           block_size=config.cache.block_size)
 
 
 @torch.inference_mode()
@@ -155,15 +158,16 @@ def profile_peak_activation(model, config: EngineConfig, device: torch.device) -
     from ferry.runner.sampler import Sampler
     from ferry.sampling_params import SamplingParams
 
-    tokens = config.max_num_batched_tokens
-    num_blocks = -(-tokens // config.block_size)
-    caches = allocate_kv_caches(model, num_blocks, config.block_size, model_dtype(model), device)
+    tokens = config.scheduler.max_num_batched_tokens
+    num_blocks = -(-tokens // config.cache.block_size)
+    caches = allocate_kv_caches(model, num_blocks, config.cache.block_size, model_dtype(model),
+                                device)
     req = ScheduledRequest("profile", [0] * tokens, 0, list(range(num_blocks)), True,
                            SamplingParams(), [0] * tokens, tokens)
-    batch = build_model_input(SchedulerOutput([req]), config.block_size, device)
+    batch = build_model_input(SchedulerOutput([req]), config.cache.block_size, device)
     with PeakMemory(device) as peak:
         hidden = model(batch.input_ids, batch.positions, caches, batch.attn_metadata)
-        logits = model.compute_logits(hidden[-min(tokens, config.max_num_seqs):])
+        logits = model.compute_logits(hidden[-min(tokens, config.scheduler.max_num_seqs):])
         every_filter = replace(req, sampling_params=SamplingParams(
             temperature=1.0, top_k=50, top_p=0.9, min_p=0.05))
         Sampler().sample(logits, [every_filter] * logits.shape[0], [None] * logits.shape[0])

@@ -4,5 +4,5 @@
 synchronous Engine from asyncio), ``serving_completions`` / ``serving_chat`` (the two
 generation routes), ``protocol`` (request schemas), ``errors`` (OpenAI error bodies),
 ``metrics`` (Prometheus), ``probes`` (GPU memory / energy), ``cli_flags`` (config keys as
-command-line flags).
+command-line flags, help from the fields' descriptions).
 """

@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP server: routes, API key, lifespan, graceful SIGTERM drain.
 
-``build_app(engine, config)`` makes the FastAPI app around an already loaded ``Engine``
-(tests can pass any object with the same interface); ``run_server(config)`` loads the model
-and serves it with uvicorn until SIGTERM/SIGINT, then drains and returns (exit code 0).
+``build_app(engine, server_config)`` makes the FastAPI app around an already loaded
+``Engine`` (tests can pass any object with the same interface); ``run_server(config)``
+loads the model of ``config.engine`` and serves it with uvicorn until SIGTERM/SIGINT, then
+drains and returns (exit code 0). The server reads ``ServerConfig`` (API key, address,
+limits); only the engine reads ``EngineConfig``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ferry.config import EngineConfig
+from ferry.config import FerryConfig, ServerConfig
 from ferry.server.async_engine import AsyncEngine, engine_executor
 from ferry.server.errors import APIError, install_error_handlers
 from ferry.server.metrics import ServerMetrics
@@ -45,8 +47,9 @@ def ferry_version() -> str:
         return "0.0.0+source"
 
 
-def build_state(engine: Any, config: EngineConfig,
+def build_state(engine: Any, config: ServerConfig,
                 executor: ThreadPoolExecutor | None = None) -> ServerState:
+    """Everything the handlers share, around ``engine``, limited by ``config``."""
     platform = getattr(engine, "platform", None)
     vendor = getattr(platform, "vendor", "cpu")
     metrics = ServerMetrics(engine.served_model_name, getattr(engine, "quant_type", "none"),
@@ -56,11 +59,18 @@ def build_state(engine: Any, config: EngineConfig,
                                metrics=metrics, executor=executor)
     tokenizer = _own_tokenizer(engine.tokenizer)
     vocab_size = getattr(engine, "vocab_size", None) or len(tokenizer)
+    model_path = _given_model_path(engine)
     return ServerState(engine=async_engine, tokenizer=tokenizer,
-                       model_name=engine.served_model_name,
-                       model_root=str(getattr(engine, "model_dir", config.model_path)),
+                       model_name=engine.served_model_name, model_path=model_path,
+                       model_root=str(getattr(engine, "model_dir", model_path)),
                        max_model_len=engine.max_model_len,
                        vocab_size=vocab_size, metrics=metrics, config=config)
+
+
+def _given_model_path(engine: Any) -> str | None:
+    """The model as named at start (``--model``), from the engine's own config if it has one."""
+    config = getattr(engine, "config", None)
+    return getattr(getattr(config, "model", None), "model_path", None)
 
 
 def _own_tokenizer(tokenizer: Any) -> Any:
@@ -73,7 +83,7 @@ def _own_tokenizer(tokenizer: Any) -> Any:
         return tokenizer
 
 
-def build_app(engine: Any, config: EngineConfig,
+def build_app(engine: Any, config: ServerConfig,
               executor: ThreadPoolExecutor | None = None) -> FastAPI:
     """The app serving ``engine``; its lifespan starts and drains the engine loop.
     ``executor``: the engine's own thread (``async_engine.engine_executor``), if it has one."""
@@ -215,22 +225,24 @@ class _DrainingServer(uvicorn.Server):
         self._captured_signals.clear()  # a drained shutdown is a clean exit
 
 
-def run_server(config: EngineConfig, engine: Any | None = None,
+def run_server(config: FerryConfig, engine: Any | None = None,
                executor: ThreadPoolExecutor | None = None) -> None:
-    """Load the model (unless ``engine`` is given, built on ``executor``'s thread) and serve
-    until SIGTERM; then drain: refuse new requests, let requests in flight finish for
-    ``shutdown_grace_seconds``, abort the rest, return."""
+    """Load the model of ``config.engine`` (unless ``engine`` is given, built on
+    ``executor``'s thread) and serve by ``config.server`` until SIGTERM; then drain: refuse
+    new requests, let requests in flight finish for ``shutdown_grace_seconds``, abort the
+    rest, return."""
     if engine is None:
         from ferry.engine.engine import Engine
 
         executor = engine_executor()
-        engine = executor.submit(Engine, config).result()   # built where it will run
-    app = build_app(engine, config, executor)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+        engine = executor.submit(Engine, config.engine).result()   # built where it will run
+    settings = config.server
+    app = build_app(engine, settings, executor)
+    uv_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                # a backstop: the engine's drain ends streams before it
-                               timeout_graceful_shutdown=config.shutdown_grace_seconds + 10,
+                               timeout_graceful_shutdown=settings.shutdown_grace_seconds + 10,
                                lifespan="on", access_log=False)
     server = _DrainingServer(uv_config, app.state.ferry)
     logger.info("serving %s on http://%s:%d (OpenAI API under /v1)", engine.served_model_name,
-                config.host, config.port)
+                settings.host, settings.port)
     server.run()

@@ -58,12 +58,13 @@ class _TurnResult:
 def engine_executor() -> ThreadPoolExecutor:
     """The one thread that builds an Engine and then runs every call on it.
 
-    NOTE: build the Engine on this thread too (``executor.submit(Engine, config).result()``),
-    not on the main thread. libgomp gives each thread that opens a parallel region its own
-    team of OpenMP threads; with the main thread's team and the engine thread's both alive
-    there are more OpenMP threads than cores, libgomp then stops spinning between regions,
-    and every PyTorch op waits for its threads to wake up: a CPU decode step of the demo
-    model measured 3.3x slower (4.0 ms instead of 1.2 ms).
+    NOTE: build the Engine on this thread too
+    (``executor.submit(Engine, config.engine).result()``), not on the main thread. libgomp
+    gives each thread that opens a parallel region its own team of OpenMP threads; with the
+    main thread's team and the engine thread's both alive there are more OpenMP threads than
+    cores, libgomp then stops spinning between regions, and every PyTorch op waits for its
+    threads to wake up: a CPU decode step of the demo model measured 3.3x slower (4.0 ms
+    instead of 1.2 ms).
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferry-engine")
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from ferry.config import EngineConfig
+from ferry.config import ServerConfig
 from ferry.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from ferry.server.async_engine import (AsyncEngine, EngineOverloadedError, EngineStepError,
                                        EngineStoppedError)
@@ -33,11 +33,12 @@ class ServerState:
     engine: AsyncEngine
     tokenizer: Any
     model_name: str
+    model_path: str | None      # the model as named at start (accepted as a model name too)
     model_root: str             # the model's directory (or hub id)
     max_model_len: int
     vocab_size: int
     metrics: ServerMetrics
-    config: EngineConfig
+    config: ServerConfig
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
 
@@ -75,7 +76,7 @@ async def parse_body(request: Request, model_cls: type[Model]) -> Model:
 
 def check_model(state: ServerState, name: str | None) -> None:
     """``name`` must be the served name; the model path as given at start is accepted too."""
-    if name is not None and name not in (state.model_name, state.config.model_path):
+    if name is not None and name not in (state.model_name, state.model_path):
         raise APIError(404, f"the model '{name}' does not exist; this server serves "
                             f"'{state.model_name}' (see /v1/models)",
                        param="model", code="model_not_found")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 
 import pytest
 import typer.main
@@ -13,7 +14,7 @@ from hf_reference import hf_greedy
 from typer.testing import CliRunner
 
 import ferry.cli as cli
-from ferry.config import EngineConfig
+from ferry.config import ENGINE_PARTS, EngineConfig, FerryConfig, config_fields
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def _yaml(tmp_path, values: dict) -> str:
 def test_every_config_field_is_a_serve_flag():
     serve = typer.main.get_command(cli.app).commands["serve"]
     flags = {opt for param in serve.params for opt in param.opts + param.secondary_opts}
-    for name in EngineConfig.model_fields:
+    for name in config_fields():
         assert "--" + name.replace("_", "-") in flags, f"config key {name} has no flag"
     assert {"--model", "--config"} <= flags
 
@@ -54,22 +55,24 @@ def test_yaml_then_flags_override(tmp_path, captured):
     result = _invoke("serve", "--config", path, "--port", "9100", "--max-num-seqs", "4")
     assert result.exit_code == 0, result.output
     config = captured["config"]
-    assert (config.model_path, config.port, config.max_num_seqs) == ("/models/x", 9100, 4)
-    assert config.enable_prefix_caching is False and config.kv_cache_memory == 2**30
-    assert config.scheduling_policy == "fcfs"
+    engine = config.engine
+    assert (engine.model.model_path, config.server.port, engine.scheduler.max_num_seqs) == (
+        "/models/x", 9100, 4)
+    assert engine.cache.enable_prefix_caching is False and engine.cache.kv_cache_memory == 2**30
+    assert engine.scheduler.scheduling_policy == "fcfs"
 
 
 def test_boolean_flag_overrides_the_file(tmp_path, captured):
     path = _yaml(tmp_path, {"enable_prefix_caching": False})
     assert _invoke("serve", "-c", path, "--enable-prefix-caching").exit_code == 0
-    assert captured["config"].enable_prefix_caching is True
+    assert captured["config"].engine.cache.enable_prefix_caching is True
 
 
 def test_no_model_means_the_demo_model_and_positional_model_works(captured):
     assert _invoke("serve").exit_code == 0
-    assert captured["config"].model_path is None
+    assert captured["config"].engine.model.model_path is None
     assert _invoke("serve", "some/model").exit_code == 0
-    assert captured["config"].model_path == "some/model"
+    assert captured["config"].engine.model.model_path == "some/model"
 
 
 @pytest.mark.parametrize("values,key", [({"max_num_seqs": 0}, "max_num_seqs"),
@@ -89,9 +92,9 @@ def test_bad_flag_value_exits_2_naming_the_key(captured):
 
 def test_api_key_from_environment_and_flag_wins(captured):
     assert _invoke("serve", env={"FERRY_API_KEY": "from-env"}).exit_code == 0
-    assert captured["config"].api_key == "from-env"
+    assert captured["config"].server.api_key == "from-env"
     assert _invoke("serve", "--api-key", "flag", env={"FERRY_API_KEY": "env"}).exit_code == 0
-    assert captured["config"].api_key == "flag"
+    assert captured["config"].server.api_key == "flag"
 
 
 def test_python_dash_m_ferry_rejects_an_unknown_key(tmp_path):
@@ -144,5 +147,65 @@ def test_chat_uses_the_template(server_model_dir):
 
 def test_configuration_doc_lists_every_key():
     text = (REPO_ROOT / "docs" / "configuration.md").read_text()
-    for name in EngineConfig.model_fields:
+    for name in config_fields():
         assert f"| `{name}`" in text, f"docs/configuration.md does not describe {name}"
+
+
+# ------------------------------------------------------------------ the parts behind the flags
+def _other_value(name: str, field):
+    """A valid value of ``field`` other than its default, derived from its type."""
+    choices = typing.get_args(field.annotation)
+    if typing.get_origin(field.annotation) is typing.Literal:
+        return next(c for c in reversed(choices) if c != field.default)
+    if field.annotation is bool:
+        return not field.default
+    kind = next((t for t in (int, float, str) if field.annotation is t or t in choices), None)
+    if kind is str:
+        return f"some-{name}"
+    if kind is float:
+        return field.default / 2
+    return (field.default or 1) + 1
+
+
+def _flags(values: dict) -> list[str]:
+    out = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def test_every_key_round_trips_through_yaml_and_flags(tmp_path, captured):
+    values = {name: _other_value(name, field) for name, field in config_fields().items()}
+    from_yaml = FerryConfig.from_sources(_yaml(tmp_path, values))
+    assert from_yaml.to_flat() == values                        # every key read, none lost
+    result = _invoke("serve", *_flags(values))
+    assert result.exit_code == 0, result.output
+    assert captured["config"] == from_yaml                      # flags give the same config
+    engine_values = {k: v for k, v in values.items() if k in config_fields(ENGINE_PARTS)}
+    assert EngineConfig.from_flat(**engine_values) == from_yaml.engine
+
+
+def test_flag_help_is_the_field_description():
+    fields = config_fields()
+    for command in ("serve", "generate", "chat"):
+        params = typer.main.get_command(cli.app).commands[command].params
+        helped = {p.name: p.help for p in params if p.name in fields}
+        assert helped, command
+        for name, help_text in helped.items():
+            assert help_text and help_text == fields[name].description, name
+
+
+def test_generate_and_chat_take_engine_keys_only():
+    for command in ("generate", "chat"):
+        params = typer.main.get_command(cli.app).commands[command].params
+        names = {p.name for p in params} & set(config_fields())
+        assert names == set(config_fields(ENGINE_PARTS)), command
+
+
+def test_server_key_in_a_generate_flag_exits_2():
+    result = _invoke("generate", "--api-key", "k", "hello")
+    assert result.exit_code == 2
