@@ -56,9 +56,9 @@ class StepTimer:
         self._wrap(engine.scheduler, "update_from_output", "update")
         self._wrap(engine.outputs, "process", "outputs")
         self._wrap(engine.outputs, "collect", "outputs")
-        self._wrap(engine.runner.model, "forward", "forward")
-        self._wrap(engine.runner.model, "compute_logits", "forward")
-        self._wrap(engine.runner.sampler, "sample", "sample")
+        self._wrap(engine.executor.runner.model, "forward", "forward")
+        self._wrap(engine.executor.runner.model, "compute_logits", "forward")
+        self._wrap(engine.executor.runner.sampler, "sample", "sample")
         self._wrap(model_runner, "build_model_input", "build_inputs")
 
     def _wrap(self, owner, name: str, part: str) -> None:

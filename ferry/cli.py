@@ -60,12 +60,12 @@ def _config_or_exit(kwargs: dict[str, Any], *, use_env_api_key: bool = False) ->
 def _load_engine(config: FerryConfig, executor=None):
     """The Engine of ``config.engine``, built on ``executor``'s thread when given (the
     server's engine thread)."""
-    from ferry.engine.engine import Engine
+    from ferry.llm import build_engine
 
     try:
         if executor is not None:
-            return executor.submit(Engine, config.engine).result()
-        return Engine(config.engine)
+            return executor.submit(build_engine, config.engine).result()
+        return build_engine(config.engine)
     except (ValueError, FileNotFoundError, OSError) as exc:
         _fail(f"could not load the model: {exc}", 1)
 

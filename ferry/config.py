@@ -224,6 +224,13 @@ class RuntimeConfig:
     num_blocks: int            # KV cache blocks allocated
     block_size: int            # tokens per KV cache block
     device: str                # e.g. "cuda:0", "cpu"
+    device_kind: str           # "cuda", "rocm" or "cpu"
+    gpu_vendor: str            # "nvidia", "amd" or "cpu" (the metrics' label)
+    vocab_size: int            # token ids the model accepts: [0, vocab_size)
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device_kind != "cpu"
 
 
 # ---------------------------------------------------------------------------- which key where

@@ -9,10 +9,16 @@ from tqdm.auto import tqdm
 
 from ferry.config import EngineConfig
 from ferry.engine.engine import Engine
+from ferry.executor.in_process import InProcessExecutor
 from ferry.outputs import RequestOutput
 from ferry.sampling_params import SamplingParams
 
 Prompt = str | dict | list[int]
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    """An Engine over the executor the config asks for (one device, in this process)."""
+    return Engine(config, InProcessExecutor(config))
 
 
 class LLM:
@@ -25,7 +31,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **config: Any) -> None:
         self.config = EngineConfig.from_sources(model=model, **config)
-        self.engine = Engine(self.config)
+        self.engine = build_engine(self.config)
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -11,42 +11,62 @@ PLACEHOLDER_TOKEN = -1   # a token the previous step samples on the device (asyn
 
 
 @dataclass
-class ScheduledRequest:
-    """One request's share of a step.
+class NewRequest:
+    """What the runner keeps about a request, sent once: the first step that schedules it.
 
-    ``token_ids`` are the tokens whose KV is computed this step; the first one sits at
-    position ``start_pos`` (the request's ``num_computed_tokens`` before the step).
-    ``block_ids`` is the request's whole block table. ``sample`` is True when this chunk
-    reaches the last known token, so the step produces the next token.
-    ``all_token_ids`` is the request's token list (a live reference, read-only for the
-    runner) and ``num_prompt_tokens`` splits it; the sampler needs both for penalties.
-    The scheduler fills ``eos_token_ids`` from ``Request.eos_token_ids``.
+    The runner holds the request's state (tokens, block table, generator) from then on,
+    until its id comes back in ``SchedulerOutput.finished_request_ids``.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()   # masked while the request is below min_tokens
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step, as a delta on what the runner already holds.
+
+    ``token_ids`` are the known tokens whose KV is computed this step; the first sits at
+    position ``start_pos`` (the request's ``num_computed_tokens`` before the step). Its
+    ``spec_token_ids`` (draft tokens to verify) follow them in the same forward.
+    ``sample`` is True when ``token_ids`` reach the request's last token: the step then
+    samples the next token, and one more after each draft (the runner keeps the drafts
+    that match and the token after the last match).
+    Block table: the runner keeps the first ``num_kept_blocks`` entries of its copy and
+    appends ``new_block_ids`` (a rollback or a preemption shrinks it, growth appends).
+    Tokens: the runner's copy is cut at ``start_pos`` and this step's tokens appended,
+    which also drops drafts that were rejected.
     With async scheduling the last ``num_placeholders`` entries of ``token_ids`` are
-    ``PLACEHOLDER_TOKEN``: tokens the previous step is still sampling on the device, which
-    the runner fills in there; they are not in ``all_token_ids`` yet either.
+    ``PLACEHOLDER_TOKEN``: tokens the step before is still sampling on the device; the
+    runner fills them in there.
     """
 
     request_id: str
     token_ids: list[int]
     start_pos: int
-    block_ids: list[int]
     sample: bool
-    sampling_params: SamplingParams
-    all_token_ids: list[int]
-    num_prompt_tokens: int
-    eos_token_ids: tuple[int, ...] = ()   # the request's EOS ids (the sampler masks them under min_tokens)
+    new_block_ids: list[int] = field(default_factory=list)
+    num_kept_blocks: int = 0
     num_placeholders: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens whose KV this step computes: known ones and drafts."""
+        return len(self.token_ids) + len(self.spec_token_ids)
 
 
 @dataclass
 class SchedulerOutput:
+    """One step, as plain data (it pickles): everything the runner learns comes in here."""
+
     scheduled: list[ScheduledRequest] = field(default_factory=list)
+    new_requests: list[NewRequest] = field(default_factory=list)
     # Requests that left the engine since the last step: the runner drops their state.
     finished_request_ids: set[str] = field(default_factory=set)
+    # Requests preempted since the last step: the runner drops their block table.
     preempted_request_ids: set[str] = field(default_factory=set)
 
     @property
@@ -70,10 +90,13 @@ class TokenLogprobs:
 
 @dataclass
 class RunnerOutput:
-    """What a step produced: one new token per request that had ``sample=True``."""
+    """What a step produced for each request that had ``sample=True``: its new tokens (one,
+    or with drafts the accepted ones plus the next), their logprobs when asked for, and
+    draft tokens proposed for its next step."""
 
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- engine -> user
@@ -95,7 +118,6 @@ class CompletionOutput:
 @dataclass
 class RequestMetrics:
     arrival_time: float
-    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0

@@ -49,6 +49,12 @@ class Request:
     # Async scheduling: tokens scheduled as sampled by a step still running on the device,
     # not yet in ``all_token_ids`` (0 or 1 when a step is scheduled, 2 for a moment).
     num_output_placeholders: int = 0
+    # Draft tokens to verify in the next step (speculative decoding; empty otherwise).
+    spec_token_ids: list[int] = field(default_factory=list)
+    # What the runner holds of it: whether it has the request at all, and how many leading
+    # entries of its block table are still the scheduler's (SchedulerOutput sends deltas).
+    sent_to_runner: bool = False
+    num_runner_blocks: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     first_token_time: float | None = None

@@ -82,6 +82,13 @@ class SamplingParams:
         return (self.presence_penalty != 0 or self.frequency_penalty != 0
                 or self.repetition_penalty != 1.0)
 
+    @property
+    def reads_output_tokens(self) -> bool:
+        """True when a logits processor reads this request's output tokens on the host
+        (penalties today; a grammar later). With async scheduling such a request is not
+        scheduled again until its token in flight is known."""
+        return self.has_penalties
+
     def clone(self, **changes) -> "SamplingParams":
         values = {f: getattr(self, f) for f in self.__dataclass_fields__}
         values.update(changes)

@@ -88,9 +88,22 @@ def test_the_api_key_stays_out_of_the_repr():
 
 
 def test_runtime_config_is_a_plain_frozen_dataclass():
-    names = [f.name for f in dataclasses.fields(RuntimeConfig)]
-    assert names == ["dtype", "kv_cache_dtype", "max_model_len", "num_blocks", "block_size",
-                     "device"]
-    runtime = RuntimeConfig("bfloat16", "bfloat16", 4096, 100, 16, "cpu")
+    runtime = RuntimeConfig("bfloat16", "bfloat16", 4096, 100, 16, "cpu", "cpu", "cpu", 32000)
+    assert not runtime.is_gpu
     with pytest.raises(dataclasses.FrozenInstanceError):
         runtime.num_blocks = 1
+
+
+def test_start_up_resolves_one_runtime_view_that_the_components_read():
+    from ferry import LLM
+
+    llm = LLM(dtype="float32", max_model_len=256, kv_cache_memory="4MiB", block_size=8)
+    engine = llm.engine
+    runtime = engine.runtime
+    assert (runtime.dtype, runtime.kv_cache_dtype, runtime.device) == ("float32", "float32", "cpu")
+    assert runtime.max_model_len == 256 == engine.scheduler.max_model_len
+    assert runtime.block_size == 8 == engine.scheduler.kv_cache_manager.block_size
+    assert runtime.num_blocks == engine.scheduler.kv_cache_manager.num_blocks
+    runner = engine.executor.runner
+    assert runner.kv_caches[0].shape[1] == runtime.num_blocks
+    assert runtime.vocab_size == runner.model.vocab_size

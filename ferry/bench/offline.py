@@ -30,7 +30,7 @@ def load_llm(model: str | None, engine_args: dict[str, Any]):
 def device_limits(llm) -> tuple[ModelCost, dict[str, Any]]:
     """The model's cost figures and the device's measured bandwidth / known peak FLOPs."""
     engine = llm.engine
-    runner_model = engine.runner.model
+    runner_model = engine.executor.runner.model
     kv_dtype = next(runner_model.parameters()).dtype
     cost = model_cost(runner_model, engine.model_dir, kv_dtype)
     platform = engine.platform

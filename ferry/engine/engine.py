@@ -15,14 +15,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ferry.config import EngineConfig
-from ferry.engine.model_setup import LoadedModel, load_model_for_engine
+from ferry import checkpoint
+from ferry.config import EngineConfig, RuntimeConfig
 from ferry.engine.output_processor import OutputProcessor
 from ferry.engine.scheduler import Scheduler
+from ferry.executor.base import Executor
 from ferry.outputs import RequestOutput, RunnerOutput, SchedulerOutput, SchedulerStats
 from ferry.request import Request, RequestStatus
-from ferry.runner.model_runner import ModelRunner
-from ferry.runner.pending_output import PendingOutput
 from ferry.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -35,45 +34,39 @@ class EngineStats(SchedulerStats):
 
 
 class Engine:
-    def __init__(self, config: EngineConfig) -> None:
+    """``executor`` holds the model (``ferry.llm.build_engine`` makes one from the config);
+    the engine reads the tokenizer and generation config itself, and the run-time view
+    (context length, KV blocks, device) from the executor's start-up."""
+
+    def __init__(self, config: EngineConfig, executor: Executor) -> None:
         self.config = config
-        loaded: LoadedModel = load_model_for_engine(config)
-        self.platform = loaded.platform
-        self.tokenizer = loaded.tokenizer
-        self.model_dir = loaded.model_dir
-        self.max_model_len = loaded.max_model_len
-        self.vocab_size = loaded.model.vocab_size
-        self.eos_token_ids = loaded.eos_token_ids
+        model = config.model
+        self.model_dir = checkpoint.resolve_model_dir(model.model_path, model.revision)
+        self.tokenizer = checkpoint.load_tokenizer(model.tokenizer or str(self.model_dir),
+                                                   model.trust_remote_code)
+        self.eos_token_ids = checkpoint.resolve_eos_token_ids(
+            self.model_dir, checkpoint.load_hf_config(self.model_dir), self.tokenizer)
+        self.executor = executor
+        self.runtime: RuntimeConfig = executor.initialize_cache(executor.profile())
+        self.platform = executor.platform
+        self.max_model_len = self.runtime.max_model_len
+        self.vocab_size = self.runtime.vocab_size
+        self.num_blocks = self.runtime.num_blocks
         self.quant_type = "none"
-        self.served_model_name = config.model.served_model_name or default_served_name(config)
-        self.num_blocks = loaded.num_blocks
-        self.runner = ModelRunner(loaded.model, num_blocks=loaded.num_blocks,
-                                  block_size=config.cache.block_size, device=loaded.device,
-                                  kv_dtype=loaded.dtype)
-        if self.platform.is_gpu and not config.model.enforce_eager:
-            self.runner.capture_decode_graphs(max_num_seqs=config.scheduler.max_num_seqs,
-                                              max_model_len=self.max_model_len)
+        self.served_model_name = model.served_model_name or checkpoint.default_served_name(
+            model.model_path)
         # Overlap pays where the device runs asynchronously; on the CPU it only delays outputs.
-        self.async_scheduling = (config.scheduler.async_scheduling == "on" or
-                                 (config.scheduler.async_scheduling == "auto"
-                                  and self.platform.is_gpu))
-        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
-        self.scheduler = Scheduler(
-            max_num_seqs=config.scheduler.max_num_seqs,
-            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            num_blocks=loaded.num_blocks,
-            block_size=config.cache.block_size,
-            enable_prefix_caching=config.cache.enable_prefix_caching,
-            scheduling_policy=config.scheduler.scheduling_policy,
-            prefill_parallelism=config.scheduler.prefill_parallelism,
-            async_scheduling=self.async_scheduling,
-        )
+        mode = config.scheduler.async_scheduling
+        self.async_scheduling = mode == "on" or (mode == "auto" and self.runtime.is_gpu)
+        self._in_flight: tuple[SchedulerOutput, object] | None = None
+        self.scheduler = Scheduler(config.scheduler, config.cache,
+                                   max_model_len=self.max_model_len, num_blocks=self.num_blocks,
+                                   async_scheduling=self.async_scheduling)
         self.outputs = OutputProcessor(self.tokenizer)
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
-                    self.model_dir, self.platform.kind, self.num_blocks, config.cache.block_size,
+                    self.model_dir, self.runtime.device, self.num_blocks, self.runtime.block_size,
                     self.max_model_len)
 
     # ------------------------------------------------------------------ requests
@@ -117,16 +110,16 @@ class Engine:
         """One engine step; returns the outputs of the requests it advanced."""
         if not self.async_scheduling:
             sched_out = self.scheduler.schedule()
-            return self._finish_step(sched_out, self.runner.execute(sched_out))
+            return self._finish_step(sched_out, self.executor.execute(sched_out))
         outputs: list[RequestOutput] = []
-        if self._in_flight is not None and self.scheduler.has_penalized_tokens_in_flight():
-            outputs = self._finish_in_flight()   # penalties need every token on the host
+        if self._in_flight is not None and self.scheduler.has_host_tokens_in_flight():
+            outputs = self._finish_in_flight()   # e.g. penalties need every token on the host
         sched_out = self.scheduler.schedule()
-        pending = self.runner.launch(sched_out)
+        pending = self.executor.launch(sched_out)
         previous = self._in_flight
         self._in_flight = None if sched_out.is_empty else (sched_out, pending)
         if previous is not None:
-            outputs = self._finish_step(previous[0], previous[1].result())
+            outputs = self._finish_step(previous[0], self.executor.collect(previous[1]))
         return outputs
 
     def has_unfinished_requests(self) -> bool:
@@ -135,7 +128,7 @@ class Engine:
     def _finish_in_flight(self) -> list[RequestOutput]:
         sched_out, pending = self._in_flight
         self._in_flight = None
-        return self._finish_step(sched_out, pending.result())
+        return self._finish_step(sched_out, self.executor.collect(pending))
 
     def _finish_step(self, sched_out: SchedulerOutput,
                      runner_out: RunnerOutput) -> list[RequestOutput]:
@@ -143,7 +136,7 @@ class Engine:
         if sched_out.is_empty:
             return []
         updated = self.scheduler.update_from_output(sched_out, runner_out)
-        self._generation_tokens_total += len(updated)
+        self._generation_tokens_total += sum(len(tokens) for _, tokens in updated)
         stopped = self.outputs.process(updated, runner_out.logprobs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
@@ -211,12 +204,3 @@ class Engine:
         seed = None if params.seed is None else params.seed + index
         return params.clone(n=1, seed=seed)
 
-
-def default_served_name(config: EngineConfig) -> str:
-    """The API's model name: a local directory's name, a hub id as typed, or ferry-demo."""
-    from pathlib import Path
-
-    if config.model.model_path is None:
-        return "ferry-demo"
-    path = Path(config.model.model_path)
-    return path.resolve().name if path.is_dir() else config.model.model_path

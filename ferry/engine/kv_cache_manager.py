@@ -159,6 +159,18 @@ class KVCacheManager:
             self.block_pool.cache_block(table[index], hashes[index])
         self._num_registered[request.request_id] = num_full
 
+    def trim(self, request: _RequestLike, num_tokens: int) -> None:
+        """Free the blocks past the first ``num_tokens`` tokens of the request (rejected
+        draft tokens): last block first. Those blocks hold no cached token: a block is
+        registered only once every token in it is known and computed."""
+        table = self._tables.get(request.request_id)
+        if not table:
+            return
+        keep = _cdiv(num_tokens, self.block_size)
+        if keep < len(table):
+            self.block_pool.free_blocks(reversed(table[keep:]))
+            del table[keep:]
+
     def free(self, request: _RequestLike) -> None:
         """Drop the request's blocks, last block first, so its tail is evicted before its head.
 

@@ -23,6 +23,7 @@ class _Completion:
     detokenizer: IncrementalDetokenizer
     logprobs: list[TokenLogprobs] | None
     cumulative_logprob: float | None
+    token_ids: list[int] = field(default_factory=list)   # outputs up to a stop string
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -73,15 +74,16 @@ class OutputProcessor:
             self._completion_of.pop(c.request.request_id, None)
         return [c.request.request_id for c in user.completions]
 
-    def process(self, updated: list[Request], logprobs: dict[str, TokenLogprobs]) -> list[str]:
-        """Feed each request's newest token; returns child ids that hit a stop string."""
+    def process(self, updated: list[tuple[Request, list[int]]],
+                logprobs: dict[str, list[TokenLogprobs]]) -> list[str]:
+        """Feed each request's new tokens; returns child ids that hit a stop string."""
         stopped = []
-        for request in updated:
+        for request, token_ids in updated:
             entry = self._completion_of.get(request.request_id)
             if entry is None:
                 continue
             user, completion = entry
-            if self._advance(completion, request, logprobs.get(request.request_id)):
+            if self._advance(completion, request, token_ids, logprobs.get(request.request_id)):
                 stopped.append(request.request_id)
             self._touched[user.request_id] = user
         return stopped
@@ -96,17 +98,20 @@ class OutputProcessor:
                 self.pop(user.request_id)
         return [self._to_output(user) for user in touched]
 
-    def _advance(self, completion: _Completion, request: Request,
-                 logprob: TokenLogprobs | None) -> bool:
-        token_id = request.output_token_ids[-1]
-        if logprob is not None and completion.logprobs is not None:
-            completion.logprobs.append(logprob)
-            completion.cumulative_logprob += logprob.logprob
-        stop = completion.detokenizer.update([token_id])
-        if stop is not None:
-            completion.finish_reason, completion.stop_reason = "stop", stop
-            completion.detokenizer.finish()
-            return True
+    def _advance(self, completion: _Completion, request: Request, token_ids: list[int],
+                 logprobs: list[TokenLogprobs] | None) -> bool:
+        """Feed tokens one at a time: a stop string ends the completion at its token, and
+        tokens the same step sampled after it are dropped."""
+        for index, token_id in enumerate(token_ids):
+            completion.token_ids.append(token_id)
+            if logprobs and completion.logprobs is not None:
+                completion.logprobs.append(logprobs[index])
+                completion.cumulative_logprob += logprobs[index].logprob
+            stop = completion.detokenizer.update([token_id])
+            if stop is not None:
+                completion.finish_reason, completion.stop_reason = "stop", stop
+                completion.detokenizer.finish()
+                return True
         if request.is_finished:
             completion.finish_reason = request.status.value
             completion.stop_reason = request.stop_reason
@@ -117,7 +122,7 @@ class OutputProcessor:
     def _to_output(user: _UserRequest) -> RequestOutput:
         completions = [
             CompletionOutput(index=c.index, text=c.detokenizer.output_text,
-                             token_ids=list(c.request.output_token_ids),
+                             token_ids=list(c.token_ids),
                              cumulative_logprob=c.cumulative_logprob,
                              logprobs=list(c.logprobs) if c.logprobs is not None else None,
                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)

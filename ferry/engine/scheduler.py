@@ -30,16 +30,28 @@ from N's sampled tokens on the device. ``update_from_output(N)`` then turns the 
 into the real token. A request whose token in flight ends it by length is not scheduled
 again; one that stops on EOS computes one wasted token. A request preempted while its
 token is in flight still gets that token, and is not re-admitted before it has it.
+
+Multi-token steps (speculative decoding): a decoding request with ``spec_token_ids`` gets
+them scheduled after its last token, within the budget, the context and ``max_tokens``.
+The runner returns the drafts it accepted plus one token; ``update_from_output`` appends
+them (stop conditions after each) and rolls ``num_computed_tokens`` back over the rejected
+drafts, freeing blocks that only held them. Drafts are not scheduled with async
+scheduling: the next step would need the number accepted before it is known.
+
+``SchedulerOutput`` is plain data the runner may receive in another process: a request's
+prompt and sampling parameters go out once (``new_requests``), later steps send deltas
+(this step's tokens, new block ids, preempted and finished ids).
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
 
+from ferry.config import CacheConfig, SchedulerConfig
 from ferry.engine.kv_cache_manager import KVCacheManager
 from ferry.engine.request_queue import create_request_queue
-from ferry.outputs import (PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput,
-                           SchedulerStats)
+from ferry.outputs import (PLACEHOLDER_TOKEN, NewRequest, RunnerOutput, ScheduledRequest,
+                           SchedulerOutput, SchedulerStats)
 from ferry.request import Request, RequestStatus
 
 
@@ -50,21 +62,20 @@ class Scheduler:
     their ids are reported once in the next ``SchedulerOutput.finished_request_ids``.
     """
 
-    def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 scheduling_policy: str = "priority", prefill_parallelism: int = 4,
-                 async_scheduling: bool = False) -> None:
-        for name, value in [("max_num_seqs", max_num_seqs),
-                            ("max_num_batched_tokens", max_num_batched_tokens),
-                            ("max_model_len", max_model_len), ("num_blocks", num_blocks),
-                            ("block_size", block_size), ("prefill_parallelism", prefill_parallelism)]:
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig, *, max_model_len: int,
+                 num_blocks: int, async_scheduling: bool = False) -> None:
+        """``max_model_len`` and ``num_blocks`` are the resolved run-time values;
+        ``async_scheduling`` the resolved choice (``auto`` decided by the device)."""
+        for name, value in [("max_model_len", max_model_len), ("num_blocks", num_blocks)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Scheduler {name} must be an integer >= 1, got {value!r}")
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.prefill_parallelism = prefill_parallelism
+        self.prefill_parallelism = config.prefill_parallelism
         self.async_scheduling = async_scheduling
+        block_size, scheduling_policy = cache.block_size, config.scheduling_policy
+        enable_prefix_caching = cache.enable_prefix_caching
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.waiting = create_request_queue(scheduling_policy)
         self.running: list[Request] = []
@@ -116,10 +127,10 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.running) or bool(self.waiting)
 
-    def has_penalized_tokens_in_flight(self) -> bool:
-        """True when a request with penalties waits for a token still being sampled: the
-        sampler needs all its output tokens, so that step must be finished first."""
-        return any(request.num_output_placeholders and request.sampling_params.has_penalties
+    def has_host_tokens_in_flight(self) -> bool:
+        """True when a request whose logits processors read its output tokens (penalties)
+        waits for a token still being sampled: that step must be finished first."""
+        return any(request.num_output_placeholders and request.sampling_params.reads_output_tokens
                    for request in self.running)
 
     def get_request(self, request_id: str) -> Request | None:
@@ -145,22 +156,23 @@ class Scheduler:
         budget, num_prefills = self._schedule_running(plan)
         if self.num_preemptions == preemptions_before:
             self._schedule_waiting(plan, budget, num_prefills)
-        output = SchedulerOutput(scheduled=[self._commit(request, n) for request, n in plan],
-                                 finished_request_ids=self._finished_ids,
+        output = SchedulerOutput(finished_request_ids=self._finished_ids,
                                  preempted_request_ids=self._preempted_ids)
+        output.scheduled = [self._commit(request, n, output) for request, n in plan]
         self._finished_ids, self._preempted_ids = set(), set()
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
-                           runner_output: RunnerOutput) -> list[Request]:
-        """Append each sampled token and apply the stop conditions.
+                           runner_output: RunnerOutput) -> list[tuple[Request, list[int]]]:
+        """Append each request's sampled tokens and apply the stop conditions after each.
 
-        Returns the requests that got a new token this step, including those it finished.
-        Requests finished since the step was scheduled are skipped. (With async scheduling
-        a request may have been preempted since: it still gets its token.)
+        Returns (request, tokens appended) for the requests that got tokens this step,
+        including those it finished. Requests finished since the step was scheduled are
+        skipped. (With async scheduling a request may have been preempted since: it still
+        gets its token.)
         """
         now = time.monotonic()
-        updated: list[Request] = []
+        updated: list[tuple[Request, list[int]]] = []
         any_finished = False
         for scheduled in scheduler_output.scheduled:
             request = self._requests.get(scheduled.request_id)
@@ -168,22 +180,45 @@ class Scheduler:
                 continue
             if self.async_scheduling:
                 request.num_output_placeholders -= 1
-            token_id = runner_output.sampled_token_ids.get(scheduled.request_id)
-            if token_id is None:
+            token_ids = runner_output.sampled_token_ids.get(scheduled.request_id)
+            if not token_ids:
                 continue
-            request.append_output_token(token_id)
+            self._roll_back_rejected(request, scheduled, len(token_ids))
+            request.spec_token_ids = runner_output.spec_token_ids.get(request.request_id, [])
+            appended, status = self._append_tokens(request, token_ids)
             if request.first_token_time is None:
                 request.first_token_time = now
-            status = self._stop_status(request, token_id)
             if status is not None:
                 if request.status is not RequestStatus.RUNNING:
                     self.waiting.remove(request)   # preempted while its token was in flight
                 self._finish(request, status, now)
                 any_finished = True
-            updated.append(request)
+            updated.append((request, appended))
         if any_finished:
             self.running = [request for request in self.running if not request.is_finished]
         return updated
+
+    def _append_tokens(self, request: Request, token_ids: list[int]
+                       ) -> tuple[list[int], RequestStatus | None]:
+        """Append tokens until one ends the request; returns those appended and the status."""
+        for count, token_id in enumerate(token_ids, start=1):
+            request.append_output_token(token_id)
+            status = self._stop_status(request, token_id)
+            if status is not None:
+                return token_ids[:count], status
+        return token_ids, None
+
+    def _roll_back_rejected(self, request: Request, scheduled: ScheduledRequest,
+                            num_sampled: int) -> None:
+        """Drafts past the ``num_sampled - 1`` accepted ones have no valid KV: take them off
+        ``num_computed_tokens`` and free the blocks that only they used."""
+        num_rejected = len(scheduled.spec_token_ids) - (num_sampled - 1)
+        if num_rejected <= 0:
+            return
+        request.num_computed_tokens -= num_rejected
+        self.kv_cache_manager.trim(request, request.num_computed_tokens + 1)
+        request.num_runner_blocks = min(request.num_runner_blocks,
+                                        len(self.kv_cache_manager.get_block_ids(request.request_id)))
 
     # ------------------------------------------------------------------ helpers
     def _schedule_running(self, plan: list[tuple[Request, int]]) -> tuple[int, int]:
@@ -198,7 +233,7 @@ class Scheduler:
                     or self._must_wait_for_token_in_flight(request)):
                 index += 1
                 continue
-            num_new = min(remaining, budget)
+            num_new = min(remaining + self._num_drafts(request, remaining), budget)
             if not self._allocate_or_preempt(request, num_new):
                 break   # it preempted itself: it was the last running request
             plan.append((request, num_new))
@@ -206,6 +241,17 @@ class Scheduler:
             num_prefills += is_prefill
             index += 1
         return budget, num_prefills
+
+    def _num_drafts(self, request: Request, remaining: int) -> int:
+        """Draft tokens to verify this step: only for a decode, synchronously, and no more
+        than the context and ``max_tokens`` leave room for (each accepted one is a token)."""
+        if not request.spec_token_ids or remaining != 1 or self.async_scheduling:
+            return 0
+        room = self._max_len - request.num_tokens - 1
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - request.num_output_tokens - 1)
+        return max(0, min(len(request.spec_token_ids), room))
 
     def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
         """Get blocks for ``request``, preempting the least important running requests.
@@ -246,25 +292,30 @@ class Scheduler:
             budget -= num_new
             num_prefills += remaining > 1
 
-    def _commit(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _commit(self, request: Request, num_new: int, output: SchedulerOutput) -> ScheduledRequest:
         """Describe the request's share for the runner and advance it as if computed."""
         start = request.num_computed_tokens
-        token_ids = request.all_token_ids[start:start + num_new]
+        num_known = min(num_new, request.num_tokens + request.num_output_placeholders - start)
+        token_ids = request.all_token_ids[start:start + num_known]
         # Only async scheduling leaves tokens unknown; they come last (one decode token).
-        num_placeholders = num_new - len(token_ids)
+        num_placeholders = num_known - len(token_ids)
         token_ids.extend([PLACEHOLDER_TOKEN] * num_placeholders)
-        sample = start + num_new == request.num_tokens + request.num_output_placeholders
+        sample = start + num_known == request.num_tokens + request.num_output_placeholders
+        if not request.sent_to_runner:
+            output.new_requests.append(NewRequest(request.request_id, request.prompt_token_ids,
+                                                  request.sampling_params, request.eos_token_ids))
+            request.sent_to_runner = True
+        table = self.kv_cache_manager.get_block_ids(request.request_id)
         scheduled = ScheduledRequest(
             request_id=request.request_id,
             token_ids=token_ids,
             start_pos=start,
-            block_ids=list(self.kv_cache_manager.get_block_ids(request.request_id)),
             sample=sample,
-            sampling_params=request.sampling_params,
-            all_token_ids=request.all_token_ids,
-            num_prompt_tokens=request.num_prompt_tokens,
-            eos_token_ids=request.eos_token_ids,
-            num_placeholders=num_placeholders)
+            new_block_ids=table[request.num_runner_blocks:],
+            num_kept_blocks=request.num_runner_blocks,
+            num_placeholders=num_placeholders,
+            spec_token_ids=request.spec_token_ids[:num_new - num_known])
+        request.num_runner_blocks = len(table)
         request.num_computed_tokens = start + num_new
         if sample and self.async_scheduling:
             request.num_output_placeholders += 1
@@ -276,6 +327,8 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_runner_blocks = 0   # the runner drops its table on the preempted id
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._preempted_ids.add(request.request_id)

@@ -15,46 +15,15 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from ferry.checkpoint import load_hf_config, resolve_model_path  # noqa: F401 - re-exported
 from ferry.layers.linear import use_column_major_weights
 from ferry.models.common import CausalLM
 from ferry.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
 
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
-# Mistral repos ship a duplicate consolidated checkpoint; Llama repos an original/ folder.
-HUB_IGNORE_PATTERNS = ["consolidated*.safetensors", "original/*"]
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-
-
-def resolve_model_path(model: str, revision: str | None = None) -> Path:
-    """A local directory as is; otherwise a hub id, downloaded (or found in the HF cache).
-
-    Honours HF_HUB_OFFLINE / HF_HUB_CACHE. Raises ValueError when neither works.
-    """
-    local = Path(model).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists():
-        raise ValueError(f"model path {model!r} is a file; pass the checkpoint directory")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(repo_id=model, revision=revision,
-                                      allow_patterns=HUB_ALLOW_PATTERNS,
-                                      ignore_patterns=HUB_IGNORE_PATTERNS))
-    except Exception as exc:  # hub errors come in many types; all mean "not available"
-        raise ValueError(f"model {model!r} (revision {revision or 'main'}) was not found locally "
-                         f"or on the Hugging Face hub: {type(exc).__name__}: {exc}") from exc
-
-
-def load_hf_config(path: str | Path) -> Any:
-    """The checkpoint's ``transformers`` config (no remote code)."""
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"cannot read a model config from {path}: {exc}") from exc
 
 
 def get_model(model_dir: Path, hf_config: Any, dtype: torch.dtype, device: torch.device) -> CausalLM:

@@ -5,66 +5,79 @@ from dataclasses import dataclass
 
 import torch
 
-from ferry.outputs import ScheduledRequest, SchedulerOutput
 from ferry.kernels.attn_metadata import AttentionMetadata
+from ferry.outputs import ScheduledRequest
+from ferry.runner.request_states import RequestState
+
+
+@dataclass
+class ScheduledState:
+    """A scheduled request with the runner's state of it (already updated for the step)."""
+
+    scheduled: ScheduledRequest
+    state: RequestState
+
+    @property
+    def num_sample_rows(self) -> int:
+        """Logits rows the step samples: the last known token and each draft."""
+        return 1 + len(self.scheduled.spec_token_ids) if self.scheduled.sample else 0
 
 
 @dataclass
 class ModelInput:
-    requests: list[ScheduledRequest]   # decodes first, then prefill chunks
+    requests: list[ScheduledState]     # decodes first, then prefill chunks and drafts
     input_ids: torch.Tensor            # (T,) int64
     positions: torch.Tensor            # (T,) int64
     attn_metadata: AttentionMetadata
-    logits_indices: torch.Tensor       # (N,) int64: last token of each request that samples
-    sampling_requests: list[ScheduledRequest]
-    # Async scheduling: flat positions in input_ids of placeholder tokens, and whose they are.
+    logits_indices: torch.Tensor       # (R,) int64: the positions that sample, in request order
+    sampling_requests: list[ScheduledState]
+    # Async scheduling: flat positions in input_ids of placeholder tokens, and whose they are
+    # (the k-th of a request's p placeholders is the k-th of its last p sampled tokens).
     placeholder_positions: list[int]
     placeholder_request_ids: list[str]
+    placeholder_offsets: list[int]     # k - p: index from the end of the request's samples
 
 
-def order_decodes_first(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
+def order_decodes_first(requests: list[ScheduledState]) -> list[ScheduledState]:
     """Decodes (one token) first: attention backends batch them in one call."""
-    decodes = [s for s in scheduled if s.num_tokens == 1]
-    prefills = [s for s in scheduled if s.num_tokens != 1]
-    return decodes + prefills
+    decodes = [r for r in requests if r.scheduled.num_tokens == 1]
+    others = [r for r in requests if r.scheduled.num_tokens != 1]
+    return decodes + others
 
 
-def build_model_input(sched: SchedulerOutput, block_size: int, device: torch.device) -> ModelInput:
-    requests = order_decodes_first(sched.scheduled)
+def build_model_input(requests: list[ScheduledState], block_size: int,
+                      device: torch.device) -> ModelInput:
+    requests = order_decodes_first(requests)
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     query_start = [0]
     seq_lens: list[int] = []
     logits_indices: list[int] = []
-    placeholder_positions: list[int] = []
-    placeholder_request_ids: list[str] = []
-    for req in requests:
+    placeholders: tuple[list[int], list[str], list[int]] = ([], [], [])
+    for item in requests:
+        req, block_ids = item.scheduled, item.state.block_ids
         start, n = req.start_pos, req.num_tokens
-        if req.num_placeholders:
-            if req.num_placeholders > 1:
-                raise ValueError(f"request {req.request_id!r} has {req.num_placeholders} "
-                                 "placeholder tokens; a step fills in at most one")
-            placeholder_positions.append(query_start[-1] + n - 1)
-            placeholder_request_ids.append(req.request_id)
+        _note_placeholders(req, query_start[-1], placeholders)
         input_ids.extend(req.token_ids)
+        input_ids.extend(req.spec_token_ids)
         positions.extend(range(start, start + n))
-        slots.extend(_slots(req.block_ids, block_size, start, n))
+        slots.extend(_slots(block_ids, block_size, start, n))
         query_start.append(query_start[-1] + n)
         seq_lens.append(start + n)
-        if req.sample:
-            logits_indices.append(query_start[-1] - 1)
+        end = query_start[-1]
+        logits_indices.extend(range(end - item.num_sample_rows, end))
 
-    max_blocks = max(len(r.block_ids) for r in requests)
-    tables = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in requests]
+    max_blocks = max(len(r.state.block_ids) for r in requests)
+    tables = [r.state.block_ids + [0] * (max_blocks - len(r.state.block_ids)) for r in requests]
     meta = AttentionMetadata(
         slot_mapping=device_tensor(slots, torch.int64, device),
         query_start_loc=device_tensor(query_start, torch.int32, device),
         seq_lens=device_tensor(seq_lens, torch.int32, device),
         block_tables=device_tensor(tables, torch.int32, device),
-        query_lens_cpu=[r.num_tokens for r in requests],
+        query_lens_cpu=[r.scheduled.num_tokens for r in requests],
         seq_lens_cpu=seq_lens,
-        num_decodes=sum(1 for r in requests if r.num_tokens == 1),
+        num_decodes=sum(1 for r in requests if r.scheduled.num_tokens == 1),
         block_size=block_size,
     )
     return ModelInput(
@@ -73,10 +86,22 @@ def build_model_input(sched: SchedulerOutput, block_size: int, device: torch.dev
         positions=device_tensor(positions, torch.int64, device),
         attn_metadata=meta,
         logits_indices=device_tensor(logits_indices, torch.int64, device),
-        sampling_requests=[r for r in requests if r.sample],
-        placeholder_positions=placeholder_positions,
-        placeholder_request_ids=placeholder_request_ids,
+        sampling_requests=[r for r in requests if r.scheduled.sample],
+        placeholder_positions=placeholders[0],
+        placeholder_request_ids=placeholders[1],
+        placeholder_offsets=placeholders[2],
     )
+
+
+def _note_placeholders(req: ScheduledRequest, query_start: int,
+                       placeholders: tuple[list[int], list[str], list[int]]) -> None:
+    """Record where the request's placeholder tokens sit (the end of its known tokens)."""
+    count = req.num_placeholders
+    first = query_start + len(req.token_ids) - count
+    for k in range(count):
+        placeholders[0].append(first + k)
+        placeholders[1].append(req.request_id)
+        placeholders[2].append(k - count)
 
 
 def _slots(block_ids: list[int], block_size: int, start: int, n: int) -> list[int]:

@@ -1,7 +1,9 @@
 """ModelRunner: owns the model, the KV cache tensors and per-request sampling state.
 
-``execute(scheduler_output) -> RunnerOutput`` is its one verb: build the flat batch, run
-the model, sample one token for each request whose chunk reached its last token.
+``execute(scheduler_output) -> RunnerOutput`` is its one verb: update its copy of each
+request from the message (``request_states.py``), build the flat batch, run the model,
+sample a token for each request whose chunk reached its last token (and one per draft
+token it verifies).
 ``launch`` is the same step without waiting for the tokens (async scheduling): it returns
 a ``PendingOutput``, and fills the step's placeholder tokens from the previous launch's
 samples on the device.
@@ -16,57 +18,85 @@ from ferry import kernels
 from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.platform import DeviceGraphCapture, empty_on_huge_pages
 from ferry.runner.cuda_graphs import DecodeGraphs, GraphCapture
-from ferry.runner.input_batch import ModelInput, build_model_input, device_tensor
-from ferry.runner.pending_output import PendingOutput
-from ferry.runner.sampler import Sampler
+from ferry.runner.drafts import DraftProposer
+from ferry.runner.input_batch import ModelInput, ScheduledState, build_model_input, device_tensor
+from ferry.runner.pending_output import PendingOutput, SampledRequest
+from ferry.runner.request_states import RequestStates
+from ferry.runner.sampler import Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int,
-                 device: torch.device, kv_dtype: torch.dtype) -> None:
+                 device: torch.device, kv_dtype: torch.dtype,
+                 proposer: DraftProposer | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype, device)
         logger.info("kernels: %s", kernels.prepare(device))
         self.sampler = Sampler()
+        self.proposer = proposer
         self.decode_graphs: DecodeGraphs | None = None
+        # Everything known about each request comes from the SchedulerOutput messages.
+        self.requests = RequestStates()
         # Seeded requests keep their generator for their whole life, preemption included,
         # so a seed gives the same tokens alone, in any batch, or after a recompute.
         self._generators: dict[str, torch.Generator] = {}
-        # The last launched step's sampled tokens (N,) on the device and each request's row.
+        # The last launched step's sampled tokens (R,) on the device and each request's
+        # last row in them.
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        """Run one step and wait for its tokens."""
-        return self.launch(sched).result()
+        """Run one step, wait for its tokens, and propose drafts for the next."""
+        output = self.launch(sched).result()
+        if self.proposer is not None:
+            self._propose_drafts(sched, output)
+        return output
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> PendingOutput:
         """Queue one step; on a GPU this returns while the device still runs it."""
-        self.release(sched.finished_request_ids)
+        for request_id in sched.finished_request_ids:
+            self._generators.pop(request_id, None)
+        states = self.requests.update(sched)
         if sched.is_empty:
             return PendingOutput()
-        batch = build_model_input(sched, self.block_size, self.device)
+        batch = build_model_input([ScheduledState(s, state) for s, state in
+                                   zip(sched.scheduled, states)], self.block_size, self.device)
         self._fill_placeholders(batch)
         hidden = None
         if self.decode_graphs is not None:
             hidden = self.decode_graphs.try_run(batch.input_ids, batch.positions, batch.attn_metadata)
         if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_metadata)
-        requests = batch.sampling_requests
-        if not requests:
+        if not batch.sampling_requests:
             self._last_sampled = None
             return PendingOutput()
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # (N, V) float32
-        generators = [self._generator(r.request_id, r.sampling_params.seed) for r in requests]
-        token_ids, logprobs = self.sampler.sample(
-            logits, requests, generators, eos_token_ids=[r.eos_token_ids for r in requests])
-        request_ids = [r.request_id for r in requests]
-        self._last_sampled = (token_ids, {rid: row for row, rid in enumerate(request_ids)})
-        return PendingOutput(request_ids, token_ids, logprobs)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # (R, V) float32
+        rows, generators, sampled = self._sampling_rows(batch.sampling_requests)
+        token_ids, logprobs = self.sampler.sample(logits, rows, generators)
+        self._last_sampled = (token_ids, _last_rows(sampled))
+        return PendingOutput(sampled, token_ids, logprobs)
+
+    def _sampling_rows(self, requests: list[ScheduledState]
+                       ) -> tuple[list[SamplingRow], list[torch.Generator | None], list[SampledRequest]]:
+        """One row per sampled position: row j of a request with k drafts sees its tokens
+        up to draft j (the last k - j tokens of its list are later drafts)."""
+        rows: list[SamplingRow] = []
+        generators: list[torch.Generator | None] = []
+        sampled: list[SampledRequest] = []
+        for item in requests:
+            state, drafts = item.state, item.scheduled.spec_token_ids
+            generator = self._generator(state.request_id, state.sampling_params.seed)
+            first_visible = len(state.token_ids) - len(drafts)
+            for j in range(item.num_sample_rows):
+                rows.append(SamplingRow(state.sampling_params, state.token_ids, first_visible + j,
+                                        state.num_prompt_tokens, state.eos_token_ids))
+                generators.append(generator)
+            sampled.append(SampledRequest(state.request_id, item.num_sample_rows, drafts))
+        return rows, generators, sampled
 
     def _fill_placeholders(self, batch: ModelInput) -> None:
         """Write the previous launch's sampled tokens over this step's placeholders."""
@@ -74,11 +104,23 @@ class ModelRunner:
             return
         if self._last_sampled is None:
             raise RuntimeError("a step has placeholder tokens but the previous step sampled none")
-        tokens, rows = self._last_sampled
-        source = device_tensor([rows[rid] for rid in batch.placeholder_request_ids],
+        tokens, last_row = self._last_sampled
+        source = device_tensor([last_row[rid] + 1 + offset for rid, offset in
+                                zip(batch.placeholder_request_ids, batch.placeholder_offsets)],
                                torch.int64, self.device)
         target = device_tensor(batch.placeholder_positions, torch.int64, self.device)
         batch.input_ids[target] = tokens[source]
+
+    def _propose_drafts(self, sched: SchedulerOutput, output: RunnerOutput) -> None:
+        for scheduled in sched.scheduled:
+            new_tokens = output.sampled_token_ids.get(scheduled.request_id)
+            if not new_tokens:
+                continue
+            state = self.requests.get(scheduled.request_id)
+            verified = state.token_ids[:scheduled.start_pos + len(scheduled.token_ids)] + new_tokens
+            drafts = self.proposer.propose(state.request_id, verified, state.num_prompt_tokens)
+            if drafts:
+                output.spec_token_ids[state.request_id] = list(drafts)
 
     def capture_decode_graphs(self, *, max_num_seqs: int, max_model_len: int,
                               capture: GraphCapture | None = None) -> bool:
@@ -96,10 +138,6 @@ class ModelRunner:
         self.decode_graphs = graphs
         return True
 
-    def release(self, request_ids: set[str]) -> None:
-        for request_id in request_ids:
-            self._generators.pop(request_id, None)
-
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:
             return None
@@ -109,6 +147,15 @@ class ModelRunner:
             gen = torch.Generator(device=self.device).manual_seed(seed)
             self._generators[request_id] = gen
         return gen
+
+
+def _last_rows(sampled: list[SampledRequest]) -> dict[str, int]:
+    """Each request's last row in the step's sampled tokens."""
+    rows, end = {}, 0
+    for request in sampled:
+        end += request.num_rows
+        rows[request.request_id] = end - 1
+    return rows
 
 
 def kv_cache_shape(model: torch.nn.Module, num_blocks: int, block_size: int) -> tuple[int, ...]:

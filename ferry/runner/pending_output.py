@@ -3,8 +3,15 @@
 ``ModelRunner.launch`` returns a ``PendingOutput`` as soon as the step's work is queued on
 the device; ``result()`` waits for the tokens. Meanwhile the engine can schedule the next
 step (async scheduling). On the CPU the step is already done when ``launch`` returns.
+
+A request that verified draft tokens sampled one row per draft plus one: ``result()``
+keeps the drafts that equal the token sampled before them and the token after the last
+match. With greedy rows that is exactly greedy decoding; with random rows every kept
+token is still a draw from the model given the tokens before it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -12,13 +19,23 @@ from ferry.outputs import RunnerOutput, TokenLogprobs
 from ferry.platform import record_event
 
 
+@dataclass
+class SampledRequest:
+    """Which rows of a step's samples are one request's, and the drafts they verify."""
+
+    request_id: str
+    num_rows: int
+    draft_token_ids: list[int]
+
+
 class PendingOutput:
-    def __init__(self, request_ids: list[str] | None = None, tokens: torch.Tensor | None = None,
+    def __init__(self, requests: list[SampledRequest] | None = None,
+                 tokens: torch.Tensor | None = None,
                  logprobs: list[TokenLogprobs | None] | None = None) -> None:
-        """``tokens``: (N,) int64, one per id in ``request_ids``; None for a step that sampled
+        """``tokens``: (R,) int64, the requests' rows in order; None for a step that sampled
         nothing. The copy to the host starts now, behind the step's kernels."""
-        self._request_ids = request_ids or []
-        self._logprobs = logprobs or [None] * len(self._request_ids)
+        self._requests = requests or []
+        self._logprobs = logprobs or [None] * sum(r.num_rows for r in self._requests)
         self._host_tokens = tokens
         self._copied = None
         if tokens is not None and tokens.device.type != "cpu":
@@ -34,9 +51,24 @@ class PendingOutput:
             return out
         if self._copied is not None:
             self._copied.synchronize()
-        for request_id, token_id, logprobs in zip(self._request_ids, self._host_tokens.tolist(),
-                                                  self._logprobs):
-            out.sampled_token_ids[request_id] = token_id
-            if logprobs is not None:
-                out.logprobs[request_id] = logprobs
+        tokens = self._host_tokens.tolist()
+        row = 0
+        for request in self._requests:
+            rows = tokens[row:row + request.num_rows]
+            kept = 1 + num_accepted(request.draft_token_ids, rows)
+            out.sampled_token_ids[request.request_id] = rows[:kept]
+            logprobs = self._logprobs[row:row + kept]
+            if logprobs and logprobs[0] is not None:
+                out.logprobs[request.request_id] = logprobs
+            row += request.num_rows
         return out
+
+
+def num_accepted(drafts: list[int], sampled: list[int]) -> int:
+    """Leading drafts equal to the token sampled at the position before each."""
+    count = 0
+    for draft, target in zip(drafts, sampled):
+        if draft != target:
+            break
+        count += 1
+    return count

@@ -1,7 +1,15 @@
-"""Sampler: turns one row of logits per request into the next token (and its logprobs).
+"""Sampler: turns rows of logits into tokens (and their logprobs).
 
-Order of operations (as vLLM):
+A row is one position that samples: one per request, or with draft tokens one per draft
+and one after them (``SamplingRow`` says which tokens the row sees). Order of operations
+(as vLLM):
 
+0. The logits processors run first, each on the rows it applies to: ``min_tokens`` and
+   the penalties are the built-in ones (1. and 2. below); a grammar bitmask or an
+   adapter's bias plug in as more (``Sampler(extra_processors=...)``). A processor that
+   reads the request's output tokens says so (``reads_output_tokens``); with async
+   scheduling the engine then keeps that request's tokens on the host (see
+   ``SamplingParams.reads_output_tokens``).
 1. ``min_tokens``: while a request has fewer outputs than ``min_tokens``, its EOS ids and
    ``stop_token_ids`` are masked to ``-inf``.
 2. Penalties on the raw logits: repetition penalty HF-style over prompt AND output tokens
@@ -24,45 +32,95 @@ from __future__ import annotations
 
 import torch
 
-from ferry.outputs import ScheduledRequest, TokenLogprobs
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ferry.outputs import PLACEHOLDER_TOKEN, TokenLogprobs
 from ferry.runner.input_batch import device_tensor
 from ferry.sampling_params import SamplingParams
 
 
+@dataclass
+class SamplingRow:
+    """What one row of logits samples for: the request's parameters and the tokens it
+    sees, ``token_ids[:num_tokens]`` (prompt first, then outputs and accepted drafts).
+    ``token_ids`` may be longer (the request's later drafts): rows share one list."""
+
+    sampling_params: SamplingParams
+    token_ids: list[int]
+    num_tokens: int
+    num_prompt_tokens: int
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_outputs(self) -> int:
+        # Placeholders (async scheduling) count: outputs the step before is still sampling.
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:self.num_tokens]
+
+
+class LogitsProcessor(Protocol):
+    """Changes the logits of the rows it applies to, before logprobs and sampling filters.
+
+    ``__call__(logits (N, V) float32, rows) -> logits`` may return a new tensor or the
+    same one; it must not change rows it does not apply to, nor sync with the device
+    except to read host values of ``rows``.
+    """
+
+    reads_output_tokens: bool
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor: ...
+
+
+class MinTokensProcessor:
+    """Forbid EOS and stop token ids for rows that have not reached ``min_tokens`` yet."""
+
+    reads_output_tokens = False
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        return _mask_min_tokens(logits, rows)
+
+
+class PenaltiesProcessor:
+    """Repetition (prompt + output), presence and frequency (output only) penalties."""
+
+    reads_output_tokens = True
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        return _apply_penalties(logits, rows)
+
+
 class Sampler:
-    """Stateless: everything a step needs comes in as arguments."""
+    """Stateless across steps: everything a step needs comes in as arguments."""
 
-    def __call__(self, logits: torch.Tensor, requests: list[ScheduledRequest],
-                 generators: list[torch.Generator | None], *,
-                 eos_token_ids: list[tuple[int, ...]] | None = None,
-                 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """``sample`` with the token ids as a list (one host sync)."""
-        tokens, logprobs = self.sample(logits, requests, generators, eos_token_ids=eos_token_ids)
-        return tokens.tolist(), logprobs
+    def __init__(self, extra_processors: Sequence[LogitsProcessor] = ()) -> None:
+        self.logits_processors: list[LogitsProcessor] = [
+            MinTokensProcessor(), PenaltiesProcessor(), *extra_processors]
 
-    def sample(self, logits: torch.Tensor, requests: list[ScheduledRequest],
-               generators: list[torch.Generator | None], *,
-               eos_token_ids: list[tuple[int, ...]] | None = None,
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow],
+               generators: list[torch.Generator | None],
                ) -> tuple[torch.Tensor, list[TokenLogprobs | None]]:
         """Sample one token per row: a (N,) int64 tensor on the logits' device.
 
         No host sync, except to read back logprobs for the rows that ask for them.
 
-        ``logits``: (N, V), one row per request, in the order of ``requests``.
+        ``logits``: (N, V), in the order of ``rows``.
         ``generators[i]``: the request's own generator when its seed is set, else None;
         a seeded request draws the same tokens whether it runs alone or in any batch.
-        ``eos_token_ids[i]``: the EOS ids masked while the request is below ``min_tokens``
-        (None: each request's own ``eos_token_ids`` field, when it has one, is used).
         Returns the sampled token ids and, per row, ``TokenLogprobs`` when the request
         asked for logprobs, else None. The input ``logits`` tensor is not modified.
         """
-        _check_inputs(logits, requests, generators, eos_token_ids)
-        if not requests:
+        _check_inputs(logits, rows, generators)
+        if not rows:
             return torch.empty(0, dtype=torch.int64, device=logits.device), []
         logits = logits.float()
-        params = [req.sampling_params for req in requests]
-        logits = _mask_min_tokens(logits, requests, eos_token_ids)
-        logits = _apply_penalties(logits, requests)
+        for processor in self.logits_processors:
+            logits = processor(logits, rows)
+        params = [row.sampling_params for row in rows]
         tokens = _choose_tokens(logits, params, generators)  # (N,)
         return tokens, _gather_logprobs(logits, tokens, params)
 
@@ -77,64 +135,50 @@ def _floats(values: list[float], device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- input checks
-def _check_inputs(logits: torch.Tensor, requests: list[ScheduledRequest],
-                  generators: list[torch.Generator | None],
-                  eos_token_ids: list[tuple[int, ...]] | None) -> None:
+def _check_inputs(logits: torch.Tensor, rows: list[SamplingRow],
+                  generators: list[torch.Generator | None]) -> None:
     if logits.dim() != 2:
-        raise ValueError("logits must be 2-D (num_requests, vocab), "
+        raise ValueError("logits must be 2-D (num_rows, vocab), "
                          f"got shape {tuple(logits.shape)}")
-    if logits.shape[0] != len(requests):
-        raise ValueError(f"logits has {logits.shape[0]} rows but {len(requests)} requests "
+    if logits.shape[0] != len(rows):
+        raise ValueError(f"logits has {logits.shape[0]} rows but {len(rows)} sampling rows "
                          "were given")
-    if len(generators) != len(requests):
-        raise ValueError(f"got {len(generators)} generators for {len(requests)} requests; "
+    if len(generators) != len(rows):
+        raise ValueError(f"got {len(generators)} generators for {len(rows)} rows; "
                          "pass None for requests without a seed")
-    if eos_token_ids is not None and len(eos_token_ids) != len(requests):
-        raise ValueError(f"got {len(eos_token_ids)} eos_token_ids entries for "
-                         f"{len(requests)} requests; pass () for requests without EOS")
-
-
-def _num_outputs(req: ScheduledRequest) -> int:
-    # Placeholders: outputs the previous step is still sampling (async scheduling).
-    return len(req.all_token_ids) + req.num_placeholders - req.num_prompt_tokens
 
 
 # ---------------------------------------------------------------- min_tokens
-def _mask_min_tokens(logits: torch.Tensor, requests: list[ScheduledRequest],
-                     eos_token_ids: list[tuple[int, ...]] | None) -> torch.Tensor:
-    """Forbid EOS and stop token ids for rows that have not reached ``min_tokens`` yet."""
+def _mask_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     vocab = logits.shape[1]
-    rows: list[int] = []
+    row_index: list[int] = []
     cols: list[int] = []
-    for i, req in enumerate(requests):
-        if _num_outputs(req) >= req.sampling_params.min_tokens:
+    for i, row in enumerate(rows):
+        if row.num_outputs >= row.sampling_params.min_tokens:
             continue
-        banned = set(req.sampling_params.stop_token_ids)
-        banned.update(eos_token_ids[i] if eos_token_ids is not None
-                      else getattr(req, "eos_token_ids", ()))
+        banned = set(row.sampling_params.stop_token_ids) | set(row.eos_token_ids)
         banned = [t for t in banned if t < vocab]  # ids past the vocab can never be sampled
-        rows.extend([i] * len(banned))
+        row_index.extend([i] * len(banned))
         cols.extend(banned)
-    if not rows:
+    if not row_index:
         return logits
-    index = (_indices(rows, logits.device), _indices(cols, logits.device))
+    index = (_indices(row_index, logits.device), _indices(cols, logits.device))
     return logits.index_put(index, torch.full((), float("-inf"), device=logits.device))
 
 
 # ---------------------------------------------------------------- penalties
-def _apply_penalties(logits: torch.Tensor, requests: list[ScheduledRequest]) -> torch.Tensor:
-    """Repetition (prompt + output), presence and frequency (output only) penalties."""
-    rows = [i for i, req in enumerate(requests) if req.sampling_params.has_penalties]
-    if not rows:
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    chosen_rows = [i for i, row in enumerate(rows) if row.sampling_params.has_penalties]
+    if not chosen_rows:
         return logits
     device = logits.device
-    chosen = [requests[i] for i in rows]
-    if any(req.num_placeholders for req in chosen):
+    chosen = [rows[i] for i in chosen_rows]
+    if any(PLACEHOLDER_TOKEN in row.output_token_ids for row in chosen):
         # The engine resolves the step in flight before scheduling penalized requests.
         raise RuntimeError("penalties need every output token; got a placeholder")
-    sub = logits[_indices(rows, device)]  # (P, V), a copy
+    sub = logits[_indices(chosen_rows, device)]  # (P, V), a copy
     output_counts = _token_counts(chosen, sub.shape[1], device, prompt=False)  # (P, V)
-    if any(req.sampling_params.repetition_penalty != 1.0 for req in chosen):
+    if any(row.sampling_params.repetition_penalty != 1.0 for row in chosen):
         rep = _row_param(chosen, "repetition_penalty", device)  # (P, 1)
         prompt_counts = _token_counts(chosen, sub.shape[1], device, prompt=True)  # (P, V)
         seen = (prompt_counts > 0) | (output_counts > 0)
@@ -143,27 +187,26 @@ def _apply_penalties(logits: torch.Tensor, requests: list[ScheduledRequest]) -> 
     presence = _row_param(chosen, "presence_penalty", device)  # (P, 1)
     frequency = _row_param(chosen, "frequency_penalty", device)  # (P, 1)
     sub = sub - presence * (output_counts > 0) - frequency * output_counts
-    return logits.index_copy(0, _indices(rows, device), sub)
+    return logits.index_copy(0, _indices(chosen_rows, device), sub)
 
 
-def _token_counts(requests: list[ScheduledRequest], vocab: int, device: torch.device,
+def _token_counts(rows: list[SamplingRow], vocab: int, device: torch.device,
                   prompt: bool) -> torch.Tensor:
-    """(P, V) float counts of each token in the prompts (or the outputs) of ``requests``."""
+    """(P, V) float counts of each token in the prompts (or the outputs) of ``rows``."""
     flat_index: list[int] = []
-    for row, req in enumerate(requests):
-        ids = req.all_token_ids
-        part = ids[:req.num_prompt_tokens] if prompt else ids[req.num_prompt_tokens:]
-        flat_index.extend(row * vocab + t for t in part if t < vocab)
-    counts = torch.zeros(len(requests) * vocab, device=device)
+    for i, row in enumerate(rows):
+        part = row.token_ids[:row.num_prompt_tokens] if prompt else row.output_token_ids
+        flat_index.extend(i * vocab + t for t in part if 0 <= t < vocab)
+    counts = torch.zeros(len(rows) * vocab, device=device)
     if flat_index:
         index = _indices(flat_index, device)
         counts.scatter_add_(0, index, torch.ones(len(flat_index), device=device))
-    return counts.view(len(requests), vocab)
+    return counts.view(len(rows), vocab)
 
 
-def _row_param(requests: list[ScheduledRequest], name: str, device: torch.device) -> torch.Tensor:
-    """(P, 1) float tensor of one sampling parameter, one value per request."""
-    values = [float(getattr(req.sampling_params, name)) for req in requests]
+def _row_param(rows: list[SamplingRow], name: str, device: torch.device) -> torch.Tensor:
+    """(P, 1) float tensor of one sampling parameter, one value per row."""
+    values = [float(getattr(row.sampling_params, name)) for row in rows]
     return _floats(values, device).unsqueeze(1)
 
 

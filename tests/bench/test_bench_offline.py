@@ -58,7 +58,7 @@ def test_model_cost_matches_transformers(model_dir):
     from ferry.llm import LLM
 
     llm = LLM(model=str(model_dir), kv_cache_memory="64MiB", device="cpu")
-    model = llm.engine.runner.model
+    model = llm.engine.executor.runner.model
     cost = model_cost(model, model_dir, torch.float32)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     hf_config = AutoConfig.from_pretrained(model_dir)

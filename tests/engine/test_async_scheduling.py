@@ -20,7 +20,7 @@ from test_scheduler import (FakeRunner, RandomLoad, assert_all_blocks_free, chec
 class PipelinedFakeRunner(FakeRunner):
     def __init__(self, scheduler):
         super().__init__(scheduler)
-        self.last_sampled: dict[str, int] = {}
+        self.last_sampled: dict[str, list[int]] = {}
         self.computed: dict[str, int] = {}     # request -> tokens whose KV was computed
 
     def launch(self, output: SchedulerOutput) -> RunnerOutput:
@@ -28,7 +28,7 @@ class PipelinedFakeRunner(FakeRunner):
         for s in filled:
             assert s.start_pos + s.num_tokens <= self.scheduler.max_model_len
             self.computed[s.request_id] = self.computed.get(s.request_id, 0) + s.num_tokens
-        result = self.execute(SchedulerOutput(scheduled=filled))
+        result = self.execute(dataclasses.replace(output, scheduled=filled))
         self.last_sampled = dict(result.sampled_token_ids)
         return result
 
@@ -38,10 +38,10 @@ class PipelinedFakeRunner(FakeRunner):
             return s
         assert s.num_placeholders == 1 and s.token_ids[-1] == PLACEHOLDER_TOKEN
         assert s.num_tokens == 1, "a placeholder only ever decodes"
-        token = self.last_sampled[s.request_id]
+        token = self.last_sampled[s.request_id][-1]
         # The host's token list does not have this token yet: the step before is in flight.
-        assert len(s.all_token_ids) == s.start_pos
-        return dataclasses.replace(s, token_ids=[token], all_token_ids=s.all_token_ids + [token])
+        assert len(self.scheduler.get_request(s.request_id).all_token_ids) == s.start_pos
+        return dataclasses.replace(s, token_ids=[token], num_placeholders=0)
 
 
 def run_pipelined(scheduler, runner, on_step=None, min_steps=0, max_steps=600):
@@ -97,8 +97,8 @@ def test_second_step_is_scheduled_with_a_placeholder_before_the_first_token_is_k
     assert decode.token_ids == [PLACEHOLDER_TOKEN] and decode.num_placeholders == 1
     assert decode.start_pos == 6 and decode.sample
     assert scheduler.schedule().is_empty   # two tokens in flight: nothing more to compute
-    scheduler.update_from_output(first, RunnerOutput({"a": 11}))
-    scheduler.update_from_output(second, RunnerOutput({"a": 12}))
+    scheduler.update_from_output(first, RunnerOutput({"a": [11]}))
+    scheduler.update_from_output(second, RunnerOutput({"a": [12]}))
     request = scheduler.get_request("a")
     assert request.output_token_ids == [11, 12] and request.num_output_placeholders == 0
 

@@ -10,10 +10,12 @@ import random
 
 import pytest
 
+from ferry.config import EngineConfig
 from ferry.engine.request_queue import create_request_queue
 from ferry.engine.scheduler import Scheduler
 from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.request import Request, RequestStatus
+from ferry.runner.request_states import RequestStates
 from ferry.sampling_params import SamplingParams
 
 
@@ -33,42 +35,63 @@ def reference_generate(prompt, max_tokens):
 
 
 class FakeRunner:
-    """Writes token ids into a simulated KV cache and samples from what it reads back."""
+    """Writes token ids into a simulated KV cache and samples from what it reads back.
+
+    Like the real runner it knows the requests only from the messages (``RequestStates``):
+    block tables and tokens are rebuilt from the deltas, so a wrong delta changes tokens.
+    """
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
         manager = scheduler.kv_cache_manager
         self.block_size = manager.block_size
         self.kv = [[None] * manager.block_size for _ in range(manager.num_blocks)]
+        self.states = RequestStates()
 
     def slot(self, block_ids, pos):
         return block_ids[pos // self.block_size], pos % self.block_size
 
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         pool = self.scheduler.kv_cache_manager.block_pool
+        states = self.states.update(output)
         written = {}
-        for s in output.scheduled:          # KV of the whole batch is written first
-            assert s.token_ids == s.all_token_ids[s.start_pos:s.start_pos + s.num_tokens]
-            assert len(s.block_ids) * self.block_size >= s.start_pos + s.num_tokens
-            for offset, token in enumerate(s.token_ids):
-                block, index = self.slot(s.block_ids, s.start_pos + offset)
+        for s, state in zip(output.scheduled, states):   # KV of the whole batch is written first
+            assert state.block_ids == self.scheduler.kv_cache_manager.get_block_ids(s.request_id)
+            assert len(state.block_ids) * self.block_size >= s.start_pos + s.num_tokens
+            for offset, token in enumerate(s.token_ids + s.spec_token_ids):
+                block, index = self.slot(state.block_ids, s.start_pos + offset)
                 assert pool.ref_count(block) == 1, "writing into a shared block"
                 assert written.setdefault(block, s.request_id) == s.request_id
                 self.kv[block][index] = token
         sampled = {}
-        for s in output.scheduled:
+        for s, state in zip(output.scheduled, states):
             if s.sample:
-                seen = [self.kv[b][i] for b, i in
-                        (self.slot(s.block_ids, p) for p in range(s.start_pos + s.num_tokens))]
-                sampled[s.request_id] = next_token(seen)
+                sampled[s.request_id] = self.sample(s, state)
         return RunnerOutput(sampled_token_ids=sampled)
+
+    def sample(self, s, state):
+        """The next token after the last known one, and after each draft that matched."""
+        end = s.start_pos + len(s.token_ids)
+        tokens = []
+        for j in range(len(s.spec_token_ids) + 1):
+            seen = [self.kv[b][i] for b, i in
+                    (self.slot(state.block_ids, p) for p in range(end + j))]
+            tokens.append(next_token(seen))
+            if j < len(s.spec_token_ids) and s.spec_token_ids[j] != tokens[-1]:
+                break
+        return tokens
 
 
 def make_scheduler(**overrides):
     args = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512, num_blocks=64,
                 block_size=4, prefill_parallelism=4)
     args.update(overrides)
-    return Scheduler(**args)
+    config = EngineConfig.from_flat(**{k: v for k, v in args.items() if k not in _RUNTIME})
+    return Scheduler(config.scheduler, config.cache,
+                     **{k: v for k, v in args.items() if k in _RUNTIME})
+
+
+_RUNTIME = ("max_model_len", "num_blocks", "async_scheduling")
 
 
 _clock = itertools.count()
@@ -87,7 +110,7 @@ def check_step(scheduler, output):
     assert output.num_batched_tokens <= scheduler.max_num_batched_tokens
     assert len(output.scheduled) <= scheduler.max_num_seqs
     assert len(scheduler.running) <= scheduler.max_num_seqs
-    assert sum(s.num_tokens > 1 for s in output.scheduled) <= scheduler.prefill_parallelism
+    assert sum(len(s.token_ids) > 1 for s in output.scheduled) <= scheduler.prefill_parallelism
     assert len({s.request_id for s in output.scheduled}) == len(output.scheduled)
 
 
@@ -409,7 +432,8 @@ class ScriptedRunner:
         self.script = list(script)
 
     def execute(self, output):
-        return RunnerOutput({s.request_id: self.script.pop(0) for s in output.scheduled if s.sample})
+        return RunnerOutput({s.request_id: [self.script.pop(0)] for s in output.scheduled
+                             if s.sample})
 
 
 def generate_with_script(script, max_model_len=512, **request_args):
@@ -440,11 +464,16 @@ def test_scheduled_request_carries_what_the_runner_needs():
     scheduler = make_scheduler()
     request = make_request("r", [1, 2, 3], eos=[9, 10], min_tokens=2)
     scheduler.add_request(request)
-    (share,) = scheduler.schedule().scheduled
-    assert share.eos_token_ids == (9, 10)
-    assert share.sampling_params is request.sampling_params
-    assert share.all_token_ids is request.all_token_ids and share.num_prompt_tokens == 3
-    assert share.block_ids == scheduler.kv_cache_manager.get_block_ids("r")
+    output = scheduler.schedule()
+    (new,), (share,) = output.new_requests, output.scheduled
+    assert new.eos_token_ids == (9, 10) and new.prompt_token_ids == [1, 2, 3]
+    assert new.sampling_params is request.sampling_params
+    assert share.token_ids == [1, 2, 3] and share.num_kept_blocks == 0
+    assert share.new_block_ids == scheduler.kv_cache_manager.get_block_ids("r")
+    scheduler.update_from_output(output, RunnerOutput({"r": [5]}))
+    second = scheduler.schedule()
+    assert second.new_requests == []                       # sent once
+    assert second.scheduled[0].token_ids == [5] and second.scheduled[0].num_kept_blocks == 1
 
 
 def test_min_tokens_suppresses_an_early_eos():

@@ -72,7 +72,7 @@ def test_decode_graph_steps_match_hf_on_triton_kernels(tmp_path, triton_kernels)
     prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (5, 11, 8)]
     llm = LLM(model_dir, dtype="float32", device=DEVICE, kv_cache_memory="16MiB", max_num_seqs=4,
               enforce_eager=True)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     capture = None if DEVICE == "cuda" else EagerReplay()
     assert runner.capture_decode_graphs(max_num_seqs=4, max_model_len=llm.engine.max_model_len,
                                         capture=capture)
@@ -105,7 +105,7 @@ def test_async_launch_never_waits_for_the_device(tmp_path):
     def generate(setting: str, strict: bool):
         llm = LLM(model_dir, dtype="float32", device="cuda", max_num_seqs=4,
                   gpu_memory_utilization=0.2, async_scheduling=setting)
-        runner = llm.engine.runner
+        runner = llm.engine.executor.runner
         launch = runner.launch
 
         def strict_launch(sched):

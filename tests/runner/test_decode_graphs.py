@@ -68,9 +68,9 @@ def test_graph_steps_give_the_eager_tokens_and_hf_tokens(mistral_dir):
 
     llm = LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=8)
     capture = CountingReplay()
-    assert llm.engine.runner.capture_decode_graphs(max_num_seqs=8, max_model_len=llm.engine.max_model_len,
+    assert llm.engine.executor.runner.capture_decode_graphs(max_num_seqs=8, max_model_len=llm.engine.max_model_len,
                                                    capture=capture)
-    graphs = llm.engine.runner.decode_graphs
+    graphs = llm.engine.executor.runner.decode_graphs
     assert graphs.buckets == [1, 2, 4, 8]
     with_graphs = _generate(llm, prompts, max_tokens)
 
@@ -85,7 +85,7 @@ def test_graph_steps_give_the_eager_tokens_and_hf_tokens(mistral_dir):
 
 def test_only_decode_only_steps_within_the_largest_bucket_use_a_graph(mistral_dir):
     llm = LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=4)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     graphs = DecodeGraphs(runner.model, runner.kv_caches, max_num_seqs=4, max_model_len=64,
                           block_size=16, device=torch.device("cpu"), capture=EagerReplay())
 
@@ -110,9 +110,9 @@ def test_a_failed_capture_leaves_the_runner_eager(mistral_dir, caplog):
 
     llm = LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=4)
     with caplog.at_level(logging.WARNING):
-        assert not llm.engine.runner.capture_decode_graphs(max_num_seqs=4, max_model_len=64,
+        assert not llm.engine.executor.runner.capture_decode_graphs(max_num_seqs=4, max_model_len=64,
                                                            capture=Broken())
-    assert llm.engine.runner.decode_graphs is None
+    assert llm.engine.executor.runner.decode_graphs is None
     assert "running eagerly" in caplog.text
     prompts = _prompts()[:2]
     assert len(_generate(llm, prompts, [3, 3])) == 2
@@ -126,7 +126,7 @@ def test_graphs_with_async_scheduling_fill_placeholders_before_the_copy(mistral_
     llm = LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=8,
               async_scheduling="on")
     capture = CountingReplay()
-    assert llm.engine.runner.capture_decode_graphs(max_num_seqs=8, max_model_len=llm.engine.max_model_len,
+    assert llm.engine.executor.runner.capture_decode_graphs(max_num_seqs=8, max_model_len=llm.engine.max_model_len,
                                                    capture=capture)
     assert _generate(llm, prompts, max_tokens) == eager
     assert sum(capture.replays) >= 8

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ferry import LLM
-from ferry.engine import model_setup
-from ferry.engine.model_setup import profile_peak_activation
+from ferry.runner import model_setup
+from ferry.runner.model_setup import profile_peak_activation
 from ferry.runner import memory
 from ferry.runner.sampler import Sampler
 from tiny_models import make_tiny_model
@@ -65,7 +65,7 @@ def test_profile_runs_the_largest_forward_and_samples_every_row(tmp_path, monkey
     monkeypatch.setattr(Sampler, "sample", spy)
 
     forward_tokens = []
-    model = llm.engine.runner.model
+    model = llm.engine.executor.runner.model
     monkeypatch.setattr(model, "forward", lambda ids, *a, _f=model.forward: (
         forward_tokens.append(ids.shape[0]), _f(ids, *a))[1])
     peak = profile_peak_activation(model, llm.config, torch.device("cpu"))

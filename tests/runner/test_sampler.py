@@ -6,24 +6,27 @@ import math
 import pytest
 import torch
 
-from ferry.outputs import ScheduledRequest
-from ferry.runner.sampler import Sampler
+from ferry.runner.sampler import Sampler, SamplingRow
 from ferry.sampling_params import SamplingParams
 
 VOCAB = 12
 
 
-def make_request(params: SamplingParams, prompt=(1, 2, 3), output=()) -> ScheduledRequest:
+def make_request(params: SamplingParams, prompt=(1, 2, 3), output=(), eos=()) -> SamplingRow:
     tokens = list(prompt) + list(output)
-    return ScheduledRequest(request_id="r", token_ids=[tokens[-1]], start_pos=len(tokens) - 1,
-                            block_ids=[0], sample=True, sampling_params=params,
-                            all_token_ids=tokens, num_prompt_tokens=len(prompt))
+    return SamplingRow(params, tokens, len(tokens), len(prompt), tuple(eos))
+
+
+def sample_tokens(logits, rows, generators):
+    """``Sampler.sample`` with the tokens as a list (one host sync)."""
+    tokens, logprobs = Sampler().sample(logits, rows, generators)
+    return tokens.tolist(), logprobs
 
 
 def sample(logits, params_list, generators=None, **kwargs):
     requests = [make_request(p) for p in params_list]
     generators = generators if generators is not None else [None] * len(requests)
-    return Sampler()(logits, requests, generators, **kwargs)
+    return sample_tokens(logits, requests, generators, **kwargs)
 
 
 def random_logits(rows: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor:
@@ -138,7 +141,7 @@ def seeded_run(steps: int, logits_per_step, batch_builder) -> list[int]:
     out = []
     for step in range(steps):
         logits, requests, generators, position = batch_builder(logits_per_step[step], generator)
-        tokens, _ = Sampler()(logits, requests, generators)
+        tokens, _ = sample_tokens(logits, requests, generators)
         out.append(tokens[position])
     return out
 
@@ -205,7 +208,7 @@ def test_penalties_match_reference_formula():
         SamplingParams(temperature=0.0, presence_penalty=-1.0, frequency_penalty=1.5, logprobs=10),
     ]
     requests = [make_request(p, prompt, output) for p in all_params]
-    tokens, logprobs = Sampler()(logits, requests, [None] * 4)
+    tokens, logprobs = sample_tokens(logits, requests, [None] * 4)
     for row, params in enumerate(all_params):
         expected = torch.tensor(reference_penalties(logits[row].tolist(), prompt, output, params))
         expected_logprobs = torch.log_softmax(expected, dim=-1)
@@ -221,7 +224,7 @@ def test_penalties_only_count_tokens_of_their_own_request():
     params = SamplingParams(temperature=0.0, frequency_penalty=1.0, logprobs=6)
     requests = [make_request(params, prompt=[0], output=[1, 1]),
                 make_request(params, prompt=[0], output=[2])]
-    _, logprobs = Sampler()(logits, requests, [None, None])
+    _, logprobs = sample_tokens(logits, requests, [None, None])
     first = dict(logprobs[0].top)
     second = dict(logprobs[1].top)
     assert first[2] == pytest.approx(first[3]) and first[1] < first[2]
@@ -252,9 +255,9 @@ def test_logprobs_equal_log_softmax_of_logits():
 def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     logits = torch.tensor([[0.0, 5.0, 4.0, 3.0, 1.0]] * 2)  # 1 is EOS, 2 a stop id
     params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[2])
-    early = make_request(params, prompt=[0], output=[4])
-    done = make_request(params, prompt=[0], output=[4, 4])
-    tokens, _ = Sampler()(logits, [early, done], [None, None], eos_token_ids=[(1,), (1,)])
+    early = make_request(params, prompt=[0], output=[4], eos=(1,))
+    done = make_request(params, prompt=[0], output=[4, 4], eos=(1,))
+    tokens, _ = sample_tokens(logits, [early, done], [None, None])
     assert tokens == [3, 1]
 
 
@@ -267,9 +270,8 @@ def test_min_tokens_without_eos_ids_masks_only_stop_ids():
 
 def test_min_tokens_reads_eos_from_the_request_when_not_passed():
     logits = torch.tensor([[0.0, 5.0, 6.0, 3.0]])
-    request = make_request(SamplingParams(temperature=0.0, min_tokens=1))
-    request.eos_token_ids = (2,)  # the scheduler fills this field
-    tokens, _ = Sampler()(logits, [request], [None])
+    request = make_request(SamplingParams(temperature=0.0, min_tokens=1), eos=(2,))
+    tokens, _ = sample_tokens(logits, [request], [None])
     assert tokens == [1]
 
 
@@ -284,7 +286,7 @@ def test_input_logits_are_not_modified():
 
 
 def test_empty_batch():
-    assert Sampler()(torch.zeros(0, VOCAB), [], []) == ([], [])
+    assert sample_tokens(torch.zeros(0, VOCAB), [], []) == ([], [])
 
 
 @pytest.mark.parametrize("build", [
@@ -295,12 +297,7 @@ def test_empty_batch():
 def test_bad_inputs_raise_value_error(build):
     logits, requests, generators = build()
     with pytest.raises(ValueError):
-        Sampler()(logits, requests, generators)
-
-
-def test_bad_eos_list_raises_value_error():
-    with pytest.raises(ValueError, match="eos_token_ids"):
-        sample(torch.zeros(1, VOCAB), [SamplingParams()], eos_token_ids=[(1,), (2,)])
+        Sampler().sample(logits, requests, generators)
 
 
 def test_probabilities_are_finite_for_extreme_logits():

@@ -1,0 +1,101 @@
+"""Find a checkpoint and read what the engine needs of it without loading weights.
+
+A local directory or a hub id (none: the bundled demo model); its ``config.json``, the
+tokenizer, the EOS ids and the context length. No torch here: the engine (pure Python)
+reads these, and the runner side loads the weights (``ferry/models/loader.py``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+# Mistral repos ship a duplicate consolidated checkpoint; Llama repos an original/ folder.
+HUB_IGNORE_PATTERNS = ["consolidated*.safetensors", "original/*"]
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded (or found in the HF cache).
+
+    Honours HF_HUB_OFFLINE / HF_HUB_CACHE. Raises ValueError when neither works.
+    """
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise ValueError(f"model path {model!r} is a file; pass the checkpoint directory")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id=model, revision=revision,
+                                      allow_patterns=HUB_ALLOW_PATTERNS,
+                                      ignore_patterns=HUB_IGNORE_PATTERNS))
+    except Exception as exc:  # hub errors come in many types; all mean "not available"
+        raise ValueError(f"model {model!r} (revision {revision or 'main'}) was not found locally "
+                         f"or on the Hugging Face hub: {type(exc).__name__}: {exc}") from exc
+
+
+def resolve_model_dir(model_path: str | None, revision: str | None = None) -> Path:
+    """The checkpoint directory of ``model_path``; None means the bundled demo model."""
+    if model_path is None:
+        from ferry.demo import demo_model_path
+        return demo_model_path()
+    return resolve_model_path(model_path, revision)
+
+
+def load_hf_config(path: str | Path) -> Any:
+    """The checkpoint's ``transformers`` config (no remote code)."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read a model config from {path}: {exc}") from exc
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ValueError(f"could not load a tokenizer from {source}: {exc}") from None
+
+
+def check_checkpoint_unquantized(hf_config: Any, model_dir: Path) -> None:
+    quant = getattr(hf_config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
+        raise ValueError(f"{model_dir} is a quantized checkpoint ({method}); loading quantized "
+                         f"checkpoints is not supported by this version of ferry yet")
+
+
+def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
+    """``requested`` when it fits the model's positions; the model's own length when None."""
+    model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if requested is None:
+        return int(model_max)
+    if requested > model_max:
+        raise ValueError(f"max_model_len={requested} is longer than the model's "
+                         f"max_position_embeddings ({model_max})")
+    return requested
+
+
+def resolve_eos_token_ids(model_dir: Path, hf_config: Any, tokenizer) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (may be a list), else config, else tokenizer."""
+    candidates = []
+    gen_path = model_dir / "generation_config.json"
+    if gen_path.exists():
+        candidates.append(json.loads(gen_path.read_text()).get("eos_token_id"))
+    candidates += [getattr(hf_config, "eos_token_id", None), tokenizer.eos_token_id]
+    for value in candidates:
+        if value is not None:
+            return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+    return ()
+
+
+def default_served_name(model_path: str | None) -> str:
+    """The API's model name: a local directory's name, a hub id as typed, or ferry-demo."""
+    if model_path is None:
+        return "ferry-demo"
+    path = Path(model_path)
+    return path.resolve().name if path.is_dir() else model_path

@@ -1,0 +1,44 @@
+"""The Executor interface: the engine's only way to reach the model.
+
+Everything crosses it as plain data: ``SchedulerOutput`` in, ``RunnerOutput`` out, and a
+``RuntimeConfig`` from start-up, so an implementation may run its runners in other
+processes. No torch here: the engine imports this module.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from ferry.config import RuntimeConfig
+from ferry.outputs import RunnerOutput, SchedulerOutput
+
+
+class Executor(ABC):
+    """Start-up is ``profile()`` then ``initialize_cache(num_blocks)``; then one
+    ``execute`` per step, or ``launch`` + ``collect`` to overlap (async scheduling)."""
+
+    #: The device the runners use (``ferry.platform.Platform``), for the server's probes.
+    platform: Any
+
+    @abstractmethod
+    def profile(self) -> int:
+        """KV blocks that fit beside the loaded model (every worker's minimum)."""
+
+    @abstractmethod
+    def initialize_cache(self, num_blocks: int) -> RuntimeConfig:
+        """Allocate ``num_blocks`` KV blocks (and device graphs); the resolved run-time view."""
+
+    @abstractmethod
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """Run one step and wait for its tokens."""
+
+    @abstractmethod
+    def launch(self, scheduler_output: SchedulerOutput) -> Any:
+        """Queue one step; returns a handle for :meth:`collect` (the device may still run it)."""
+
+    @abstractmethod
+    def collect(self, handle: Any) -> RunnerOutput:
+        """Wait for a launched step's tokens."""
+
+    def shutdown(self) -> None:
+        """Release workers and devices (nothing to do in-process)."""
