@@ -60,7 +60,9 @@ class MergedLinear(LinearBase):
             offset += size
         super().__init__(input_size, list(shard_sizes.values()), bias, dtype, prefix, weight_methods)
         for param in self.parameters(recurse=False):
-            if param.weight_loader is default_weight_loader and getattr(param, "output_dim", None) is not None:
+            # a method's own loader (e.g. per-shard scalars) wins; the rest split by output
+            splittable = getattr(param, "output_dim", None) is not None
+            if splittable and param.weight_loader is default_weight_loader:
                 param.weight_loader = self.load_shard
 
     def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
