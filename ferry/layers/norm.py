@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ferry import kernels
-from ferry.layers.linear import new_parameter
+from ferry.layers.parameter import new_parameter
 
 
 class RMSNorm(nn.Module):

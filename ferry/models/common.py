@@ -19,6 +19,7 @@ from ferry.layers.embedding import LMHead, VocabEmbedding
 from ferry.layers.linear import Linear, MergedLinear, QKVLinear
 from ferry.layers.norm import RMSNorm
 from ferry.layers.rotary import RotaryEmbedding, get_rope_parameters
+from ferry.layers.weight_methods import WeightMethods, child_prefix
 from ferry.kernels.attn_metadata import AttentionMetadata
 
 
@@ -58,15 +59,17 @@ class DecoderAttention(nn.Module):
     """qkv_proj -> (q/k norm) -> rotary -> paged attention -> o_proj."""
 
     def __init__(self, hf_config: Any, options: DecoderOptions, layer_index: int,
-                 dtype: torch.dtype | None):
+                 dtype: torch.dtype | None, prefix: str = "", weight_methods: WeightMethods | None = None):
         super().__init__()
         hidden_size = hf_config.hidden_size
         self.num_heads = hf_config.num_attention_heads
         self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = options.head_dim or hidden_size // self.num_heads
         self.qkv_proj = QKVLinear(hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
-                                  bias=options.qkv_bias, dtype=dtype)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size, bias=options.o_bias, dtype=dtype)
+                                  bias=options.qkv_bias, dtype=dtype,
+                                  prefix=child_prefix(prefix, "qkv_proj"), weight_methods=weight_methods)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden_size, bias=options.o_bias, dtype=dtype,
+                             prefix=child_prefix(prefix, "o_proj"), weight_methods=weight_methods)
         self.q_norm = self.k_norm = None
         if options.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps, dtype)
@@ -93,13 +96,17 @@ class DecoderAttention(nn.Module):
 class DecoderMLP(nn.Module):
     """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x)) with gate/up packed."""
 
-    def __init__(self, hf_config: Any, options: DecoderOptions, dtype: torch.dtype | None):
+    def __init__(self, hf_config: Any, options: DecoderOptions, dtype: torch.dtype | None,
+                 prefix: str = "", weight_methods: WeightMethods | None = None):
         super().__init__()
         inter = hf_config.intermediate_size
         self.gate_up_proj = MergedLinear(hf_config.hidden_size, {0: inter, 1: inter},
-                                         bias=options.mlp_bias, dtype=dtype)
+                                         bias=options.mlp_bias, dtype=dtype,
+                                         prefix=child_prefix(prefix, "gate_up_proj"),
+                                         weight_methods=weight_methods)
         self.act_fn = SiluAndMul()
-        self.down_proj = Linear(inter, hf_config.hidden_size, bias=options.mlp_bias, dtype=dtype)
+        self.down_proj = Linear(inter, hf_config.hidden_size, bias=options.mlp_bias, dtype=dtype,
+                                prefix=child_prefix(prefix, "down_proj"), weight_methods=weight_methods)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))     # (T, hidden)
@@ -109,10 +116,11 @@ class DecoderLayer(nn.Module):
     """Pre-norm block; the residual stream is carried separately so norms fuse the add."""
 
     def __init__(self, hf_config: Any, options: DecoderOptions, layer_index: int,
-                 dtype: torch.dtype | None):
+                 dtype: torch.dtype | None, prefix: str = "", weight_methods: WeightMethods | None = None):
         super().__init__()
-        self.self_attn = DecoderAttention(hf_config, options, layer_index, dtype)
-        self.mlp = DecoderMLP(hf_config, options, dtype)
+        self.self_attn = DecoderAttention(hf_config, options, layer_index, dtype,
+                                          child_prefix(prefix, "self_attn"), weight_methods)
+        self.mlp = DecoderMLP(hf_config, options, dtype, child_prefix(prefix, "mlp"), weight_methods)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype)
 
@@ -132,11 +140,14 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """embed_tokens -> layers -> norm (HF's ``model.`` prefix)."""
 
-    def __init__(self, hf_config: Any, options: DecoderOptions, dtype: torch.dtype | None):
+    def __init__(self, hf_config: Any, options: DecoderOptions, dtype: torch.dtype | None,
+                 prefix: str = "model", weight_methods: WeightMethods | None = None):
         super().__init__()
-        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(hf_config, options, i, dtype)
-                                    for i in range(hf_config.num_hidden_layers))
+        self.embed_tokens = VocabEmbedding(hf_config.vocab_size, hf_config.hidden_size, dtype,
+                                           child_prefix(prefix, "embed_tokens"), weight_methods)
+        self.layers = nn.ModuleList(
+            DecoderLayer(hf_config, options, i, dtype, child_prefix(prefix, f"layers.{i}"), weight_methods)
+            for i in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
@@ -153,7 +164,8 @@ class CausalLM(nn.Module):
     """A decoder-only LM as the runner sees it.
 
     Subclasses implement ``decoder_options(hf_config)``. Parameters start uninitialised;
-    ``ferry.models.loader.get_model`` fills them from the checkpoint.
+    ``ferry.models.loader.get_model`` fills them from the checkpoint. ``weight_methods``
+    picks each layer's weight format by checkpoint prefix (None: all unquantized).
     """
 
     # HF checkpoint sub-module -> (packed module here, shard id)
@@ -167,7 +179,8 @@ class CausalLM(nn.Module):
     # checkpoint tensors that are expected but unused (substring match)
     ignored_checkpoint_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
 
-    def __init__(self, hf_config: Any, dtype: torch.dtype | None = None):
+    def __init__(self, hf_config: Any, dtype: torch.dtype | None = None,
+                 weight_methods: WeightMethods | None = None):
         super().__init__()
         options = self.decoder_options(hf_config)
         self.options = options
@@ -177,10 +190,10 @@ class CausalLM(nn.Module):
         self.head_dim: int = options.head_dim or resolve_head_dim(hf_config)
         self.vocab_size: int = hf_config.vocab_size
         self.sliding_window: int | None = _uniform_window(options.layer_sliding_windows, self.num_layers)
-        self.model = DecoderModel(hf_config, options, dtype)
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, dtype)
-        if options.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
+        self.model = DecoderModel(hf_config, options, dtype, "model", weight_methods)
+        tied = self.model.embed_tokens if options.tie_word_embeddings else None
+        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size, dtype, "lm_head",
+                              weight_methods, tie_to=tied)
 
     @classmethod
     def decoder_options(cls, hf_config: Any) -> DecoderOptions:

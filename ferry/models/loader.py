@@ -2,7 +2,9 @@
 
 Weights load from ``*.safetensors`` only (single file or sharded with an index); pickle
 checkpoints (.bin/.pt) are refused. Every model parameter must be filled: a missing tensor
-or a wrong shape is a ValueError naming it; unexpected extra tensors are logged.
+or a wrong shape is a ValueError naming it; unexpected extra tensors are logged. Tensors
+land through each parameter's ``weight_loader`` and layout attributes, whatever the weight
+format; then every layer's weight method prepares its weights once.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ferry.checkpoint import load_hf_config, resolve_model_path  # noqa: F401 - re-exported
-from ferry.layers.linear import use_column_major_weights
+from ferry.layers.parameter import default_weight_loader
+from ferry.layers.weight_methods import WeightMethods, process_weights_after_loading
 from ferry.models.common import CausalLM
 from ferry.models.registry import get_model_class
 
@@ -26,15 +29,19 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
-def get_model(model_dir: Path, hf_config: Any, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """Build the architecture's ``CausalLM`` on ``device`` in ``dtype`` and load its weights."""
+def get_model(model_dir: Path, hf_config: Any, dtype: torch.dtype, device: torch.device,
+              weight_methods: WeightMethods | None = None) -> CausalLM:
+    """Build the architecture's ``CausalLM`` on ``device`` in ``dtype`` and load its weights.
+
+    ``weight_methods`` picks each layer's weight format (None: all unquantized). After
+    loading, every layer's method prepares its weights once, for the device they are on.
+    """
     model_cls = get_model_class(hf_config)
     files = find_safetensors_files(Path(model_dir))
     with torch.device(device):
-        model = model_cls(hf_config, dtype=dtype)
+        model = model_cls(hf_config, dtype=dtype, weight_methods=weight_methods)
     load_weights(model, files, Path(model_dir))
-    if device.type == "cpu":
-        use_column_major_weights(model)
+    process_weights_after_loading(model)
     return model.eval()
 
 
@@ -106,8 +113,9 @@ def load_weights(model: CausalLM, files: list[Path], model_dir: Path) -> None:
                     unexpected.append(name)
                 continue
             param, shard_id = targets[name]
+            weight_loader = getattr(param, "weight_loader", default_weight_loader)
             try:
-                param.weight_loader(param, tensor, shard_id)
+                weight_loader(param, tensor, shard_id)
             except ValueError as exc:
                 raise ValueError(f"tensor {name!r} in {model_dir}: {exc}") from None
             loaded.add(name)
