@@ -22,7 +22,6 @@ from ferry.config import EngineConfig
 from ferry.server.async_engine import AsyncEngine, engine_executor
 from ferry.server.errors import APIError, install_error_handlers
 from ferry.server.metrics import ServerMetrics
-from ferry.server.probes import energy_probe, memory_probe
 from ferry.server.protocol import DetokenizeRequest, TokenizeRequest
 from ferry.server.serving_chat import create_chat_completion
 from ferry.server.serving_common import ServerState, check_model, parse_body
@@ -47,11 +46,7 @@ def ferry_version() -> str:
 
 def build_state(engine: Any, config: EngineConfig,
                 executor: ThreadPoolExecutor | None = None) -> ServerState:
-    platform = getattr(engine, "platform", None)
-    vendor = getattr(platform, "vendor", "cpu")
-    metrics = ServerMetrics(engine.served_model_name, getattr(engine, "quant_type", "none"),
-                            vendor, memory_probe=memory_probe(platform),
-                            energy_probe=energy_probe(platform))
+    metrics = _server_metrics(engine)
     async_engine = AsyncEngine(engine, max_waiting_requests=config.max_waiting_requests,
                                metrics=metrics, executor=executor)
     tokenizer = _own_tokenizer(engine.tokenizer)
@@ -61,6 +56,16 @@ def build_state(engine: Any, config: EngineConfig,
                        model_root=str(getattr(engine, "model_dir", config.model_path)),
                        max_model_len=engine.max_model_len,
                        vocab_size=vocab_size, metrics=metrics, config=config)
+
+
+def _server_metrics(engine: Any) -> ServerMetrics:
+    """The server's metrics, with the platform's memory and energy probes where it has them
+    (an engine without a platform, e.g. a test double, reports as a CPU)."""
+    platform = getattr(engine, "platform", None)
+    return ServerMetrics(engine.served_model_name, getattr(engine, "quant_type", "none"),
+                         getattr(platform, "vendor", "cpu"),
+                         memory_probe=platform.memory_probe() if platform else None,
+                         energy_probe=platform.energy_probe() if platform else None)
 
 
 def _own_tokenizer(tokenizer: Any) -> Any:
