@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
 
-from ferry.kernels.aot import (  # noqa: E402
+from ferry.tools.aot import (  # noqa: E402
     SHARED_LIMITS, TARGETS, CompileResult, compile_matrix_in_subprocess,
 )
 from ferry.kernels.triton._common import AOT_DTYPES  # noqa: E402

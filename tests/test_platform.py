@@ -1,4 +1,5 @@
-"""Platform detection: the CPU for real, NVIDIA and AMD GPUs through a mocked torch.cuda."""
+"""Platform detection, probes and capabilities: the CPU for real, NVIDIA and AMD GPUs through a
+mocked torch.cuda."""
 from __future__ import annotations
 
 import sys
@@ -7,8 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ferry import platform as plat
-from ferry.platform import arch_family, detect_platform, device_arch
+from ferry.platform import arch_family, capabilities, detect_platform, device_arch, kernel_backend
 
 
 def fake_gpu(monkeypatch, *, hip: str | None, props: SimpleNamespace, count: int = 1,
@@ -20,7 +20,7 @@ def fake_gpu(monkeypatch, *, hip: str | None, props: SimpleNamespace, count: int
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: props)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, props.total_memory))
-    monkeypatch.setattr(plat, "triton_importable", lambda: True)
+    monkeypatch.setattr(capabilities, "triton_importable", lambda: True)
 
 
 def no_gpu(monkeypatch, *, hip: str | None = None, cuda: str | None = None) -> None:
@@ -41,7 +41,9 @@ def test_cpu_detection_is_real_and_plain():
     assert not platform.use_triton_kernels
     assert platform.total_memory_bytes > 0
     assert 0 < platform.free_memory_bytes() <= platform.total_memory_bytes
-    assert platform.power_watts() is None and platform.energy_joules() is None
+    assert platform.energy_joules() is None
+    assert platform.memory_probe() is None and platform.energy_probe() is None
+    assert platform.memory_used_bytes() == 0
 
 
 def test_auto_without_gpu_falls_back_to_cpu(monkeypatch):
@@ -101,43 +103,73 @@ def test_gpu_index_out_of_range(monkeypatch):
 
 def test_no_triton_means_reference_kernels(monkeypatch):
     fake_gpu(monkeypatch, hip=None, props=H100)
-    monkeypatch.setattr(plat, "triton_importable", lambda: False)
+    monkeypatch.setattr(capabilities, "triton_importable", lambda: False)
     platform = detect_platform("cuda")
     assert not platform.triton_available and not platform.use_triton_kernels
 
 
-def test_nvidia_power_and_energy_through_pynvml(monkeypatch):
+def test_nvidia_energy_through_pynvml(monkeypatch):
     fake_gpu(monkeypatch, hip=None, props=H100)
-    monkeypatch.delattr(torch.cuda, "power_draw", raising=False)
+    opened = []
     fake_nvml = SimpleNamespace(
-        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda index: f"handle{index}",
-        nvmlDeviceGetPowerUsage=lambda handle: 350_000,                 # milliwatts
+        nvmlInit=lambda: opened.append(1), nvmlDeviceGetHandleByIndex=lambda index: f"handle{index}",
         nvmlDeviceGetTotalEnergyConsumption=lambda handle: 7_000_000)   # millijoules
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml)
     platform = detect_platform("cuda")
-    assert platform.power_watts() == pytest.approx(350.0)
     assert platform.energy_joules() == pytest.approx(7000.0)
+    probe = platform.energy_probe()
+    opened.clear()
+    assert probe() == pytest.approx(7000.0) and probe() == pytest.approx(7000.0)
+    assert not opened                       # the library is opened once, not per reading
 
 
-def test_amd_power_and_energy_through_amdsmi(monkeypatch):
+def test_amd_energy_through_amdsmi(monkeypatch):
     fake_gpu(monkeypatch, hip="6.2", props=MI300X)
-    monkeypatch.delattr(torch.cuda, "power_draw", raising=False)
     fake_smi = SimpleNamespace(
         amdsmi_init=lambda: None, amdsmi_get_processor_handles=lambda: ["gpu0"],
-        amdsmi_get_power_info=lambda handle: {"current_socket_power": "N/A", "average_socket_power": 512},
         amdsmi_get_energy_count=lambda handle: {"energy_accumulator": 2_000_000, "counter_resolution": 15.3})
     monkeypatch.setitem(sys.modules, "amdsmi", fake_smi)
     platform = detect_platform("rocm")
-    assert platform.power_watts() == pytest.approx(512.0)
     assert platform.energy_joules() == pytest.approx(2_000_000 * 15.3 / 1e6)
 
 
-def test_probes_return_none_without_vendor_libraries(monkeypatch):
+def test_no_energy_probe_without_vendor_library_or_counter(monkeypatch):
     fake_gpu(monkeypatch, hip=None, props=H100)
-    monkeypatch.delattr(torch.cuda, "power_draw", raising=False)
     monkeypatch.setitem(sys.modules, "pynvml", None)      # import fails
     platform = detect_platform("cuda")
-    assert platform.power_watts() is None and platform.energy_joules() is None
+    assert platform.energy_probe() is None and platform.energy_joules() is None
+
+    def no_counter(handle):
+        raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")     # pre-Volta: no energy counter
+    monkeypatch.setitem(sys.modules, "pynvml", SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda index: "h",
+        nvmlDeviceGetTotalEnergyConsumption=no_counter))
+    assert platform.energy_probe() is None
+
+
+def test_gpu_memory_probe_reads_reserved_memory_of_its_device(monkeypatch):
+    fake_gpu(monkeypatch, hip=None, props=H100, count=2)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "memory_reserved",
+                        lambda device=None: asked.append(device) or 3 * 2**30)
+    probe = detect_platform("cuda:1").memory_probe()
+    assert probe() == 3 * 2**30 and asked == [torch.device("cuda", 1)]
+
+
+def test_kernel_backend_per_device_type(monkeypatch):
+    monkeypatch.setattr(capabilities, "triton_importable", lambda: True)
+    assert kernel_backend("cuda") == "triton"
+    monkeypatch.setattr(capabilities, "triton_importable", lambda: False)
+    assert kernel_backend("cuda") == "reference"
+    monkeypatch.setattr(capabilities, "cxx_compiler", lambda: "/usr/bin/c++")
+    monkeypatch.delenv("FERRY_CPU_KERNELS", raising=False)
+    assert kernel_backend("cpu") == "cpu"
+    monkeypatch.setenv("FERRY_CPU_KERNELS", "0")
+    assert kernel_backend("cpu") == "reference"
+    monkeypatch.delenv("FERRY_CPU_KERNELS")
+    monkeypatch.setattr(capabilities, "cxx_compiler", lambda: None)
+    assert kernel_backend("cpu") == "reference"
+    assert kernel_backend("meta") == "reference"
 
 
 def test_device_arch_and_family(monkeypatch):

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ferry.platform import synchronize
+
 # Dense bf16 tensor-core peaks from vendor datasheets (FLOP/s); more specific names first.
 _PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12),
                     ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
@@ -40,12 +42,10 @@ def measure_copy_bandwidth(device: torch.device, num_bytes: int | None = None,
     dst.copy_(src)  # warm up (allocation, page faults)
     best = float("inf")
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     del src, dst
     return 2 * num_bytes / best

@@ -1,64 +1,62 @@
 """The single dispatch point for compute kernels.
 
 Layers call ops through this module (``from ferry import kernels; kernels.rms_norm(...)``),
-never a backend directly, so the backend is chosen in one place:
+never a backend directly, so the backend is chosen in one place. Which backend can run on a
+device type is the platform's answer (``ferry.platform.kernel_backend``):
 
-- tensors on a CUDA or ROCm device, when Triton imports: the Triton kernels
-  (``ferry/kernels/triton/``);
-- CPU tensors, when the C++ kernels build (a compiler is present and
-  ``FERRY_CPU_KERNELS`` is not 0): ``ferry/kernels/cpu/``;
-- otherwise the PyTorch reference (``ferry/kernels/reference.py``).
+- "triton": tensors on a CUDA or ROCm device, when Triton imports (``ferry/kernels/triton/``);
+- "cpu": CPU tensors, when the C++ kernels are enabled (``FERRY_CPU_KERNELS`` is not 0), a
+  compiler is present and they build (``ferry/kernels/cpu/``);
+- "reference": otherwise, the PyTorch reference (``ferry/kernels/reference.py``).
 
 All three have the same signatures and semantics; the reference is the oracle the other
 two are tested against, and the fallback wherever they cannot run.
 """
 from __future__ import annotations
 
-import functools
+from types import ModuleType
 
 import torch
 
 from ferry.kernels import reference
-from ferry.platform import triton_importable
-
+from ferry.platform import kernel_backend
 
 # The ops every backend implements (the tests reroute them all to one backend).
 OP_NAMES = ("write_kv_cache", "paged_attention", "rms_norm", "fused_add_rms_norm",
             "apply_rotary", "silu_and_mul")
 
-
-@functools.cache
-def _triton_ops():
-    """ferry.kernels.triton, imported on the first GPU call: importing it imports triton,
-    and the CPU tests must be able to set TRITON_INTERPRET before that happens."""
-    if not triton_importable():
-        return None
-    import ferry.kernels.triton as triton_ops
-    return triton_ops
+# device type -> backend module. Dispatch runs per op per layer per step: after the first
+# call on a device type it is one dict lookup.
+_ops_by_device_type: dict[str, ModuleType] = {}
 
 
-@functools.cache
-def _cpu_ops():
-    import ferry.kernels.cpu as cpu_ops
-    return cpu_ops if cpu_ops.available() else None
+def _ops_for(tensor: torch.Tensor) -> ModuleType:
+    device_type = tensor.device.type
+    ops = _ops_by_device_type.get(device_type)
+    return ops if ops is not None else _load_ops(device_type)
 
 
-def _ops_for(tensor: torch.Tensor):
-    if tensor.is_cuda and (ops := _triton_ops()) is not None:  # ROCm tensors are "cuda" too
-        return ops
-    if tensor.device.type == "cpu" and (ops := _cpu_ops()) is not None:
-        return ops
-    return reference
+def _load_ops(device_type: str) -> ModuleType:
+    """Import the backend the platform names for ``device_type`` and remember it. Triton is
+    imported here, on the first GPU call, not at import time: the CPU tests must be able to
+    set TRITON_INTERPRET before that happens."""
+    backend = kernel_backend(device_type)
+    ops: ModuleType = reference
+    if backend == "triton":
+        import ferry.kernels.triton as ops
+    elif backend == "cpu":
+        import ferry.kernels.cpu as cpu_ops
+        if cpu_ops.available():          # False when the build failed: the reference runs
+            ops = cpu_ops
+    _ops_by_device_type[device_type] = ops
+    return ops
 
 
 def prepare(device: torch.device) -> str:
     """Load (and on the CPU, build) the backend for ``device`` now rather than on the first
     request; returns its name: "triton", "cpu" (C++) or "reference"."""
-    if device.type == "cuda" and _triton_ops() is not None:
-        return "triton"
-    if device.type == "cpu" and _cpu_ops() is not None:
-        return "cpu"
-    return "reference"
+    ops = _ops_by_device_type.get(device.type) or _load_ops(device.type)
+    return "reference" if ops is reference else ops.__name__.rsplit(".", 1)[-1]
 
 
 def write_kv_cache(key, value, kv_cache, slot_mapping) -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ferry.kernels.attn_metadata import AttentionMetadata
+from ferry.kernels.checks import check_paged_attention_args
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -41,11 +42,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     itself). Computed in float32, returned in the query's dtype as (T, H, D). Rows past
     ``query_start_loc[-1]`` (padding) are zero.
     """
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    if query.shape[1] % kv_cache.shape[3]:
-        raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of the cache's "
-                         f"KV heads ({kv_cache.shape[3]})")
+    check_paged_attention_args(query, kv_cache, meta, sliding_window)
     output = torch.zeros_like(query)
     num_decodes = meta.num_decodes
     if num_decodes:

@@ -24,7 +24,6 @@ from ferry.config import FerryConfig, ServerConfig
 from ferry.server.async_engine import AsyncEngine, engine_executor
 from ferry.server.errors import APIError, install_error_handlers
 from ferry.server.metrics import ServerMetrics
-from ferry.server.probes import energy_probe, memory_probe
 from ferry.server.protocol import DetokenizeRequest, TokenizeRequest
 from ferry.server.serving_chat import create_chat_completion
 from ferry.server.serving_common import ServerState, check_model, parse_body
@@ -50,11 +49,7 @@ def ferry_version() -> str:
 def build_state(engine: Any, config: ServerConfig,
                 executor: ThreadPoolExecutor | None = None) -> ServerState:
     """Everything the handlers share, around ``engine``, limited by ``config``."""
-    platform = getattr(engine, "platform", None)
-    vendor = getattr(platform, "vendor", "cpu")
-    metrics = ServerMetrics(engine.served_model_name, getattr(engine, "quant_type", "none"),
-                            vendor, memory_probe=memory_probe(platform),
-                            energy_probe=energy_probe(platform))
+    metrics = _server_metrics(engine)
     async_engine = AsyncEngine(engine, max_waiting_requests=config.max_waiting_requests,
                                metrics=metrics, executor=executor)
     tokenizer = _own_tokenizer(engine.tokenizer)
@@ -71,6 +66,16 @@ def _given_model_path(engine: Any) -> str | None:
     """The model as named at start (``--model``), from the engine's own config if it has one."""
     config = getattr(engine, "config", None)
     return getattr(getattr(config, "model", None), "model_path", None)
+
+
+def _server_metrics(engine: Any) -> ServerMetrics:
+    """The server's metrics, with the platform's memory and energy probes where it has them
+    (an engine without a platform, e.g. a test double, reports as a CPU)."""
+    platform = getattr(engine, "platform", None)
+    return ServerMetrics(engine.served_model_name, getattr(engine, "quant_type", "none"),
+                         getattr(platform, "vendor", "cpu"),
+                         memory_probe=platform.memory_probe() if platform else None,
+                         energy_probe=platform.energy_probe() if platform else None)
 
 
 def _own_tokenizer(tokenizer: Any) -> Any:

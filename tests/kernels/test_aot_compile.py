@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from ferry.kernels import aot  # noqa: E402
+from ferry.tools import aot  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 from ferry.kernels import reference
 from ferry.kernels.cpu._lib import DTYPE_CODES, check, functions
 from ferry.kernels.attn_metadata import AttentionMetadata
+from ferry.kernels.checks import check_paged_attention_args
 
 
 def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -22,7 +23,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
                     scale: float, sliding_window: int | None = None) -> torch.Tensor:
     if not supports(query, kv_cache):
         return reference.paged_attention(query, kv_cache, meta, scale, sliding_window)
-    _check_args(query, kv_cache, meta, sliding_window)
+    check_paged_attention_args(query, kv_cache, meta, sliding_window)
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     query = query.contiguous()
@@ -41,17 +42,3 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     if used < num_tokens:
         out[used:] = 0  # padding rows, as the reference returns them
     return out
-
-
-def _check_args(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                sliding_window: int | None) -> None:
-    """What the kernel would otherwise read out of bounds for: ValueError, as the reference."""
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    if query.shape[1] % kv_cache.shape[3]:
-        raise ValueError(f"query heads ({query.shape[1]}) must be a multiple of the cache's "
-                         f"KV heads ({kv_cache.shape[3]})")
-    if query.shape[2] != kv_cache.shape[4]:
-        raise ValueError(f"head dim of query ({query.shape[2]}) and kv_cache ({kv_cache.shape[4]}) differ")
-    if meta.max_seq_len > meta.block_tables.shape[1] * kv_cache.shape[2]:
-        raise ValueError("block_tables are too narrow for the longest sequence")

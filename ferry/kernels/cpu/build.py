@@ -17,10 +17,14 @@ import functools
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+# The platform decides whether the C++ kernels may run (opt-out, compiler); named here as
+# this module's own so that the tests can replace them.
+from ferry.platform import cpu_kernels_enabled as enabled
+from ferry.platform import cxx_compiler as find_compiler
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +37,6 @@ FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", 
 def cache_dir() -> Path:
     root = os.environ.get("FERRY_CACHE_DIR") or Path.home() / ".cache" / "ferry"
     return Path(root) / "cpu_kernels"
-
-
-def enabled() -> bool:
-    return os.environ.get("FERRY_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def find_compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
 
 
 @functools.cache

@@ -7,6 +7,7 @@ from ferry.kernels.triton._common import check_same_device, last_dim_contiguous
 from ferry.kernels.triton.paged_decode import paged_decode_attention
 from ferry.kernels.triton.paged_prefill import paged_prefill_attention
 from ferry.kernels.attn_metadata import AttentionMetadata
+from ferry.kernels.checks import check_paged_attention_args
 
 # Stands for "no sliding window": larger than any context, small enough for int32 maths.
 NO_WINDOW = 1 << 30
@@ -39,27 +40,12 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 
 def _check_args(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 sliding_window: int | None) -> None:
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-    if query.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(f"query must be (T, H, D) and kv_cache (2, num_blocks, block_size, Hkv, D), "
-                         f"got {tuple(query.shape)} and {tuple(kv_cache.shape)}")
-    num_heads, head_dim = query.shape[1:]
-    if kv_cache.shape[4] != head_dim:
-        raise ValueError(f"head dim of query ({head_dim}) and kv_cache ({kv_cache.shape[4]}) differ")
-    if num_heads % kv_cache.shape[3]:
-        raise ValueError(f"query heads ({num_heads}) must be a multiple of the cache's "
-                         f"KV heads ({kv_cache.shape[3]})")
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {head_dim} is above the Triton kernels' limit of {MAX_HEAD_DIM}")
-    if kv_cache.shape[2] != meta.block_size:
-        raise ValueError(f"kv_cache block size {kv_cache.shape[2]} != metadata block_size {meta.block_size}")
+    """The shared checks, then the Triton kernels' own limits."""
+    check_paged_attention_args(query, kv_cache, meta, sliding_window)
+    if query.shape[2] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {query.shape[2]} is above the Triton kernels' limit of {MAX_HEAD_DIM}")
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache's last dim must be contiguous")
-    if any(q != 1 for q in meta.query_lens_cpu[:meta.num_decodes]):
-        raise ValueError("the first meta.num_decodes sequences must have query_len == 1")
-    if sum(meta.query_lens_cpu) > query.shape[0]:
-        raise ValueError(f"metadata covers {sum(meta.query_lens_cpu)} tokens, query has {query.shape[0]}")
     check_same_device(query, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc)
 
 

@@ -175,7 +175,7 @@ def compile_matrix_in_subprocess(targets: Iterable[str] | None = None,
         if fresh_cache:
             env["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton-cache")
         out_path = os.path.join(tmp, "results.json")
-        cmd = [sys.executable, "-m", "ferry.kernels.aot", json.dumps(request), out_path]
+        cmd = [sys.executable, "-m", "ferry.tools.aot", json.dumps(request), out_path]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"AOT compile subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
