@@ -79,7 +79,8 @@ def run_ferry(args, shape: ModelShape, device: torch.device, out: Path) -> None:
     start = time.perf_counter()
     llm = LLM(str(args.model_dir), **{k: v for k, v in kwargs.items() if v is not None})
     cfg = llm.config.to_flat()
-    graphs = llm.engine.executor.runner.decode_graphs   # None: eager (flag, CPU, or capture failed)
+    # None: eager (flag, CPU, or capture failed)
+    graphs = llm.engine.executor.runner.decode_graphs
     results: dict = {"load_s": time.perf_counter() - start,
                      "config": {key: cfg[key] for key in (
                          "max_num_seqs", "max_num_batched_tokens", "enforce_eager",

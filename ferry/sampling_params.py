@@ -1,7 +1,7 @@
 """SamplingParams: how one request's tokens are chosen, validated once at construction."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 _GREEDY_EPS = 1e-5
 

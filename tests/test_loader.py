@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ferry.models.loader import get_model, load_hf_config, resolve_model_path
+from ferry.checkpoint import load_hf_config, resolve_model_path
+from ferry.models.loader import get_model
 from ferry.models.registry import supported_architectures
 from tiny_models import make_sharded
 

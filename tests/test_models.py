@@ -11,7 +11,8 @@ from functools import lru_cache
 import pytest
 import torch
 
-from ferry.models.loader import get_model, load_hf_config
+from ferry.checkpoint import load_hf_config
+from ferry.models.loader import get_model
 from paged_helpers import BlockAllocator, make_kv_caches, make_metadata
 
 ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3"]

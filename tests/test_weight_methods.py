@@ -20,7 +20,8 @@ from ferry.layers.linear import Linear, MergedLinear
 from ferry.layers.linear_method import LinearMethod, UnquantizedLinearMethod
 from ferry.layers.parameter import new_parameter, shard_view
 from ferry.layers.weight_methods import UnquantizedWeightMethods, process_weights_after_loading
-from ferry.models.loader import get_model, load_hf_config
+from ferry.checkpoint import load_hf_config
+from ferry.models.loader import get_model
 
 CPU = torch.device("cpu")
 PACK = 8                                        # int4 values per int32

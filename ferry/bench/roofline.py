@@ -74,7 +74,8 @@ class ModelCost:
 
 
 def model_cost(model: torch.nn.Module, model_dir: str | Path, kv_dtype: torch.dtype) -> ModelCost:
-    """Cost figures of a loaded ferry model (``engine.executor.runner.model``) and its config.json."""
+    """Cost figures of a loaded ferry model (``engine.executor.runner.model``) and its
+    config.json."""
     named = list(model.named_parameters())
     weight_bytes = sum(p.numel() * p.element_size() for _, p in named)
     has_lm_head = any("lm_head" in name for name, _ in named)

@@ -1,4 +1,4 @@
-"""Find a checkpoint (local dir or hub id), read its config, build and load the model.
+"""Build a checkpoint's model and load its weights (``ferry.checkpoint`` finds the checkpoint).
 
 Weights load from ``*.safetensors`` only (single file or sharded with an index); pickle
 checkpoints (.bin/.pt) are refused. Every model parameter must be filled: a missing tensor
@@ -17,7 +17,6 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ferry.checkpoint import load_hf_config, resolve_model_path  # noqa: F401 - re-exported
 from ferry.layers.parameter import default_weight_loader
 from ferry.layers.weight_methods import WeightMethods, process_weights_after_loading
 from ferry.models.common import CausalLM

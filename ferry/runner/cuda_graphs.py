@@ -28,7 +28,6 @@ from typing import Protocol
 import torch
 
 from ferry.kernels.attn_metadata import AttentionMetadata
-from ferry.platform import DeviceGraphCapture  # noqa: F401 - the GPU capture backend
 
 logger = logging.getLogger(__name__)
 

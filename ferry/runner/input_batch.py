@@ -119,3 +119,11 @@ def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> tor
     if device.type == "cpu":
         return torch.tensor(values, dtype=dtype)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    return device_tensor(values, torch.int64, device)
+
+
+def float_tensor(values: list[float], device: torch.device) -> torch.Tensor:
+    return device_tensor(values, torch.float32, device)

@@ -30,68 +30,15 @@ entirely when no row needs it (an all-greedy batch without penalties is one argm
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
-
-from ferry.outputs import PLACEHOLDER_TOKEN, TokenLogprobs
-from ferry.runner.input_batch import device_tensor
+from ferry.outputs import TokenLogprobs
+from ferry.runner.input_batch import float_tensor, index_tensor
+from ferry.runner.logits_processors import (LogitsProcessor, MinTokensProcessor,
+                                            PenaltiesProcessor, SamplingRow)
 from ferry.sampling_params import SamplingParams
-
-
-@dataclass
-class SamplingRow:
-    """What one row of logits samples for: the request's parameters and the tokens it
-    sees, ``token_ids[:num_tokens]`` (prompt first, then outputs and accepted drafts).
-    ``token_ids`` may be longer (the request's later drafts): rows share one list."""
-
-    sampling_params: SamplingParams
-    token_ids: list[int]
-    num_tokens: int
-    num_prompt_tokens: int
-    eos_token_ids: tuple[int, ...] = ()
-
-    @property
-    def num_outputs(self) -> int:
-        # Placeholders (async scheduling) count: outputs the step before is still sampling.
-        return self.num_tokens - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:self.num_tokens]
-
-
-class LogitsProcessor(Protocol):
-    """Changes the logits of the rows it applies to, before logprobs and sampling filters.
-
-    ``__call__(logits (N, V) float32, rows) -> logits`` may return a new tensor or the
-    same one; it must not change rows it does not apply to, nor sync with the device
-    except to read host values of ``rows``.
-    """
-
-    reads_output_tokens: bool
-
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor: ...
-
-
-class MinTokensProcessor:
-    """Forbid EOS and stop token ids for rows that have not reached ``min_tokens`` yet."""
-
-    reads_output_tokens = False
-
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        return _mask_min_tokens(logits, rows)
-
-
-class PenaltiesProcessor:
-    """Repetition (prompt + output), presence and frequency (output only) penalties."""
-
-    reads_output_tokens = True
-
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        return _apply_penalties(logits, rows)
 
 
 class Sampler:
@@ -125,15 +72,6 @@ class Sampler:
         return tokens, _gather_logprobs(logits, tokens, params)
 
 
-# ---------------------------------------------------------------- host values on the device
-def _indices(values: list[int], device: torch.device) -> torch.Tensor:
-    return device_tensor(values, torch.int64, device)
-
-
-def _floats(values: list[float], device: torch.device) -> torch.Tensor:
-    return device_tensor(values, torch.float32, device)
-
-
 # ---------------------------------------------------------------- input checks
 def _check_inputs(logits: torch.Tensor, rows: list[SamplingRow],
                   generators: list[torch.Generator | None]) -> None:
@@ -148,68 +86,6 @@ def _check_inputs(logits: torch.Tensor, rows: list[SamplingRow],
                          "pass None for requests without a seed")
 
 
-# ---------------------------------------------------------------- min_tokens
-def _mask_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    vocab = logits.shape[1]
-    row_index: list[int] = []
-    cols: list[int] = []
-    for i, row in enumerate(rows):
-        if row.num_outputs >= row.sampling_params.min_tokens:
-            continue
-        banned = set(row.sampling_params.stop_token_ids) | set(row.eos_token_ids)
-        banned = [t for t in banned if t < vocab]  # ids past the vocab can never be sampled
-        row_index.extend([i] * len(banned))
-        cols.extend(banned)
-    if not row_index:
-        return logits
-    index = (_indices(row_index, logits.device), _indices(cols, logits.device))
-    return logits.index_put(index, torch.full((), float("-inf"), device=logits.device))
-
-
-# ---------------------------------------------------------------- penalties
-def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    chosen_rows = [i for i, row in enumerate(rows) if row.sampling_params.has_penalties]
-    if not chosen_rows:
-        return logits
-    device = logits.device
-    chosen = [rows[i] for i in chosen_rows]
-    if any(PLACEHOLDER_TOKEN in row.output_token_ids for row in chosen):
-        # The engine resolves the step in flight before scheduling penalized requests.
-        raise RuntimeError("penalties need every output token; got a placeholder")
-    sub = logits[_indices(chosen_rows, device)]  # (P, V), a copy
-    output_counts = _token_counts(chosen, sub.shape[1], device, prompt=False)  # (P, V)
-    if any(row.sampling_params.repetition_penalty != 1.0 for row in chosen):
-        rep = _row_param(chosen, "repetition_penalty", device)  # (P, 1)
-        prompt_counts = _token_counts(chosen, sub.shape[1], device, prompt=True)  # (P, V)
-        seen = (prompt_counts > 0) | (output_counts > 0)
-        penalized = torch.where(sub > 0, sub / rep, sub * rep)
-        sub = torch.where(seen, penalized, sub)
-    presence = _row_param(chosen, "presence_penalty", device)  # (P, 1)
-    frequency = _row_param(chosen, "frequency_penalty", device)  # (P, 1)
-    sub = sub - presence * (output_counts > 0) - frequency * output_counts
-    return logits.index_copy(0, _indices(chosen_rows, device), sub)
-
-
-def _token_counts(rows: list[SamplingRow], vocab: int, device: torch.device,
-                  prompt: bool) -> torch.Tensor:
-    """(P, V) float counts of each token in the prompts (or the outputs) of ``rows``."""
-    flat_index: list[int] = []
-    for i, row in enumerate(rows):
-        part = row.token_ids[:row.num_prompt_tokens] if prompt else row.output_token_ids
-        flat_index.extend(i * vocab + t for t in part if 0 <= t < vocab)
-    counts = torch.zeros(len(rows) * vocab, device=device)
-    if flat_index:
-        index = _indices(flat_index, device)
-        counts.scatter_add_(0, index, torch.ones(len(flat_index), device=device))
-    return counts.view(len(rows), vocab)
-
-
-def _row_param(rows: list[SamplingRow], name: str, device: torch.device) -> torch.Tensor:
-    """(P, 1) float tensor of one sampling parameter, one value per row."""
-    values = [float(getattr(row.sampling_params, name)) for row in rows]
-    return _floats(values, device).unsqueeze(1)
-
-
 # ---------------------------------------------------------------- token choice
 def _choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
                    generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -220,7 +96,7 @@ def _choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
     if len(random_rows) == len(params):
         return _sample(logits, params, generators)
     tokens = _argmax(logits)  # (N,)
-    index = _indices(random_rows, logits.device)
+    index = index_tensor(random_rows, logits.device)
     drawn = _sample(logits[index], [params[i] for i in random_rows],
                     [generators[i] for i in random_rows])
     return tokens.index_copy(0, index, drawn)
@@ -236,7 +112,7 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams],
             generators: list[torch.Generator | None]) -> torch.Tensor:
     """(R,) long: temperature, top-k, top-p, min-p, then the exponential race."""
     device = logits.device
-    temperature = _floats([p.temperature for p in params], device)
+    temperature = float_tensor([p.temperature for p in params], device)
     logits = logits / temperature.unsqueeze(1)  # (R, V)
     logits = _top_k_top_p(logits, params)
     probs = torch.softmax(logits, dim=-1)  # (R, V)
@@ -254,11 +130,11 @@ def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Te
     device = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # (R, V)
     if use_top_k:
-        k = _indices([p.top_k if p.top_k > 0 else vocab for p in params], device)
+        k = index_tensor([p.top_k if p.top_k > 0 else vocab for p in params], device)
         position = torch.arange(vocab, device=device).expand(rows, vocab)  # (R, V)
         sorted_logits = sorted_logits.masked_fill(position >= k.unsqueeze(1), float("-inf"))
     if use_top_p:
-        top_p = _floats([p.top_p for p in params], device).unsqueeze(1)  # (R, 1)
+        top_p = float_tensor([p.top_p for p in params], device).unsqueeze(1)  # (R, 1)
         sorted_probs = torch.softmax(sorted_logits, dim=-1)  # (R, V)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (R, V)
         # A token stays while the mass of the better tokens is still short of top_p: this
@@ -273,7 +149,7 @@ def _min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Zero tokens whose probability is below ``min_p`` times the row's largest."""
     if not any(p.min_p > 0 for p in params):
         return probs
-    min_p = _floats([p.min_p for p in params], probs.device).unsqueeze(1)  # (R, 1)
+    min_p = float_tensor([p.min_p for p in params], probs.device).unsqueeze(1)  # (R, 1)
     threshold = min_p * probs.amax(dim=-1, keepdim=True)  # (R, 1)
     # The top token always survives (its prob equals the max), so no row becomes empty.
     return probs.masked_fill(probs < threshold, 0.0)
@@ -289,7 +165,7 @@ def _exponential_noise(probs: torch.Tensor,
         noise.exponential_()
     else:
         if unseeded:
-            index = _indices(unseeded, probs.device)
+            index = index_tensor(unseeded, probs.device)
             noise[index] = torch.empty(len(unseeded), vocab, device=probs.device).exponential_()
         for i, gen in enumerate(generators):
             if gen is not None:
@@ -309,7 +185,7 @@ def _gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
         return result
-    index = _indices(rows, logits.device)
+    index = index_tensor(rows, logits.device)
     logprobs = torch.log_softmax(logits[index], dim=-1)  # (L, V)
     chosen_ids = tokens[index]  # (L,)
     chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()

@@ -68,8 +68,9 @@ def test_graph_steps_give_the_eager_tokens_and_hf_tokens(mistral_dir):
 
     llm = LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=8)
     capture = CountingReplay()
-    assert llm.engine.executor.runner.capture_decode_graphs(max_num_seqs=8, max_model_len=llm.engine.max_model_len,
-                                                   capture=capture)
+    runner = llm.engine.executor.runner
+    assert runner.capture_decode_graphs(max_num_seqs=8, max_model_len=llm.engine.max_model_len,
+                                        capture=capture)
     graphs = llm.engine.executor.runner.decode_graphs
     assert graphs.buckets == [1, 2, 4, 8]
     with_graphs = _generate(llm, prompts, max_tokens)
@@ -110,8 +111,8 @@ def test_a_failed_capture_leaves_the_runner_eager(mistral_dir, caplog):
 
     llm = LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=4)
     with caplog.at_level(logging.WARNING):
-        assert not llm.engine.executor.runner.capture_decode_graphs(max_num_seqs=4, max_model_len=64,
-                                                           capture=Broken())
+        assert not llm.engine.executor.runner.capture_decode_graphs(
+            max_num_seqs=4, max_model_len=64, capture=Broken())
     assert llm.engine.executor.runner.decode_graphs is None
     assert "running eagerly" in caplog.text
     prompts = _prompts()[:2]
@@ -126,7 +127,8 @@ def test_graphs_with_async_scheduling_fill_placeholders_before_the_copy(mistral_
     llm = LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=8,
               async_scheduling="on")
     capture = CountingReplay()
-    assert llm.engine.executor.runner.capture_decode_graphs(max_num_seqs=8, max_model_len=llm.engine.max_model_len,
-                                                   capture=capture)
+    runner = llm.engine.executor.runner
+    assert runner.capture_decode_graphs(max_num_seqs=8, max_model_len=llm.engine.max_model_len,
+                                        capture=capture)
     assert _generate(llm, prompts, max_tokens) == eager
     assert sum(capture.replays) >= 8

@@ -17,6 +17,7 @@ from ferry.engine.engine import Engine
 from ferry.executor.in_process import InProcessExecutor
 from ferry.sampling_params import SamplingParams
 from hf_reference import assert_greedy_matches, hf_greedy
+from test_decode_graphs import CountingReplay
 from test_engine_e2e import _budget_for_blocks
 from tiny_models import make_tiny_model
 
@@ -131,3 +132,32 @@ def test_drafts_give_exactly_the_greedy_tokens_and_free_every_block(llama_dir, m
             assert_greedy_matches(tokens, hf_greedy(llama_dir, prompt, len(tokens)), "drafts")
     # Fewer steps than tokens when drafts are accepted: the point of verifying them.
     assert engine.get_stats().num_generation_tokens_total == sum(map(len, reference))
+
+
+class EveryOtherStep(SeededDrafter):
+    """Drafts only at even output positions: decode-only steps without drafts come between."""
+
+    def propose(self, request_id, token_ids, num_prompt_tokens):
+        drafts = super().propose(request_id, token_ids, num_prompt_tokens)
+        return drafts if (len(token_ids) - num_prompt_tokens) % 2 == 0 else []
+
+
+def test_steps_with_drafts_run_eagerly_and_the_others_replay_decode_graphs(llama_dir):
+    common = dict(dtype="float32", block_size=4, max_model_len=64, kv_cache_memory="16MiB",
+                  max_num_seqs=8)
+    prompts = _prompts(5)
+    max_tokens = [12, 9, 16, 5, 11, 10]
+    reference = [o.outputs[0].token_ids for o in LLM(llama_dir, **common).generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens],
+        use_tqdm=False)]
+    config = EngineConfig.from_flat(model=llama_dir, **common)
+    drafter = EveryOtherStep({tuple(p): r for p, r in zip(prompts, reference)}, k=2,
+                             p_right=0.6, seed=3, vocab=256)
+    executor = CountingExecutor(config, drafter)
+    engine = Engine(config, executor)
+    capture = CountingReplay()
+    runner = executor.runner
+    assert runner.capture_decode_graphs(max_num_seqs=8, max_model_len=64, capture=capture)
+    assert _generate(engine, prompts, max_tokens) == reference
+    assert executor.drafts_scheduled > 0 and sum(capture.replays) > 0

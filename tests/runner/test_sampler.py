@@ -305,3 +305,54 @@ def test_probabilities_are_finite_for_extreme_logits():
     tokens, logprobs = sample(logits, [SamplingParams(temperature=0.5, logprobs=2)])
     assert tokens == [0]
     assert math.isfinite(logprobs[0].logprob)
+
+
+# ---------------------------------------------------------------- logits processors
+class BiasForLogprobRequests:
+    """A test processor: +10 on token 3, only for rows whose request asks for logprobs."""
+
+    reads_output_tokens = False
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, logits, rows):
+        self.calls += 1
+        chosen = [i for i, row in enumerate(rows) if row.sampling_params.logprobs is not None]
+        out = logits.clone()
+        out[chosen, 3] += 10.0
+        return out
+
+
+def test_an_extra_logits_processor_runs_per_row_before_logprobs_and_filters():
+    logits = random_logits(3)
+    processor = BiasForLogprobRequests()
+    rows = [make_request(SamplingParams(temperature=0.0, logprobs=1)),
+            make_request(SamplingParams(temperature=0.0)),
+            make_request(SamplingParams(temperature=1.0, top_k=1, logprobs=1))]
+    tokens, logprobs = Sampler(extra_processors=[processor]).sample(logits, rows, [None] * 3)
+    biased = logits.clone()
+    biased[[0, 2], 3] += 10.0
+    assert processor.calls == 1
+    assert tokens.tolist() == biased.argmax(dim=-1).tolist()      # top_k=1 sees the bias too
+    assert tokens.tolist()[1] == logits[1].argmax().item()         # not its row
+    expected = torch.log_softmax(biased[0], dim=-1)[3].item()
+    assert logprobs[0].logprob == pytest.approx(expected, abs=1e-5)
+
+
+def test_penalties_refuse_a_placeholder_among_the_outputs():
+    row = make_request(SamplingParams(temperature=0.0, presence_penalty=0.5), output=[4, -1])
+    with pytest.raises(RuntimeError, match="placeholder"):
+        Sampler().sample(random_logits(1), [row], [None])
+
+
+def test_a_row_sees_only_its_first_num_tokens():
+    """Rows of one request with drafts share a token list; each counts only its prefix."""
+    params = SamplingParams(temperature=0.0, frequency_penalty=2.0)
+    tokens = [0, 5, 6]                          # prompt [0], then output 5 and a draft 6
+    rows = [SamplingRow(params, tokens, 2, 1), SamplingRow(params, tokens, 3, 1)]
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 5] = logits[:, 6] = 1.5
+    logits[:, 7] = 1.0          # below 5 and 6 until they are penalized
+    chosen, _ = Sampler().sample(logits, rows, [None, None])
+    assert chosen.tolist() == [6, 7]            # row 0 has not seen the draft 6 yet
