@@ -32,7 +32,7 @@ case "$mode" in
     # With a GPU visible, the kernel tests and the engine tests below run on it (the
     # engine's device is auto): compiled Triton kernels, real graph capture, async launch.
     timeout 450 python3 -m pytest -q -p no:cacheprovider -rs tests/kernels \
-      tests/engine/test_decode_graphs.py tests/test_async_scheduling_e2e.py 2>&1 \
+      tests/runner/test_decode_graphs.py tests/runner/test_draft_tokens.py tests/test_async_scheduling_e2e.py 2>&1 \
       | tee "$OUT/gpu_tests.log"
     ;;
   bench)

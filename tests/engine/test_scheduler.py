@@ -56,7 +56,7 @@ class FakeRunner:
         states = self.states.update(output)
         written = {}
         for s, state in zip(output.scheduled, states):   # KV of the whole batch is written first
-            assert state.block_ids == self.scheduler.kv_cache_manager.get_block_ids(s.request_id)
+            self.check_state(s, state)
             assert len(state.block_ids) * self.block_size >= s.start_pos + s.num_tokens
             for offset, token in enumerate(s.token_ids + s.spec_token_ids):
                 block, index = self.slot(state.block_ids, s.start_pos + offset)
@@ -68,6 +68,16 @@ class FakeRunner:
             if s.sample:
                 sampled[s.request_id] = self.sample(s, state)
         return RunnerOutput(sampled_token_ids=sampled)
+
+    def check_state(self, s, state):
+        """What the runner rebuilt from the deltas is the scheduler's own view."""
+        request = self.scheduler.get_request(s.request_id)
+        assert state.block_ids == self.scheduler.kv_cache_manager.get_block_ids(s.request_id)
+        # With async scheduling the host may not know the step's last token yet.
+        known = min(s.start_pos + len(s.token_ids), request.num_tokens)
+        assert state.token_ids[:known] == request.all_token_ids[:known]
+        assert state.token_ids[s.start_pos:] == s.token_ids + s.spec_token_ids
+        assert state.num_prompt_tokens == request.num_prompt_tokens
 
     def sample(self, s, state):
         """The next token after the last known one, and after each draft that matched."""

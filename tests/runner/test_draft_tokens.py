@@ -73,10 +73,9 @@ def _prompts(count: int) -> list[list[int]]:
     return prompts + [[rng.randrange(3, 256) for _ in range(50)]]   # runs into max_model_len
 
 
-def _generate(engine: Engine, prompts, max_tokens) -> list[list[int]]:
-    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
-        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=n,
-                                                           ignore_eos=True))
+def _generate(engine: Engine, prompts, params) -> list[list[int]]:
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", prompt, p)
     tokens: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -87,6 +86,7 @@ def _generate(engine: Engine, prompts, max_tokens) -> list[list[int]]:
 
 MODES = {
     "plain": dict(),
+    "penalties": dict(),   # rows of one request count only the drafts before them
     "chunked": dict(max_num_batched_tokens=12),
     "preempt": dict(blocks=17, max_num_seqs=6),
 }
@@ -102,18 +102,19 @@ def test_drafts_give_exactly_the_greedy_tokens_and_free_every_block(llama_dir, m
                   **settings)
     prompts = _prompts(7)
     max_tokens = [12, 3, 16, 1, 9, 20, 7, None]   # None: up to max_model_len
+    penalties = dict(repetition_penalty=1.5, frequency_penalty=0.5) if mode == "penalties" else {}
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **penalties)
+              for n in max_tokens]
     plain = LLM(llama_dir, **common)
     reference = [o.outputs[0].token_ids for o in plain.generate(
-        [{"prompt_token_ids": p} for p in prompts],
-        [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens],
-        use_tqdm=False)]
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
 
     config = EngineConfig.from_flat(model=llama_dir, **common)
     drafter = SeededDrafter({tuple(p): r for p, r in zip(prompts, reference)}, k, p_right,
                             seed=k, vocab=256)
     executor = CountingExecutor(config, drafter)
     engine = Engine(config, executor)
-    assert _generate(engine, prompts, max_tokens) == reference
+    assert _generate(engine, prompts, params) == reference
     stats = engine.get_stats()
     assert stats.kv_cache_usage == 0.0 and stats.num_running == stats.num_waiting == 0
     pool = engine.scheduler.kv_cache_manager.block_pool
@@ -159,5 +160,6 @@ def test_steps_with_drafts_run_eagerly_and_the_others_replay_decode_graphs(llama
     capture = CountingReplay()
     runner = executor.runner
     assert runner.capture_decode_graphs(max_num_seqs=8, max_model_len=64, capture=capture)
-    assert _generate(engine, prompts, max_tokens) == reference
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens]
+    assert _generate(engine, prompts, params) == reference
     assert executor.drafts_scheduled > 0 and sum(capture.replays) > 0
