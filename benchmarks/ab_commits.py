@@ -33,8 +33,9 @@ HERE = Path(__file__).resolve().parent
 NEW = HERE.parent
 
 
-def _env(tree: Path, threads: int) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
+def _env(tree: Path) -> dict[str, str]:
+    """``tree``'s ferry first on the path; threads as each side sets them by default."""
+    return {**os.environ, "PYTHONPATH": str(tree)}
 
 
 def offline_tokens_per_s(tree: Path, model_dir: Path, threads: int) -> float:
@@ -42,7 +43,7 @@ def offline_tokens_per_s(tree: Path, model_dir: Path, threads: int) -> float:
     code = (f"import sys, torch; sys.path.insert(0, {str(HERE)!r}); torch.set_num_threads({threads});"
             "import offline_throughput as o; from pathlib import Path;"
             f"print(o.run_ferry(Path({str(model_dir)!r}), o.make_workload(64, 0, 8000)))")
-    out = subprocess.run([sys.executable, "-c", code], env=_env(tree, threads), check=True,
+    out = subprocess.run([sys.executable, "-c", code], env=_env(tree), check=True,
                          capture_output=True, text=True, cwd=tree).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -66,12 +67,12 @@ def _wait_healthy(url: str, server: subprocess.Popen, timeout: float = 120.0) ->
     raise RuntimeError("the server did not become healthy")
 
 
-def serve_figures(tree: Path, concurrency: int, threads: int) -> dict[str, float]:
+def serve_figures(tree: Path, concurrency: int) -> dict[str, float]:
     """Output tokens/s and mean TPOT of ``tree``'s ``ferry serve`` on the demo model."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "ferry", "serve", "--port", str(port)],
-                              env=_env(tree, threads), cwd=tree, stdout=subprocess.DEVNULL,
+                              env=_env(tree), cwd=tree, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         _wait_healthy(url, server)
@@ -82,7 +83,7 @@ def serve_figures(tree: Path, concurrency: int, threads: int) -> dict[str, float
                             "--input-len", "128", "--output-len", "64", "--warmup", "4",
                             "--seed", "10", "--extra-body", '{"skip_special_tokens": false}',
                             "--no-progress", "--result-json", str(result_path)],
-                           env=_env(NEW, threads), cwd=NEW, check=True, capture_output=True)
+                           env=_env(NEW), cwd=NEW, check=True, capture_output=True)
             summary = json.loads(result_path.read_text())["summary"]
     finally:
         server.terminate()
@@ -96,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, required=True, help="the older checkout's root")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="offline run's torch threads")
     parser.add_argument("--concurrencies", default="1,4,16")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -116,7 +117,7 @@ def main() -> None:
                 figures = {"offline_tok_s": offline_tokens_per_s(trees[name], model_dir,
                                                                   args.threads)}
                 for c in concurrencies:
-                    serve = serve_figures(trees[name], c, args.threads)
+                    serve = serve_figures(trees[name], c)
                     figures[f"serve_c{c}_tok_s"] = serve["output_tok_s"]
                     figures[f"serve_c{c}_tpot_ms"] = serve["tpot_ms"]
                 for key, value in figures.items():
