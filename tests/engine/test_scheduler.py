@@ -326,6 +326,16 @@ class RandomLoad:
         self.stems = [prompt_of(8, s) for s in range(3)]
         self.requests, self.aborted = [], set()
 
+    def check_outputs(self):
+        """Every request's tokens are the reference's (an aborted one's, a prefix of them)."""
+        for request in self.requests:
+            expected = reference_generate(request.prompt_token_ids,
+                                          request.sampling_params.max_tokens)
+            if request.request_id in self.aborted:
+                assert expected[:request.num_output_tokens] == request.output_token_ids
+            else:
+                assert request.output_token_ids == expected
+
     def __call__(self, step):
         rng = self.rng
         if step < 300 and len(self.requests) < 16 and rng.random() < 0.4:
@@ -357,12 +367,7 @@ def test_random_load_on_a_tiny_pool_matches_reference(seed, policy):
         scheduler.update_from_output(output, runner.execute(output))
     run(scheduler, runner)
     assert len(load.requests) == 16
-    for request in load.requests:
-        expected = reference_generate(request.prompt_token_ids, request.sampling_params.max_tokens)
-        if request.request_id in load.aborted:
-            assert expected[:request.num_output_tokens] == request.output_token_ids
-        else:
-            assert request.output_token_ids == expected
+    load.check_outputs()
     stats = scheduler.get_stats()
     assert stats.prefix_cache_hits > 0 and stats.preemptions > 0   # both paths exercised
     assert_all_blocks_free(scheduler)
