@@ -7,6 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ferry.checkpoint import resolve_model_dir
 from ferry.config import EngineConfig
 from ferry.engine.engine import Engine
 from ferry.executor.in_process import InProcessExecutor
@@ -18,7 +19,8 @@ Prompt = str | dict | list[int]
 
 def build_engine(config: EngineConfig) -> Engine:
     """An Engine over the executor the config asks for (one device, in this process)."""
-    return Engine(config, InProcessExecutor(config))
+    model_dir = resolve_model_dir(config.model.model_path, config.model.revision)
+    return Engine(config, InProcessExecutor(config, model_dir), model_dir)
 
 
 class LLM:

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from ferry import checkpoint
 from ferry.config import EngineConfig, RuntimeConfig
@@ -38,10 +39,13 @@ class Engine:
     the engine reads the tokenizer and generation config itself, and the run-time view
     (context length, KV blocks, device) from the executor's start-up."""
 
-    def __init__(self, config: EngineConfig, executor: Executor) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor,
+                 model_dir: Path | None = None) -> None:
+        """``model_dir``: the checkpoint directory when the caller resolved it already
+        (a hub id is then not looked up twice)."""
         self.config = config
         model = config.model
-        self.model_dir = checkpoint.resolve_model_dir(model.model_path, model.revision)
+        self.model_dir = model_dir or checkpoint.resolve_model_dir(model.model_path, model.revision)
         self.tokenizer = checkpoint.load_tokenizer(model.tokenizer or str(self.model_dir),
                                                    model.trust_remote_code)
         self.eos_token_ids = checkpoint.resolve_eos_token_ids(
