@@ -7,8 +7,12 @@ reads these, and the runner side loads the weights (``ferry/models/loader.py``).
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
 # Mistral repos ship a duplicate consolidated checkpoint; Llama repos an original/ folder.
@@ -25,6 +29,11 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
         return local
     if local.exists():
         raise ValueError(f"model path {model!r} is a file; pass the checkpoint directory")
+    if looks_like_path(model):
+        # A hub id never looks like this: asking the hub would only fail with a
+        # validation error about repo ids that hides the real problem (a typo, a mount).
+        raise ValueError(f"no such directory: {local} (the model {model!r} looks like a "
+                         "local path; a hub id is 'owner/name')")
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(repo_id=model, revision=revision,
@@ -33,6 +42,15 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
     except Exception as exc:  # hub errors come in many types; all mean "not available"
         raise ValueError(f"model {model!r} (revision {revision or 'main'}) was not found locally "
                          f"or on the Hugging Face hub: {type(exc).__name__}: {exc}") from exc
+
+
+def looks_like_path(model: str) -> bool:
+    """True when ``model`` can only be a local path, never a hub id (``name`` or
+    ``owner/name``): it starts with ``/``, ``./``, ``../`` or ``~``, or has more than one
+    separator (``models/llama/8b``), or the platform's own separator where it is not ``/``."""
+    if model.startswith(("/", "./", "../", "~")) or model in (".", ".."):
+        return True
+    return model.count("/") > 1 or (os.sep != "/" and os.sep in model)
 
 
 def resolve_model_dir(model_path: str | None, revision: str | None = None) -> Path:
@@ -70,13 +88,18 @@ def check_checkpoint_unquantized(hf_config: Any, model_dir: Path) -> None:
 
 
 def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
-    """``requested`` when it fits the model's positions; the model's own length when None."""
-    model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+    """``requested`` when it fits the model's positions; the model's own length when None.
+
+    A longer ``requested`` is clamped to the model's length with a warning rather than
+    refused: one config file (the README's) then serves models of any context length.
+    """
+    model_max = int(getattr(hf_config, "max_position_embeddings", None) or 2048)
     if requested is None:
-        return int(model_max)
+        return model_max
     if requested > model_max:
-        raise ValueError(f"max_model_len={requested} is longer than the model's "
-                         f"max_position_embeddings ({model_max})")
+        logger.warning("max_model_len=%d is longer than the model's max_position_embeddings "
+                       "(%d): using %d", requested, model_max, model_max)
+        return model_max
     return requested
 
 

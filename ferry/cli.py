@@ -19,10 +19,42 @@ from ferry.config import ENGINE_PARTS, FerryConfig
 from ferry.server.cli_flags import build_config, with_config_flags
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k")
+APP_HELP = "ferry: an LLM inference and serving engine."
+# The optional extra (pyproject.toml) that provides each third-party module a command needs.
+EXTRA_OF_MODULE = {"httpx": "bench", "matplotlib": "bench", "fastapi": "server",
+                   "uvicorn": "server", "prometheus_client": "server", "rich": "server",
+                   "starlette": "server"}
 
-app = typer.Typer(name="ferry", help="ferry: an LLM inference and serving engine.",
+app = typer.Typer(name="ferry", help=APP_HELP,
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ferry import __version__
+
+        typer.echo(f"ferry {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(help=APP_HELP)
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print ferry's version and exit")] = False) -> None:
+    """Only the ``--version`` option lives here; the commands are below."""
+
+
+def missing_extra(exc: ImportError, default_extra: str) -> str:
+    """The optional extra that provides the module ``exc`` could not import."""
+    return EXTRA_OF_MODULE.get((exc.name or "").split(".")[0], default_extra)
+
+
+def missing_extra_message(command: str, exc: ImportError, default_extra: str) -> str:
+    """What to tell a user whose install lacks an optional extra: which one to install."""
+    extra = missing_extra(exc, default_extra)
+    return (f"`ferry {command}` needs the '{extra}' extra ({exc}): "
+            f"pip install 'ferry[{extra}]'")
 
 
 def _param(name: str, annotation: Any, default: Any, *decls: str, help: str,
@@ -86,8 +118,11 @@ def serve(**kwargs: Any) -> None:
     config = _config_or_exit(kwargs, use_env_api_key=True)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ferry.server.api_server import run_server
-    from ferry.server.async_engine import engine_executor
+    try:
+        from ferry.server.api_server import run_server
+        from ferry.server.async_engine import engine_executor
+    except ImportError as exc:
+        _fail(missing_extra_message("serve", exc, "server"), 1)
 
     executor = engine_executor()   # the engine is built on the thread that will run it
     run_server(config, _load_engine(config, executor), executor)
@@ -102,6 +137,24 @@ def _sampling(kwargs: dict[str, Any]):
         return SamplingParams(**values)
     except ValueError as exc:
         _fail(str(exc), 2)
+
+
+def fit_to_context(engine: Any, prompt_ids: list[int], params: Any) -> Any:
+    """``params`` with ``max_tokens`` capped at the context the prompt leaves.
+
+    A default such as chat's 512 may equal a small model's whole context; asking for it
+    would fail every message. A prompt that fills the context is left to the engine,
+    whose error says so."""
+    room = engine.max_model_len - len(prompt_ids)
+    if room < 1 or params.max_tokens is None or params.max_tokens <= room:
+        return params
+    return params.clone(max_tokens=room)
+
+
+def read_piped_prompt(stream: Any) -> str:
+    """The prompt on standard input, without the newline that ``echo`` or a file ends
+    with (the model would otherwise see it as part of the prompt)."""
+    return stream.read().rstrip("\r\n")
 
 
 def stream_text(engine: Any, prompt: Any, params: Any) -> Iterator[str]:
@@ -138,15 +191,16 @@ def generate(**kwargs: Any) -> None:
     use_chat = kwargs.pop("chat")
     params = _sampling(kwargs)
     if prompt in (None, "-"):
-        prompt = sys.stdin.read()
+        prompt = read_piped_prompt(sys.stdin)
     if not prompt.strip():
         _fail("the prompt is empty: pass it as an argument or on standard input", 2)
     config = _config_or_exit(kwargs)
     engine = _load_engine(config)
     try:
+        # Token ids, so that max_tokens can be fitted to the context the prompt leaves.
         source = (engine.encode_chat([{"role": "user", "content": prompt}]) if use_chat
-                  else prompt)
-        for piece in stream_text(engine, source, params):
+                  else list(engine.tokenizer.encode(prompt)))
+        for piece in stream_text(engine, source, fit_to_context(engine, source, params)):
             sys.stdout.write(piece)
             sys.stdout.flush()
     except ValueError as exc:
@@ -182,35 +236,57 @@ def chat(**kwargs: Any) -> None:
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
-        messages.append({"role": "assistant", "content": _reply(engine, messages, params)})
+        reply = _reply(engine, [*messages, {"role": "user", "content": line}], params)
+        if reply is not None:   # a failed turn is not kept: the next one would fail too
+            messages += [{"role": "user", "content": line},
+                         {"role": "assistant", "content": reply}]
 
 
-def _reply(engine: Any, messages: list[dict], params: Any) -> str:
+def _reply(engine: Any, messages: list[dict], params: Any) -> str | None:
+    """Stream the answer to ``messages``; its text, or None when the turn failed (an
+    interrupted answer keeps what was shown)."""
     sys.stdout.write("assistant> ")
     pieces = []
     try:
-        for piece in stream_text(engine, engine.encode_chat(messages), params):
+        prompt_ids = engine.encode_chat(messages)
+        for piece in stream_text(engine, prompt_ids, fit_to_context(engine, prompt_ids, params)):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
     except ValueError as exc:  # e.g. the conversation outgrew the context
-        typer.echo(f"\nerror: {exc} (type /reset to start over)", err=True)
+        sys.stdout.write("\n")
+        typer.echo(f"error: {exc} (this message was dropped; /reset starts over)", err=True)
+        return None
     except KeyboardInterrupt:
         pass
     sys.stdout.write("\n")
     return "".join(pieces)
 
 
-def _mount_bench() -> None:
+def mount_bench(target: typer.Typer) -> None:
+    """``ferry bench`` on ``target``; without its extra, a stand-in that says which extra
+    to install (the command stays in ``ferry --help`` rather than vanishing)."""
     try:
         from ferry.bench.cli import bench_app
-    except ImportError:
+    except ImportError as exc:
+        _mount_missing(target, "bench", missing_extra_message("bench", exc, "bench"),
+                       f"Not installed: pip install 'ferry[{missing_extra(exc, 'bench')}]'")
         return
-    app.add_typer(bench_app, name="bench")
+    target.add_typer(bench_app, name="bench")
 
 
-_mount_bench()
+def _mount_missing(target: typer.Typer, name: str, message: str, help: str) -> None:
+    """A command ``name`` listed with ``help`` that takes any arguments (``--help`` too)
+    and fails with ``message``."""
+    def missing() -> None:
+        _fail(message, 1)
+
+    target.command(name=name, help=help, add_help_option=False,
+                   context_settings={"allow_extra_args": True,
+                                     "ignore_unknown_options": True})(missing)
+
+
+mount_bench(app)
 
 
 def main() -> None:

@@ -52,3 +52,14 @@ def test_demo_answers_identical_under_batching_modes(baseline, mode):
         assert llm.engine.get_stats().preemptions > 0
     assert sum(check(p, a) for p, a in zip(PROBLEMS, other)) == sum(
         check(p, a) for p, a in zip(PROBLEMS, answers))
+
+
+def test_stop_reason_is_none_on_eos_and_the_id_for_stop_token_ids():
+    llm = LLM()
+    chat = [{"role": "user", "content": "Reverse: hello"}]
+    eos = llm.chat(chat, SamplingParams(max_tokens=16), use_tqdm=False)[0].outputs[0]
+    assert (eos.text, eos.finish_reason, eos.stop_reason) == ("olleh", "stop", None)
+    end = llm.engine.eos_token_ids[0]
+    asked = llm.chat(chat, SamplingParams(max_tokens=16, stop_token_ids=[end]),
+                     use_tqdm=False)[0].outputs[0]
+    assert (asked.finish_reason, asked.stop_reason) == ("stop", end)

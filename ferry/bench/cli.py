@@ -14,11 +14,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ferry.bench.cli_offline import register_offline_commands
-from ferry.bench.cli_options import (ApiKey, BaseUrl, Burstiness, Dataset, DatasetPath, Endpoint,
-                                     ExtraBody, Goodput, IgnoreEos, InputLen, Label, LongFraction,
-                                     LongInputLen, MaxConcurrency, MaxDuration, Model, NoProgress,
-                                     NumPrefixes, NumPrompts, OutputLen, PrefixLen, RangeRatio,
-                                     RequestRate, Seed, Temperature, Timeout, Tokenizer, Warmup,
+from ferry.bench.cli_options import (SERVE_LEN_DEFAULTS, ApiKey, BaseUrl, Burstiness, Dataset,
+                                     DatasetPath, Endpoint, ExtraBody, Goodput, IgnoreEos, Label,
+                                     LongFraction, MaxConcurrency, MaxDuration, Model, NoProgress,
+                                     NumPrefixes, NumPrompts, RangeRatio, RequestRate, Seed,
+                                     ServeInputLen, ServeLongInputLen, ServeOutputLen,
+                                     ServePrefixLen, Temperature, Timeout, Tokenizer, Warmup,
                                      fail, write_outputs)
 from ferry.bench.datasets import DatasetOptions
 
@@ -53,6 +54,10 @@ def _serve_config(opts: dict[str, Any], extra: list[str]):
     from ferry.bench.metrics import parse_goodput
     from ferry.bench.serving import ServeConfig
 
+    # The lengths left out take their defaults, which run_serve may fit to the server.
+    fit_to_server = tuple(key for key in (*SERVE_LEN_DEFAULTS, "output_len") if opts[key] is None)
+    opts = {**opts, **{key: opts[key] if opts[key] is not None else default
+                       for key, default in SERVE_LEN_DEFAULTS.items()}}
     dataset = DatasetOptions(
         name=opts["dataset"], num_prompts=opts["num_prompts"], input_len=opts["input_len"],
         output_len=opts["output_len"], range_ratio=opts["range_ratio"],
@@ -75,7 +80,7 @@ def _serve_config(opts: dict[str, Any], extra: list[str]):
         timeout=opts["timeout"], max_duration=opts["max_duration"],
         temperature=opts["temperature"], ignore_eos=opts["ignore_eos"], extra_body=extra_body,
         api_key=opts["api_key"], goodput=parse_goodput(_goodput_items(opts["goodput"], extra)),
-        label=opts["label"])
+        label=opts["label"], fit_to_server=fit_to_server)
 
 
 class _Bar:
@@ -106,11 +111,11 @@ class _Bar:
 def serve(ctx: typer.Context,
           base_url: BaseUrl = "http://127.0.0.1:8000", endpoint: Endpoint = "/v1/completions",
           model: Model = None, tokenizer: Tokenizer = None, dataset: Dataset = "random",
-          num_prompts: NumPrompts = 100, input_len: InputLen = 1024,
-          output_len: OutputLen = None, range_ratio: RangeRatio = 0.0,
-          dataset_path: DatasetPath = None, prefix_len: PrefixLen = 512,
+          num_prompts: NumPrompts = 100, input_len: ServeInputLen = None,
+          output_len: ServeOutputLen = None, range_ratio: RangeRatio = 0.0,
+          dataset_path: DatasetPath = None, prefix_len: ServePrefixLen = None,
           num_prefixes: NumPrefixes = 4, long_fraction: LongFraction = 0.1,
-          long_input_len: LongInputLen = 4096, request_rate: RequestRate = "inf",
+          long_input_len: ServeLongInputLen = None, request_rate: RequestRate = "inf",
           burstiness: Burstiness = 1.0, max_concurrency: MaxConcurrency = None,
           seed: Seed = 0, warmup: Warmup = 0, timeout: Timeout = 300.0,
           max_duration: MaxDuration = None, temperature: Temperature = 0.0,
@@ -150,11 +155,11 @@ def sweep(ctx: typer.Context,
               help="Sweep these request rates (Poisson), e.g. 1,2,4,inf")] = None,
           base_url: BaseUrl = "http://127.0.0.1:8000", endpoint: Endpoint = "/v1/completions",
           model: Model = None, tokenizer: Tokenizer = None, dataset: Dataset = "random",
-          num_prompts: NumPrompts = 100, input_len: InputLen = 1024,
-          output_len: OutputLen = None, range_ratio: RangeRatio = 0.0,
-          dataset_path: DatasetPath = None, prefix_len: PrefixLen = 512,
+          num_prompts: NumPrompts = 100, input_len: ServeInputLen = None,
+          output_len: ServeOutputLen = None, range_ratio: RangeRatio = 0.0,
+          dataset_path: DatasetPath = None, prefix_len: ServePrefixLen = None,
           num_prefixes: NumPrefixes = 4, long_fraction: LongFraction = 0.1,
-          long_input_len: LongInputLen = 4096, burstiness: Burstiness = 1.0,
+          long_input_len: ServeLongInputLen = None, burstiness: Burstiness = 1.0,
           max_concurrency: MaxConcurrency = None, seed: Seed = 0, warmup: Warmup = 0,
           timeout: Timeout = 300.0, max_duration: MaxDuration = None,
           temperature: Temperature = 0.0, ignore_eos: IgnoreEos = True,

@@ -23,6 +23,20 @@ InputLen = Annotated[int, typer.Option(
     help="Prompt tokens (random, mixed: short prompts; prefix: the unique suffix)")]
 OutputLen = Annotated[Optional[int], typer.Option(
     help="Tokens to generate per request [default: 128; sharegpt: the reply's length]")]
+# serve / sweep: a length left out takes its default, shrunk to fit the server's context
+# (its max_model_len in /v1/models) with a note; a length given is sent as given.
+SERVE_LEN_DEFAULTS = {"input_len": 1024, "prefix_len": 512, "long_input_len": 4096}
+_FITS = "shrunk to fit the server's max_model_len"
+ServeInputLen = Annotated[Optional[int], typer.Option(
+    help="Prompt tokens (random, mixed: short prompts; prefix: the unique suffix) "
+         f"[default: 1024, {_FITS}]", show_default=False)]
+ServeOutputLen = Annotated[Optional[int], typer.Option(
+    help=f"Tokens to generate per request [default: 128, {_FITS}; sharegpt: the reply's "
+         "length]", show_default=False)]
+ServePrefixLen = Annotated[Optional[int], typer.Option(
+    help=f"prefix: tokens in each shared prefix [default: 512, {_FITS}]", show_default=False)]
+ServeLongInputLen = Annotated[Optional[int], typer.Option(
+    help=f"mixed: tokens in a long prompt [default: 4096, {_FITS}]", show_default=False)]
 RangeRatio = Annotated[float, typer.Option(
     help="random: lengths drawn uniformly from len*(1-r)..len*(1+r)")]
 DatasetPath = Annotated[Optional[str], typer.Option(help="sharegpt: local ShareGPT JSON file")]

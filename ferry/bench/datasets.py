@@ -9,7 +9,9 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +81,82 @@ class Workload:
     requests: list[SampleRequest]
     token_exact: bool
     notes: list[str] = field(default_factory=list)
+
+
+def longest_request(opts: DatasetOptions) -> int | None:
+    """Most tokens (prompt plus output) one request of the workload may ask for; None for
+    sharegpt, whose lengths come from the file."""
+    if opts.name == "sharegpt":
+        return None
+    spread = 1 + opts.range_ratio if opts.name == "random" else 1.0
+    prompt = {"random": opts.input_len * spread,
+              "prefix": opts.prefix_len + opts.input_len,
+              "mixed": max(opts.input_len, opts.long_input_len)}[opts.name]
+    # The epsilon keeps float noise (340 * 1.2 = 408.00000000000006) from adding a token.
+    return math.ceil(prompt + opts.default_output_len * spread - 1e-9)
+
+
+def fit_to_context(opts: DatasetOptions, max_model_len: int, defaulted: tuple[str, ...],
+                   reserve: int) -> tuple[DatasetOptions, str | None]:
+    """Shrink the lengths left at their defaults (``defaulted``) so that every request fits
+    a server context of ``max_model_len`` tokens, keeping ``reserve`` of them for special
+    tokens and a chat template. Returns the options and a note saying what changed (or
+    that the lengths given do not fit), None when they fit as they are."""
+    longest = longest_request(opts)
+    if longest is None or longest <= max_model_len - reserve:
+        return opts, None
+    fitted = dataclasses.replace(opts, **_fitted_lengths(opts, max_model_len - reserve,
+                                                         defaulted))
+    if longest_request(fitted) > max_model_len:
+        return fitted, (f"requests of up to {longest_request(fitted)} tokens exceed the "
+                        f"server's max_model_len of {max_model_len}; lower --input-len / "
+                        "--output-len")
+    changed = [f"{key} {before} -> {after}" for key, before, after in _lengths(opts, fitted)
+               if before != after]
+    if not changed:   # the lengths given fit, if tightly
+        return fitted, None
+    return fitted, (f"the server's max_model_len is {max_model_len}: the default lengths "
+                    f"were shrunk to fit ({', '.join(changed)}); pass --input-len / "
+                    "--output-len to choose")
+
+
+def _lengths(before: DatasetOptions, after: DatasetOptions):
+    """(name, value before, value after) of the lengths fit_to_context may change."""
+    yield "input_len", before.input_len, after.input_len
+    yield "output_len", before.default_output_len, after.default_output_len
+    if before.name == "prefix":
+        yield "prefix_len", before.prefix_len, after.prefix_len
+    if before.name == "mixed":
+        yield "long_input_len", before.long_input_len, after.long_input_len
+
+
+def _fitted_lengths(opts: DatasetOptions, budget: int, defaulted: tuple[str, ...]
+                    ) -> dict[str, int]:
+    """New values for the defaulted lengths: the output an eighth of the budget at most,
+    the prompt parts what is left (the prefix and its suffix in their ratio, the short and
+    long prompts of ``mixed`` too)."""
+    spread = 1 + opts.range_ratio if opts.name == "random" else 1.0
+    out = opts.default_output_len
+    changes: dict[str, int] = {}
+    if "output_len" in defaulted:
+        out = changes["output_len"] = max(1, min(out, budget // 8))
+    room = max(int((budget - math.ceil(out * spread)) / spread), 1)
+    if opts.name == "random" and "input_len" in defaulted:
+        changes["input_len"] = min(opts.input_len, room)
+    elif opts.name == "prefix":
+        fixed = sum(getattr(opts, k) for k in ("prefix_len", "input_len") if k not in defaulted)
+        scalable = sum(getattr(opts, k) for k in ("prefix_len", "input_len") if k in defaulted)
+        scale = min(1.0, max(room - fixed, 0) / scalable) if scalable else 1.0
+        changes.update({k: max(1, int(getattr(opts, k) * scale))
+                        for k in ("prefix_len", "input_len") if k in defaulted})
+    elif opts.name == "mixed":
+        ratio = opts.input_len / opts.long_input_len
+        if "long_input_len" in defaulted:
+            changes["long_input_len"] = min(opts.long_input_len, room)
+        if "input_len" in defaulted:
+            long_len = changes.get("long_input_len", opts.long_input_len)
+            changes["input_len"] = max(1, min(opts.input_len, room, int(long_len * ratio)))
+    return changes
 
 
 def build_workload(options: DatasetOptions, tokenizer: Any | None, tokenizer_note: str = "",

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 LATENCY_ROWS = (("TTFT", "ttft_ms"), ("TPOT (excl. 1st token)", "tpot_ms"),
@@ -55,13 +56,29 @@ def print_serve_report(result: dict[str, Any], console: Console | None = None) -
         console.print(f"[yellow]note:[/yellow] {note}")
     rejected = [k for k in s["errors"] if k in ("http_400", "http_422")]
     if rejected and s["completed"] == 0:
-        console.print("[yellow]hint:[/yellow] the server rejected every request body; it may "
-                      "not accept 'ignore_eos' (try --no-ignore-eos) or 'stream_options' "
-                      "(try --extra-body '{\"stream_options\": null}'), or --model is wrong")
+        hint = rejection_hint(s["errors"][rejected[0]]["example"])
+        console.print(f"[yellow]hint:[/yellow] {escape(hint)}")   # the server's text, verbatim
     if s["requests_with_fewer_output_tokens"]:
         console.print(f"[yellow]note:[/yellow] {s['requests_with_fewer_output_tokens']} requests "
                       "got fewer output tokens than asked (the server stopped early: EOS or "
                       "context limit; ignore_eos may be unsupported)")
+
+
+# Words in a server's error that say the request was longer than its context.
+_CONTEXT_WORDS = ("context length", "context_length", "max_model_len", "maximum context")
+
+
+def rejection_hint(message: str | None) -> str:
+    """Why a server may have rejected every request, from its own error text: too long
+    for its context, or else a field it does not accept."""
+    said = f"the server rejected every request: {message}" if message else \
+        "the server rejected every request body"
+    if message and any(word in message.lower() for word in _CONTEXT_WORDS):
+        return (f"{said}; the prompts plus the outputs are longer than its context: lower "
+                "--input-len / --output-len")
+    return (f"{said}; it may not accept 'ignore_eos' (try --no-ignore-eos) or "
+            "'stream_options' (try --extra-body '{\"stream_options\": null}'), or --model "
+            "is wrong")
 
 
 def latency_table(part: dict[str, Any], title: str) -> Table:

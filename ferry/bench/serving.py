@@ -8,6 +8,7 @@ so a broken server cannot hang the benchmark.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import httpx
 import numpy as np
 
 from ferry.bench.client import RequestResult, RequestSpec, send_request
-from ferry.bench.datasets import DatasetOptions, SampleRequest, Workload, build_workload
+from ferry.bench.datasets import (DatasetOptions, SampleRequest, Workload, build_workload,
+                                  fit_to_context)
 from ferry.bench.metrics import RequestRecord, summarize
 from ferry.bench.server_metrics import metrics_delta, scrape
 from ferry.bench.tokens import ServerTokenCounter, load_tokenizer
@@ -48,6 +50,9 @@ class ServeConfig:
     api_key: str | None = None
     goodput: dict[str, float] = field(default_factory=dict)
     label: str | None = None
+    # The dataset lengths the user left at their defaults: run_serve shrinks them to fit
+    # the context the server reports (/v1/models max_model_len). Given lengths stay.
+    fit_to_server: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -105,7 +110,8 @@ async def run_serve(config: ServeConfig, progress: ProgressHook | None = None) -
     timeout = httpx.Timeout(config.timeout, connect=min(config.timeout, 10.0))
     # trust_env=False: measure the server itself, never through a proxy from the environment.
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
-        model, model_note, root = await _resolve_model(client, config)
+        model, model_note, root, context = await _resolve_model(client, config)
+        config, fit_note = _fit_to_server(config, context)
         tokenizer, tok_note = _find_tokenizer(config, model, root)
         options = config.dataset
         workload = _build_workload(config, model, tokenizer, tok_note)
@@ -120,7 +126,7 @@ async def run_serve(config: ServeConfig, progress: ProgressHook | None = None) -
     # Per-tag latency answers the mixed dataset's question (do long prompts block short ones).
     summary = summarize(records, duration, config.goodput or None,
                         by_tag=options.name == "mixed")
-    notes = ([model_note] if model_note else []) + workload.notes
+    notes = [n for n in (model_note, fit_note) if n] + workload.notes
     return {
         "version": RESULT_VERSION, "kind": "serve",
         "label": config.label or model,
@@ -132,6 +138,20 @@ async def run_serve(config: ServeConfig, progress: ProgressHook | None = None) -
         "server_metrics": metrics_delta(before, after, summary["total_output_tokens"]),
         "requests": [rec.to_json() for rec in records],
     }
+
+
+# Context kept free of the workload's tokens: special tokens, and a chat template's own.
+_RESERVE_TOKENS, _CHAT_TEMPLATE_TOKENS = 32, 64
+
+
+def _fit_to_server(config: ServeConfig, context: int | None) -> tuple[ServeConfig, str | None]:
+    """``config`` with the default lengths fitted to the server's context (a copy: a sweep
+    runs the same config at every point), and the note that says so."""
+    if not context:
+        return config, None
+    reserve = _RESERVE_TOKENS + (_CHAT_TEMPLATE_TOKENS if config.chat else 0)
+    dataset, note = fit_to_context(config.dataset, context, config.fit_to_server, reserve)
+    return dataclasses.replace(config, dataset=dataset), note
 
 
 def _build_workload(config: ServeConfig, model: str, tokenizer: Any, tok_note: str) -> Workload:
@@ -176,7 +196,8 @@ def _find_tokenizer(config: ServeConfig, model: str, root: str | None) -> tuple[
 
 
 async def _resolve_model(client: httpx.AsyncClient, config: ServeConfig):
-    """(model name, note, the model path the server reports as its ``root``, if any)."""
+    """(model name, note, the model path the server reports as its ``root``, its context
+    length ``max_model_len``), the last two None when the server does not say."""
     entries: list[dict[str, Any]] = []
     try:
         resp = await client.get(f"{config.base_url}/v1/models", timeout=min(config.timeout, 10))
@@ -188,8 +209,10 @@ async def _resolve_model(client: httpx.AsyncClient, config: ServeConfig):
     note = None
     if model is None:
         model, note = "unknown", "no --model given and the server did not list one at /v1/models"
-    root = next((e.get("root") for e in entries if e["id"] == model), None)
-    return model, note, root if isinstance(root, str) else None
+    entry = next((e for e in entries if e["id"] == model), {})
+    root, context = entry.get("root"), entry.get("max_model_len")
+    return (model, note, root if isinstance(root, str) else None,
+            context if isinstance(context, int) and context > 0 else None)
 
 
 def _spec(config: ServeConfig, model: str, sample: SampleRequest) -> RequestSpec:

@@ -349,11 +349,15 @@ class Scheduler:
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens and (
-                token_id in params.stop_token_ids
-                or (not params.ignore_eos and token_id in request.eos_token_ids)):
-            request.stop_reason = token_id
-            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.min_tokens:
+            # vLLM's contract, which clients read: a stop_token_ids id is the stop reason,
+            # an EOS is not (stop_reason stays None).
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                request.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
         if ((params.max_tokens is not None and request.num_output_tokens >= params.max_tokens)
                 or request.num_tokens >= self._max_len):
             return RequestStatus.FINISHED_LENGTH

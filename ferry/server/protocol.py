@@ -157,11 +157,39 @@ class TextPart(_Strict):
     text: str
 
 
+TOOLS_NOT_SUPPORTED = "tool calling is not supported by ferry yet"
+
+
 class ChatMessage(_Strict):
+    """One chat message. ``tool`` messages, ``tool_call_id`` and ``tool_calls`` are declared
+    so that a client that sends them gets the clear 400 of ``check_supported`` (tool calling
+    is not built yet) rather than "unknown field"."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _content_given(self) -> "ChatMessage":
+        # OpenAI answers 400 to a null content; only an assistant's tool-call turn may omit it.
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a '{self.role}' message needs a content (got null)")
+        return self
+
+    def check_supported(self, index: int) -> None:
+        """Refuse what only tool calling would give a meaning to, naming the field."""
+        if self.role == "tool":
+            raise UnsupportedFieldError(f"messages.{index}.role",
+                                        f"{TOOLS_NOT_SUPPORTED}: 'tool' messages are refused")
+        if self.tool_calls is not None:
+            raise UnsupportedFieldError(f"messages.{index}.tool_calls",
+                                        f"{TOOLS_NOT_SUPPORTED}: assistant 'tool_calls' are "
+                                        "refused")
+        if self.tool_call_id is not None:
+            raise UnsupportedFieldError(f"messages.{index}.tool_call_id",
+                                        f"{TOOLS_NOT_SUPPORTED}: 'tool_call_id' is refused")
 
     def to_template(self) -> dict[str, str]:
         """The dict a chat template reads; ``developer`` is OpenAI's new name for system."""
@@ -202,7 +230,9 @@ class ChatCompletionRequest(_SamplingFields):
     def check_supported(self) -> None:
         super().check_supported()
         if self.tools:
-            raise UnsupportedFieldError("tools", "tool calling is not supported by ferry")
+            raise UnsupportedFieldError("tools", TOOLS_NOT_SUPPORTED)
+        for index, message in enumerate(self.messages):
+            message.check_supported(index)
         if self.response_format and self.response_format.type != "text":
             raise UnsupportedFieldError(
                 "response_format", "only response_format type 'text' is supported")
@@ -229,6 +259,10 @@ class TokenizeRequest(_Strict):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
+
+    def check_supported(self) -> None:
+        for index, message in enumerate(self.messages or []):
+            message.check_supported(index)
 
 
 class DetokenizeRequest(_Strict):

@@ -35,8 +35,11 @@ class FakeOpenAIServer:
 
     def __init__(self, first_delay: float = 0.02, token_delay: float = 0.005,
                  model: str = "fake-model", usage: bool = True, tokenize: bool = False,
-                 empty_text: bool = False) -> None:
+                 empty_text: bool = False, max_model_len: int | None = None) -> None:
         self.first_delay, self.token_delay, self.model = first_delay, token_delay, model
+        # With ``max_model_len``: /v1/models reports it (as vLLM and ferry do), and a request
+        # longer than it gets ferry's 400.
+        self.max_model_len = max_model_len
         self.usage = usage
         self.empty_text = empty_text   # tokens whose text is empty (skipped special tokens)
         # With ``tokenize``: a /tokenize route, and every prompt counts one extra "BOS" token.
@@ -53,7 +56,10 @@ class FakeOpenAIServer:
         self.app = Starlette(routes=routes)
 
     async def _models(self, request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+        card = {"id": self.model, "object": "model"}
+        if self.max_model_len:
+            card["max_model_len"] = self.max_model_len
+        return JSONResponse({"object": "list", "data": [card]})
 
     async def _tokenize(self, request: Request) -> JSONResponse:
         body = await request.json()
@@ -78,6 +84,12 @@ class FakeOpenAIServer:
         self.requests.append(body)
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         prompt_tokens = len(prompt.split()) + self.bos
+        if self.max_model_len and prompt_tokens + body["max_tokens"] > self.max_model_len:
+            return JSONResponse({"error": {
+                "message": f"this model's maximum context length is {self.max_model_len} "
+                           f"tokens, but the request asks for {prompt_tokens + body['max_tokens']}",
+                "type": "invalid_request_error", "param": None,
+                "code": "context_length_exceeded"}}, status_code=400)
         self.queries += prompt_tokens
         self.hits += prompt_tokens // 2
         self.energy += 1.5

@@ -125,3 +125,17 @@ def test_tokenizer_loads_from_a_model_dir_and_never_crashes(tmp_path):
 def test_bad_options_raise_value_error(kwargs):
     with pytest.raises(ValueError):
         DatasetOptions(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["random", "prefix", "mixed"])
+def test_fit_to_context_shrinks_only_the_defaulted_lengths(name):
+    from ferry.bench.datasets import fit_to_context, longest_request
+
+    opts = DatasetOptions(name=name, num_prompts=4, input_len=1024, range_ratio=0.2)
+    everything = ("input_len", "output_len", "prefix_len", "long_input_len")
+    fitted, note = fit_to_context(opts, 512, everything, reserve=32)
+    assert longest_request(fitted) <= 512 - 32 and "shrunk to fit" in note
+    same, note = fit_to_context(opts, 512, (), reserve=32)       # all given: kept as given
+    assert same == opts and "exceed the server's max_model_len of 512" in note
+    roomy, note = fit_to_context(opts, 1 << 20, everything, reserve=32)
+    assert roomy == opts and note is None

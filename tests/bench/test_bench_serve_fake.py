@@ -169,3 +169,37 @@ def test_cli_rejects_bad_input_with_a_message(args, message):
     assert res.exit_code == 2
     assert message in res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_default_lengths_shrink_to_fit_a_512_token_server():
+    # 1024-in/128-out would not fit: every request would get a 400 and the run fail.
+    with run_fake_server(max_model_len=512) as (url, fake):
+        res = CliRunner().invoke(bench_app, ["serve", "--base-url", url, "--num-prompts", "4",
+                                             "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "max_model_len is 512" in res.output and "shrunk to fit" in res.output
+    assert len(fake.requests) == 4
+    for body in fake.requests:
+        assert len(body["prompt"].split()) + body["max_tokens"] <= 512
+        assert body["max_tokens"] < 128
+
+
+def test_lengths_given_are_kept_and_the_servers_error_is_reported():
+    with run_fake_server(max_model_len=512) as (url, fake):
+        res = CliRunner().invoke(bench_app, ["serve", "--base-url", url, "--num-prompts", "2",
+                                             "--input-len", "600", "--output-len", "8",
+                                             "--no-progress"])
+    assert res.exit_code == 1, res.output
+    assert all(body["max_tokens"] == 8 for body in fake.requests)
+    text = " ".join(res.output.split())   # rich wraps long lines
+    assert "maximum context length is 512" in text
+    assert "longer than its context" in text and "ignore_eos" not in text.split("hint:")[1]
+
+
+def test_a_sweep_fits_every_point():
+    with run_fake_server(max_model_len=256) as (url, fake):
+        res = CliRunner().invoke(bench_app, ["sweep", "--base-url", url, "--num-prompts", "2",
+                                             "--concurrencies", "1,2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert len(fake.requests) == 4
+    assert all(len(b["prompt"].split()) + b["max_tokens"] <= 256 for b in fake.requests)

@@ -461,12 +461,13 @@ def generate_with_script(script, max_model_len=512, **request_args):
 
 
 @pytest.mark.parametrize("request_args, script, outputs, status, stop_reason", [
-    (dict(eos=[9]), [5, 9, 4], [5, 9], RequestStatus.FINISHED_STOPPED, 9),
+    (dict(eos=[9]), [5, 9, 4], [5, 9], RequestStatus.FINISHED_STOPPED, None),   # EOS: no reason
     (dict(eos=[9], ignore_eos=True, max_tokens=3), [5, 9, 9, 4], [5, 9, 9],
      RequestStatus.FINISHED_LENGTH, None),
     (dict(stop_token_ids=[7]), [5, 7, 4], [5, 7], RequestStatus.FINISHED_STOPPED, 7),
     (dict(stop_token_ids=[7], ignore_eos=True), [5, 7, 4], [5, 7], RequestStatus.FINISHED_STOPPED, 7),
-    (dict(eos=[9], min_tokens=3), [9, 9, 9, 9], [9, 9, 9], RequestStatus.FINISHED_STOPPED, 9),
+    (dict(eos=[9], min_tokens=3), [9, 9, 9, 9], [9, 9, 9], RequestStatus.FINISHED_STOPPED, None),
+    (dict(eos=[9], stop_token_ids=[9]), [5, 9], [5, 9], RequestStatus.FINISHED_STOPPED, 9),
     (dict(max_tokens=4), [5] * 10, [5] * 4, RequestStatus.FINISHED_LENGTH, None),
 ])
 def test_stop_conditions(request_args, script, outputs, status, stop_reason):

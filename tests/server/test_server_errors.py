@@ -22,6 +22,14 @@ def _with(base: dict, **changes) -> dict:
 
 
 _DROP = object()
+# A tool-calling exchange: the assistant asks for a tool, the tool answers.
+TOOL_TURNS = [
+    {"role": "user", "content": "What is 12+34?"},
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"id": "call_1", "type": "function",
+                     "function": {"name": "add", "arguments": "{\"a\": 12, \"b\": 34}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "46"},
+]
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 
 # (id, path, body (dict or raw text), status, expected "param" or None to skip the check)
@@ -73,6 +81,12 @@ BAD_REQUESTS = [
     ("chat-tools", CHAT, _with(OK_CHAT, tools=[{"type": "function", "function": {"name": "f"}}]),
      400, "tools"),
     ("chat-unknown-model", CHAT, _with(OK_CHAT, model="nope"), 404, "model"),
+    ("chat-null-content", CHAT, _with(OK_CHAT, messages=[{"role": "user", "content": None}]),
+     400, "messages"),
+    ("chat-tool-message", CHAT, _with(OK_CHAT, messages=[TOOL_TURNS[0], TOOL_TURNS[2]]), 400,
+     "messages.1.role"),
+    ("chat-assistant-tool-calls", CHAT, _with(OK_CHAT, messages=TOOL_TURNS[:2]), 400,
+     "messages.1.tool_calls"),
     ("no-such-route", "/v1/embeddings", OK_COMPLETION, 404, None),
 ]
 
@@ -144,3 +158,22 @@ def test_openai_sdk_raises_bad_request_for_bad_values(client):
     assert "temperature" in str(info.value)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("messages", [TOOL_TURNS, TOOL_TURNS[:2],
+                                      [{"role": "tool", "content": "46"}]],
+                         ids=["tool-message", "assistant-tool-calls", "tool-message-alone"])
+def test_tool_turns_are_refused_until_tool_calling_lands(server, auth, messages):
+    for path in (CHAT, "/tokenize"):
+        body = ({"messages": messages} if path == "/tokenize"
+                else _with(OK_CHAT, messages=messages))
+        error = _assert_openai_error(_post(server.url, path, body, auth), 400)
+        assert "tool calling is not supported" in error["message"], error
+        assert error["code"] == "unsupported_parameter"
+
+
+def test_null_content_is_refused_like_openai(server, auth):
+    body = _with(OK_CHAT, messages=[{"role": "system", "content": "be brief"},
+                                    {"role": "user", "content": None}])
+    error = _assert_openai_error(_post(server.url, CHAT, body, auth), 400)
+    assert "content" in error["message"] and "null" in error["message"], error
