@@ -22,12 +22,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ferry.config import FerryConfig, ServerConfig
 from ferry.server.async_engine import AsyncEngine, engine_executor
+from ferry.server.body_limit import BodySizeLimit
 from ferry.server.errors import APIError, install_error_handlers
 from ferry.server.metrics import ServerMetrics
 from ferry.server.protocol import DetokenizeRequest, TokenizeRequest
 from ferry.server.serving_chat import create_chat_completion
-from ferry.server.serving_common import ServerState, check_model, parse_body
+from ferry.server.serving_common import ServerState, check_model, encode_chat, parse_body
 from ferry.server.serving_completions import create_completion
+from ferry.server.tokenization import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +57,12 @@ def build_state(engine: Any, config: ServerConfig,
     tokenizer = _own_tokenizer(engine.tokenizer)
     vocab_size = getattr(engine, "vocab_size", None) or len(tokenizer)
     model_path = _given_model_path(engine)
+    prompts = PromptTokenizer(tokenizer, engine.max_model_len, engine.served_model_name)
     return ServerState(engine=async_engine, tokenizer=tokenizer,
                        model_name=engine.served_model_name, model_path=model_path,
                        model_root=str(getattr(engine, "model_dir", model_path)),
                        max_model_len=engine.max_model_len,
-                       vocab_size=vocab_size, metrics=metrics, config=config)
+                       vocab_size=vocab_size, metrics=metrics, config=config, prompts=prompts)
 
 
 def _given_model_path(engine: Any) -> str | None:
@@ -101,12 +104,20 @@ def build_app(engine: Any, config: ServerConfig,
             yield
         finally:
             await state.engine.shutdown(grace_seconds=config.shutdown_grace_seconds)
+            state.prompts.shutdown()
 
     app = FastAPI(title="ferry", version=ferry_version(), lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.ferry = state
-    install_error_handlers(app, on_error=lambda request, error: _count_error(state, request,
-                                                                              error))
+
+    def on_error(request: Request, error: APIError) -> None:
+        _count_error(state, request, error)
+
+    install_error_handlers(app, on_error=on_error)
+    # Outermost but for Starlette's own error middleware: a body too large is refused
+    # before routing, authentication or parsing see it.
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes,
+                       on_error=on_error)
     app.include_router(_v1_router(state))
     app.include_router(_plain_router(state))
     return app
@@ -179,14 +190,17 @@ def _plain_router(state: ServerState) -> APIRouter:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @router.post("/tokenize")
+    # Tokenizing is work on the model's behalf, as generating is: under the same key.
+    keyed = [Depends(_api_key_checker(state.config.api_key))]
+
+    @router.post("/tokenize", dependencies=keyed)
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await parse_body(request, TokenizeRequest)
         check_model(state, body.model)
         tokens = await _tokenize(state, body)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
 
-    @router.post("/detokenize")
+    @router.post("/detokenize", dependencies=keyed)
     async def detokenize(request: Request) -> dict[str, Any]:
         body = await parse_body(request, DetokenizeRequest)
         check_model(state, body.model)
@@ -200,16 +214,12 @@ def _plain_router(state: ServerState) -> APIRouter:
 
 
 async def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
-    """Tokenize on the engine thread, exactly as a completion or chat request would."""
+    """Tokenize on the tokenizer pool, exactly as a completion or chat request would (and
+    refused by length the same way)."""
     if body.prompt is not None:
-        text = body.prompt
-        return await state.engine.call(lambda engine: list(engine.tokenizer.encode(text)))
+        return await state.prompts.encode(body.prompt)
     messages = [m.to_template() for m in body.messages]
-    try:
-        return await state.engine.call(lambda engine: engine.encode_chat(
-            messages, add_generation_prompt=body.add_generation_prompt))
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
+    return await encode_chat(state, messages, body.add_generation_prompt)
 
 
 class _DrainingServer(uvicorn.Server):
