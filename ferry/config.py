@@ -149,6 +149,9 @@ class ServerConfig(ConfigPart):
         16 * 2**20, gt=0, description="Largest request body (e.g. 16MiB); a larger one gets "
                                       "413 before it is read",
         json_schema_extra=_cli(metavar="SIZE", default="16MiB"))
+    request_timeout_seconds: float = Field(
+        0.0, ge=0, description="Abort a generation request still running after this many "
+                               "seconds (504); 0: no limit")
 
     @field_validator("max_request_body_bytes", mode="before")
     @classmethod

@@ -53,7 +53,8 @@ def build_state(engine: Any, config: ServerConfig,
     """Everything the handlers share, around ``engine``, limited by ``config``."""
     metrics = _server_metrics(engine)
     async_engine = AsyncEngine(engine, max_waiting_requests=config.max_waiting_requests,
-                               metrics=metrics, executor=executor)
+                               metrics=metrics, executor=executor,
+                               request_timeout=config.request_timeout_seconds)
     tokenizer = _own_tokenizer(engine.tokenizer)
     vocab_size = getattr(engine, "vocab_size", None) or len(tokenizer)
     model_path = _given_model_path(engine)

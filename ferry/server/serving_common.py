@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from ferry.config import ServerConfig
 from ferry.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from ferry.server.async_engine import (AsyncEngine, EngineOverloadedError, EngineStepError,
-                                       EngineStoppedError)
+                                       EngineStoppedError, RequestTimeoutError)
 from ferry.server.errors import APIError, validation_error
 from ferry.server.metrics import ServerMetrics
 from ferry.server.protocol import UnsupportedFieldError
@@ -23,7 +23,7 @@ from ferry.server.tokenization import PromptTokenizer
 
 RETRY_AFTER_SECONDS = 1
 # What a request's stream may raise after it was accepted (answered by ``engine_error``).
-STREAM_ERRORS = (EngineStepError, EngineStoppedError)
+STREAM_ERRORS = (EngineStepError, EngineStoppedError, RequestTimeoutError)
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -86,6 +86,8 @@ def check_model(state: ServerState, name: str | None) -> None:
 
 def engine_error(exc: Exception) -> APIError:
     """Map what ``AsyncEngine.add_request`` or a request's stream raises to an HTTP error."""
+    if isinstance(exc, RequestTimeoutError):
+        return APIError(504, str(exc), code="request_timeout")
     if isinstance(exc, EngineOverloadedError):
         return APIError(503, str(exc), code="server_overloaded",
                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})

@@ -1,6 +1,6 @@
 """Limits that protect the server: body size (413 before parsing), prompt length in
-characters (400 before tokenizing), tokenization off the engine thread, and the API key
-on /tokenize and /detokenize."""
+characters (400 before tokenizing), tokenization off the engine thread, the API key on
+/tokenize and /detokenize, and the per-request time limit (504, KV freed)."""
 from __future__ import annotations
 
 import asyncio
@@ -182,3 +182,50 @@ def test_tokenize_and_detokenize_need_the_api_key(server, auth, path, body):
         assert resp.json()["error"]["code"] == "invalid_api_key"
     assert httpx.post(server.url + path, json=body, headers=auth, timeout=10).status_code == 200
 
+
+# ---------------------------------------------------------------------------- time limit
+@pytest.fixture(scope="module")
+def timed_app(server_model_dir):
+    """An in-process app over a real engine with a 0.5 s request time limit."""
+    from ferry.config import EngineConfig, ServerConfig
+    from ferry.llm import build_engine
+    from ferry.server.api_server import build_app
+    from ferry.server.async_engine import engine_executor
+
+    config = EngineConfig.from_flat(model=str(server_model_dir), served_model_name="tiny",
+                                    kv_cache_memory="32MiB",
+                                    max_model_len=MAX_MODEL_LEN)
+    executor = engine_executor()
+    engine = executor.submit(build_engine, config).result()  # built where it will run
+    return build_app(engine, ServerConfig(request_timeout_seconds=0.5), executor)
+
+
+LONG = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 1900,
+        "temperature": 0.0, "ignore_eos": True}
+
+
+async def _timed_out_requests(app) -> tuple[httpx.Response, httpx.Response, float, float]:
+    """A non-streaming and a streaming request that outlive the limit; then the KV usage."""
+    state = app.state.ferry
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ferry",
+                                     timeout=60) as client:
+            start = time.perf_counter()
+            plain = await client.post("/v1/completions", json=LONG)
+            elapsed = time.perf_counter() - start
+            streamed = await client.post("/v1/completions", json={**LONG, "stream": True})
+        usage = await state.engine.call(lambda engine: engine.get_stats().kv_cache_usage)
+    return plain, streamed, elapsed, usage
+
+
+def test_request_time_limit_aborts_and_frees_the_kv_cache(timed_app):
+    plain, streamed, elapsed, usage = asyncio.run(_timed_out_requests(timed_app))
+    assert plain.status_code == 504, plain.text[:300]
+    error = plain.json()["error"]
+    assert error["code"] == "request_timeout" and "request_timeout_seconds" in error["message"]
+    assert 0.4 < elapsed < 5, f"the limit is 0.5 s; the request took {elapsed:.2f} s"
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "request_timeout"
+    assert usage == 0, "the aborted requests' KV blocks must be freed"
