@@ -224,9 +224,11 @@ async def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn, but SIGTERM/SIGINT also drains the engine: new requests get 503, requests in
-    flight get ``shutdown_grace_seconds`` to finish, the rest end with an error event; and the
-    process exits 0 afterwards instead of re-raising the signal."""
+    """uvicorn, but SIGTERM/SIGINT first drains the engine: the listener stays open and new
+    requests get 503 with ``Retry-After`` (not "connection refused"), requests in flight get
+    ``shutdown_grace_seconds`` to finish, the rest end with an error event; only then does
+    uvicorn stop listening and shut down. A second signal closes the listener at once. The
+    process exits 0 instead of re-raising the signal."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
@@ -234,11 +236,18 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         engine = self._ferry_state.engine
-        if engine.accepting:  # the first signal: drain; uvicorn stops taking connections
+        if engine.accepting:  # the first signal: drain while still listening
             engine.stop_accepting()
-            engine.drain_soon(self._ferry_state.config.shutdown_grace_seconds)
+            engine.drain_soon(self._ferry_state.config.shutdown_grace_seconds,
+                              then=self._stop_listening)
+            return
         super().handle_exit(sig, frame)
         self._captured_signals.clear()  # a drained shutdown is a clean exit
+
+    def _stop_listening(self) -> None:
+        """After the drain: uvicorn's own shutdown (close the listener, finish connections,
+        the app's lifespan end)."""
+        self.should_exit = True
 
 
 def run_server(config: FerryConfig, engine: Any | None = None,

@@ -135,11 +135,21 @@ class AsyncEngine:
                 "the server shut down before this request finished"))
             self.abort(request_id)
 
-    def drain_soon(self, grace_seconds: float) -> None:
-        """``drain`` scheduled from a signal handler (thread-safe, returns at once)."""
+    def drain_soon(self, grace_seconds: float,
+                   then: Callable[[], None] | None = None) -> None:
+        """``drain`` scheduled from a signal handler (thread-safe, returns at once); ``then``
+        runs in the loop once the drain is over (the server stops listening only then)."""
+        async def drain_then() -> None:
+            try:
+                await self.drain(grace_seconds)
+            finally:
+                if then is not None:
+                    then()
+
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(
-                lambda: self._loop.create_task(self.drain(grace_seconds)))
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(drain_then()))
+        elif then is not None:  # not started: nothing to drain
+            then()
 
     async def shutdown(self, grace_seconds: float = 0.0) -> None:
         """Drain, then stop the loop task and the engine thread."""

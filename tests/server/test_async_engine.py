@@ -193,3 +193,19 @@ def test_a_request_past_its_time_limit_is_aborted():
 
     engine, elapsed, quick = _run(main())
     assert 0.2 <= elapsed < 2 and engine.aborted == ["r"] and quick[-1] == "xx"
+
+
+def test_drain_soon_calls_back_once_the_requests_in_flight_finished():
+    async def main():
+        async_engine = await _started(FakeEngine())
+        stream = await async_engine.add_request("r", "hi", SamplingParams(max_tokens=20))
+        drained = asyncio.Event()
+        async_engine.drain_soon(30, then=drained.set)
+        await asyncio.sleep(0.2)  # the request is done in the engine, not yet read
+        assert not drained.is_set() and not async_engine.accepting
+        texts = [out.outputs[0].text async for out in stream]
+        await asyncio.wait_for(drained.wait(), 5)
+        await async_engine.shutdown()
+        return texts
+
+    assert _run(main())[-1] == "x" * 20
