@@ -17,7 +17,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ferry.config import FerryConfig, ServerConfig
@@ -25,13 +25,25 @@ from ferry.server.async_engine import AsyncEngine, engine_executor
 from ferry.server.body_limit import BodySizeLimit
 from ferry.server.errors import APIError, install_error_handlers
 from ferry.server.metrics import ServerMetrics
-from ferry.server.protocol import DetokenizeRequest, TokenizeRequest
+from ferry.server.openapi import error_responses, install_openapi, json_body, ok
+from ferry.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                   DetokenizeResponse, HealthResponse, ModelCard, ModelList,
+                                   TokenizeRequest, TokenizeResponse, VersionResponse)
 from ferry.server.serving_chat import create_chat_completion
 from ferry.server.serving_common import ServerState, check_model, encode_chat, parse_body
 from ferry.server.serving_completions import create_completion
 from ferry.server.tokenization import PromptTokenizer
 
 logger = logging.getLogger(__name__)
+
+# The request bodies /openapi.json publishes (the handlers parse them themselves).
+REQUEST_MODELS = [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest]
+# A generation answers JSON, or an SSE stream with "stream": true.
+_GENERATED = {200: {"description": "The completion, or with \"stream\": true its chunks as "
+                                   "server-sent events ending with 'data: [DONE]'",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {"type": "string"}}}}}
+_GENERATION_ERRORS = (400, 401, 404, 413, 503, 504)
 
 
 def ferry_version() -> str:
@@ -121,6 +133,7 @@ def build_app(engine: Any, config: ServerConfig,
                        on_error=on_error)
     app.include_router(_v1_router(state))
     app.include_router(_plain_router(state))
+    install_openapi(app, REQUEST_MODELS)
     return app
 
 
@@ -151,20 +164,25 @@ def _v1_router(state: ServerState) -> APIRouter:
                 "owned_by": "ferry", "root": state.model_root,
                 "max_model_len": state.max_model_len}
 
-    @router.get("/models")
+    @router.get("/models", response_model=None,
+                responses={**ok(ModelList), **error_responses(401)})
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @router.get("/models/{model_id:path}")
+    @router.get("/models/{model_id:path}", response_model=None,
+                responses={**ok(ModelCard), **error_responses(401, 404)})
     async def retrieve_model(model_id: str) -> dict[str, Any]:
         check_model(state, model_id)
         return model_card()
 
-    @router.post("/completions")
+    @router.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest),
+                 responses={**_GENERATED, **error_responses(*_GENERATION_ERRORS)})
     async def completions(request: Request):
         return await create_completion(request, state)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", response_model=None,
+                 openapi_extra=json_body(ChatCompletionRequest),
+                 responses={**_GENERATED, **error_responses(*_GENERATION_ERRORS)})
     async def chat_completions(request: Request):
         return await create_chat_completion(request, state)
 
@@ -174,7 +192,9 @@ def _v1_router(state: ServerState) -> APIRouter:
 def _plain_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health")
+    @router.get("/health", response_model=None,
+                responses={**ok(HealthResponse),
+                           503: {"model": HealthResponse, "description": "Draining or failed"}})
     async def health() -> JSONResponse:
         engine = state.engine
         if engine.dead_reason is not None:
@@ -183,25 +203,31 @@ def _plain_router(state: ServerState) -> APIRouter:
             return JSONResponse({"status": "draining"}, 503)
         return JSONResponse({"status": "ok"})
 
-    @router.get("/version")
+    @router.get("/version", response_model=None, responses=ok(VersionResponse))
     async def version() -> dict[str, str]:
         return {"version": ferry_version()}
 
-    @router.get("/metrics")
+    @router.get("/metrics", response_class=PlainTextResponse, responses={200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # Tokenizing is work on the model's behalf, as generating is: under the same key.
     keyed = [Depends(_api_key_checker(state.config.api_key))]
 
-    @router.post("/tokenize", dependencies=keyed)
+    @router.post("/tokenize", dependencies=keyed, response_model=None,
+                 openapi_extra=json_body(TokenizeRequest),
+                 responses={**ok(TokenizeResponse), **error_responses(400, 401, 404, 413)})
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await parse_body(request, TokenizeRequest)
         check_model(state, body.model)
         tokens = await _tokenize(state, body)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
 
-    @router.post("/detokenize", dependencies=keyed)
+    @router.post("/detokenize", dependencies=keyed, response_model=None,
+                 openapi_extra=json_body(DetokenizeRequest),
+                 responses={**ok(DetokenizeResponse), **error_responses(400, 401, 404, 413)})
     async def detokenize(request: Request) -> dict[str, Any]:
         body = await parse_body(request, DetokenizeRequest)
         check_model(state, body.model)
