@@ -133,7 +133,8 @@ class ObservabilityConfig(ConfigPart):
 
 
 class ServerConfig(ConfigPart):
-    """The HTTP server around the engine: address, API key, queue limit, shutdown."""
+    """The HTTP server around the engine: address, API key, queue limit, shutdown, request
+    limits."""
 
     host: str = Field("127.0.0.1", description="Address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on")
@@ -144,6 +145,18 @@ class ServerConfig(ConfigPart):
         1024, ge=1, description="Waiting-queue limit; beyond it requests get 503 + Retry-After")
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM, how long requests in flight may finish")
+    max_request_body_bytes: int = Field(
+        16 * 2**20, gt=0, description="Largest request body (e.g. 16MiB); a larger one gets "
+                                      "413 before it is read",
+        json_schema_extra=_cli(metavar="SIZE", default="16MiB"))
+    request_timeout_seconds: float = Field(
+        0.0, ge=0, description="Abort a generation request still running after this many "
+                               "seconds (504); 0: no limit")
+
+    @field_validator("max_request_body_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
 
 
 # ---------------------------------------------------------------------------- containers

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ferry import checkpoint
 from ferry.config import EngineConfig, RuntimeConfig
@@ -26,6 +27,21 @@ from ferry.request import Request, RequestStatus
 from ferry.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_prompt: bool,
+                        model_name: str) -> list[int]:
+    """The token ids of ``messages`` through ``tokenizer``'s chat template; ``ValueError``
+    (the caller's messages are wrong, or the model has no template) otherwise."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the model {model_name} has no chat template")
+    try:
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    except Exception as exc:  # template errors are the caller's messages being wrong
+        raise ValueError(f"could not apply the chat template: {exc}") from None
+    # transformers 5 may return a BatchEncoding; 4.x returns a list.
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 @dataclass
@@ -156,31 +172,28 @@ class Engine:
                            num_generation_tokens_total=self._generation_tokens_total)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"the model {self.served_model_name} has no chat template")
-        try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        except Exception as exc:  # template errors are the caller's messages being wrong
-            raise ValueError(f"could not apply the chat template: {exc}") from None
-        # transformers 5 may return a BatchEncoding; 4.x returns a list.
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return apply_chat_template(self.tokenizer, messages, add_generation_prompt,
+                                   self.served_model_name)
 
     # ------------------------------------------------------------------ helpers
     def _tokenize_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if set(prompt) - {"prompt_token_ids", "prompt"} or "prompt_token_ids" not in prompt:
                 raise ValueError("a dict prompt must be {'prompt_token_ids': [int, ...]}")
-            prompt = prompt["prompt_token_ids"]
+            # The text, when given, is the one the ids came from (echo shows it as sent).
+            return prompt.get("prompt"), self._check_token_ids(prompt["prompt_token_ids"])
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty")
             return prompt, list(self.tokenizer.encode(prompt))
+        return None, self._check_token_ids(prompt)
+
+    def _check_token_ids(self, prompt: Any) -> list[int]:
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ValueError("a prompt must be a non-empty string or a non-empty list of token ids")
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
             raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        return None, list(prompt)
+        return list(prompt)
 
     def _with_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         if params.max_tokens is not None:

@@ -17,19 +17,33 @@ from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ferry.config import FerryConfig, ServerConfig
 from ferry.server.async_engine import AsyncEngine, engine_executor
+from ferry.server.body_limit import BodySizeLimit
 from ferry.server.errors import APIError, install_error_handlers
 from ferry.server.metrics import ServerMetrics
-from ferry.server.protocol import DetokenizeRequest, TokenizeRequest
+from ferry.server.openapi import error_responses, install_openapi, json_body, ok
+from ferry.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                   DetokenizeResponse, HealthResponse, ModelCard, ModelList,
+                                   TokenizeRequest, TokenizeResponse, VersionResponse)
 from ferry.server.serving_chat import create_chat_completion
-from ferry.server.serving_common import ServerState, check_model, parse_body
+from ferry.server.serving_common import ServerState, check_model, encode_chat, parse_body
 from ferry.server.serving_completions import create_completion
+from ferry.server.tokenization import PromptTokenizer
 
 logger = logging.getLogger(__name__)
+
+# The request bodies /openapi.json publishes (the handlers parse them themselves).
+REQUEST_MODELS = [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest]
+# A generation answers JSON, or an SSE stream with "stream": true.
+_GENERATED = {200: {"description": "The completion, or with \"stream\": true its chunks as "
+                                   "server-sent events ending with 'data: [DONE]'",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {"type": "string"}}}}}
+_GENERATION_ERRORS = (400, 401, 404, 413, 503, 504)
 
 
 def ferry_version() -> str:
@@ -51,15 +65,17 @@ def build_state(engine: Any, config: ServerConfig,
     """Everything the handlers share, around ``engine``, limited by ``config``."""
     metrics = _server_metrics(engine)
     async_engine = AsyncEngine(engine, max_waiting_requests=config.max_waiting_requests,
-                               metrics=metrics, executor=executor)
+                               metrics=metrics, executor=executor,
+                               request_timeout=config.request_timeout_seconds)
     tokenizer = _own_tokenizer(engine.tokenizer)
     vocab_size = getattr(engine, "vocab_size", None) or len(tokenizer)
     model_path = _given_model_path(engine)
+    prompts = PromptTokenizer(tokenizer, engine.max_model_len, engine.served_model_name)
     return ServerState(engine=async_engine, tokenizer=tokenizer,
                        model_name=engine.served_model_name, model_path=model_path,
                        model_root=str(getattr(engine, "model_dir", model_path)),
                        max_model_len=engine.max_model_len,
-                       vocab_size=vocab_size, metrics=metrics, config=config)
+                       vocab_size=vocab_size, metrics=metrics, config=config, prompts=prompts)
 
 
 def _given_model_path(engine: Any) -> str | None:
@@ -101,14 +117,23 @@ def build_app(engine: Any, config: ServerConfig,
             yield
         finally:
             await state.engine.shutdown(grace_seconds=config.shutdown_grace_seconds)
+            state.prompts.shutdown()
 
     app = FastAPI(title="ferry", version=ferry_version(), lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.ferry = state
-    install_error_handlers(app, on_error=lambda request, error: _count_error(state, request,
-                                                                              error))
+
+    def on_error(request: Request, error: APIError) -> None:
+        _count_error(state, request, error)
+
+    install_error_handlers(app, on_error=on_error)
+    # Outermost but for Starlette's own error middleware: a body too large is refused
+    # before routing, authentication or parsing see it.
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes,
+                       on_error=on_error)
     app.include_router(_v1_router(state))
     app.include_router(_plain_router(state))
+    install_openapi(app, REQUEST_MODELS)
     return app
 
 
@@ -139,20 +164,25 @@ def _v1_router(state: ServerState) -> APIRouter:
                 "owned_by": "ferry", "root": state.model_root,
                 "max_model_len": state.max_model_len}
 
-    @router.get("/models")
+    @router.get("/models", response_model=None,
+                responses={**ok(ModelList), **error_responses(401)})
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    @router.get("/models/{model_id:path}")
+    @router.get("/models/{model_id:path}", response_model=None,
+                responses={**ok(ModelCard), **error_responses(401, 404)})
     async def retrieve_model(model_id: str) -> dict[str, Any]:
         check_model(state, model_id)
         return model_card()
 
-    @router.post("/completions")
+    @router.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest),
+                 responses={**_GENERATED, **error_responses(*_GENERATION_ERRORS)})
     async def completions(request: Request):
         return await create_completion(request, state)
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", response_model=None,
+                 openapi_extra=json_body(ChatCompletionRequest),
+                 responses={**_GENERATED, **error_responses(*_GENERATION_ERRORS)})
     async def chat_completions(request: Request):
         return await create_chat_completion(request, state)
 
@@ -162,7 +192,9 @@ def _v1_router(state: ServerState) -> APIRouter:
 def _plain_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health")
+    @router.get("/health", response_model=None,
+                responses={**ok(HealthResponse),
+                           503: {"model": HealthResponse, "description": "Draining or failed"}})
     async def health() -> JSONResponse:
         engine = state.engine
         if engine.dead_reason is not None:
@@ -171,22 +203,31 @@ def _plain_router(state: ServerState) -> APIRouter:
             return JSONResponse({"status": "draining"}, 503)
         return JSONResponse({"status": "ok"})
 
-    @router.get("/version")
+    @router.get("/version", response_model=None, responses=ok(VersionResponse))
     async def version() -> dict[str, str]:
         return {"version": ferry_version()}
 
-    @router.get("/metrics")
+    @router.get("/metrics", response_class=PlainTextResponse, responses={200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @router.post("/tokenize")
+    # Tokenizing is work on the model's behalf, as generating is: under the same key.
+    keyed = [Depends(_api_key_checker(state.config.api_key))]
+
+    @router.post("/tokenize", dependencies=keyed, response_model=None,
+                 openapi_extra=json_body(TokenizeRequest),
+                 responses={**ok(TokenizeResponse), **error_responses(400, 401, 404, 413)})
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await parse_body(request, TokenizeRequest)
         check_model(state, body.model)
         tokens = await _tokenize(state, body)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
 
-    @router.post("/detokenize")
+    @router.post("/detokenize", dependencies=keyed, response_model=None,
+                 openapi_extra=json_body(DetokenizeRequest),
+                 responses={**ok(DetokenizeResponse), **error_responses(400, 401, 404, 413)})
     async def detokenize(request: Request) -> dict[str, Any]:
         body = await parse_body(request, DetokenizeRequest)
         check_model(state, body.model)
@@ -200,22 +241,20 @@ def _plain_router(state: ServerState) -> APIRouter:
 
 
 async def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
-    """Tokenize on the engine thread, exactly as a completion or chat request would."""
+    """Tokenize on the tokenizer pool, exactly as a completion or chat request would (and
+    refused by length the same way)."""
     if body.prompt is not None:
-        text = body.prompt
-        return await state.engine.call(lambda engine: list(engine.tokenizer.encode(text)))
+        return await state.prompts.encode(body.prompt)
     messages = [m.to_template() for m in body.messages]
-    try:
-        return await state.engine.call(lambda engine: engine.encode_chat(
-            messages, add_generation_prompt=body.add_generation_prompt))
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
+    return await encode_chat(state, messages, body.add_generation_prompt)
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn, but SIGTERM/SIGINT also drains the engine: new requests get 503, requests in
-    flight get ``shutdown_grace_seconds`` to finish, the rest end with an error event; and the
-    process exits 0 afterwards instead of re-raising the signal."""
+    """uvicorn, but SIGTERM/SIGINT first drains the engine: the listener stays open and new
+    requests get 503 with ``Retry-After`` (not "connection refused"), requests in flight get
+    ``shutdown_grace_seconds`` to finish, the rest end with an error event; only then does
+    uvicorn stop listening and shut down. A second signal closes the listener at once. The
+    process exits 0 instead of re-raising the signal."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
@@ -223,11 +262,18 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         engine = self._ferry_state.engine
-        if engine.accepting:  # the first signal: drain; uvicorn stops taking connections
+        if engine.accepting:  # the first signal: drain while still listening
             engine.stop_accepting()
-            engine.drain_soon(self._ferry_state.config.shutdown_grace_seconds)
+            engine.drain_soon(self._ferry_state.config.shutdown_grace_seconds,
+                              then=self._stop_listening)
+            return
         super().handle_exit(sig, frame)
         self._captured_signals.clear()  # a drained shutdown is a clean exit
+
+    def _stop_listening(self) -> None:
+        """After the drain: uvicorn's own shutdown (close the listener, finish connections,
+        the app's lifespan end)."""
+        self.should_exit = True
 
 
 def run_server(config: FerryConfig, engine: Any | None = None,

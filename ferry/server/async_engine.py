@@ -39,6 +39,10 @@ class EngineStepError(RuntimeError):
     """A step failed; the requests in flight were aborted."""
 
 
+class RequestTimeoutError(RuntimeError):
+    """The request ran past ``request_timeout_seconds`` and was aborted."""
+
+
 @dataclass
 class _Command:
     fn: Callable[[Any], Any]
@@ -73,14 +77,17 @@ class AsyncEngine:
     """Owns ``engine``; call ``start()`` inside the event loop and ``shutdown()`` at the end.
 
     ``executor``: the single-thread executor the engine was built on (see
-    :func:`engine_executor`); a new one when not given.
+    :func:`engine_executor`); a new one when not given. ``request_timeout``: seconds a
+    request may run from when it is added before it is aborted (0 or None: no limit).
     """
 
     def __init__(self, engine: Any, *, max_waiting_requests: int,
                  metrics: ServerMetrics | None = None,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+                 executor: ThreadPoolExecutor | None = None,
+                 request_timeout: float | None = None) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
+        self.request_timeout = request_timeout or None
         self.metrics = metrics
         self._executor = executor or engine_executor()
         self._commands: list[_Command] = []
@@ -128,11 +135,21 @@ class AsyncEngine:
                 "the server shut down before this request finished"))
             self.abort(request_id)
 
-    def drain_soon(self, grace_seconds: float) -> None:
-        """``drain`` scheduled from a signal handler (thread-safe, returns at once)."""
+    def drain_soon(self, grace_seconds: float,
+                   then: Callable[[], None] | None = None) -> None:
+        """``drain`` scheduled from a signal handler (thread-safe, returns at once); ``then``
+        runs in the loop once the drain is over (the server stops listening only then)."""
+        async def drain_then() -> None:
+            try:
+                await self.drain(grace_seconds)
+            finally:
+                if then is not None:
+                    then()
+
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(
-                lambda: self._loop.create_task(self.drain(grace_seconds)))
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(drain_then()))
+        elif then is not None:  # not started: nothing to drain
+            then()
 
     async def shutdown(self, grace_seconds: float = 0.0) -> None:
         """Drain, then stop the loop task and the engine thread."""
@@ -165,7 +182,8 @@ class AsyncEngine:
         anything is streamed, so the caller can still answer with a 4xx. ``prompt`` may be a
         callable run on the engine thread that returns token ids (the chat template runs there).
         The stream yields cumulative ``RequestOutput``s until one is finished; closing it early
-        (or losing it) aborts the request and frees its KV blocks.
+        (or losing it) aborts the request and frees its KV blocks, and so does running past
+        ``request_timeout`` (the stream then raises ``RequestTimeoutError``).
         """
         stream = self._stream(request_id, prompt, params, priority)
         await stream.__anext__()  # runs up to "accepted"
@@ -194,6 +212,7 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         rejected = finished = False
+        deadline = arrival + self.request_timeout if self.request_timeout else None
         try:
             try:
                 await self._submit(_Command(add, num_new_requests=params.n))
@@ -202,7 +221,7 @@ class AsyncEngine:
                 raise
             yield None  # accepted
             while not finished:
-                output = await self._next_output(queue)
+                output = await self._next_output(queue, deadline)
                 finished = output.finished
                 yield output
         finally:
@@ -221,8 +240,19 @@ class AsyncEngine:
         return await self._submit(_Command(fn))
 
     # ------------------------------------------------------------------ internals
-    async def _next_output(self, queue: asyncio.Queue) -> RequestOutput:
-        item = await queue.get()
+    async def _next_output(self, queue: asyncio.Queue,
+                           deadline: float | None = None) -> RequestOutput:
+        """The newest output; past ``deadline`` (monotonic), ``RequestTimeoutError``: the
+        caller's ``finally`` then aborts the request, which frees its KV blocks."""
+        if deadline is None:
+            item = await queue.get()
+        else:
+            try:
+                item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(
+                    f"the request ran longer than the server's limit of {self.request_timeout:g} "
+                    "seconds (request_timeout_seconds) and was aborted") from None
         while not queue.empty():  # outputs are cumulative: the newest one says it all
             if isinstance(item, BaseException):
                 break

@@ -1,4 +1,4 @@
-"""POST /v1/chat/completions: the chat template runs on the engine thread, ``n`` choices."""
+"""POST /v1/chat/completions: the chat template runs on the tokenizer pool, ``n`` choices."""
 from __future__ import annotations
 
 import time
@@ -9,14 +9,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ferry.outputs import CompletionOutput, RequestOutput
-from ferry.server.async_engine import EngineStepError, EngineStoppedError
 from ferry.server.errors import APIError, sse_error_event
 from ferry.server.protocol import ChatCompletionRequest
-from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, DeltaTracker, ServerState,
-                                         chunk_writer,
-                                         add_or_raise, chat_logprobs, check_model,
-                                         completion_tokens, engine_error, last_output,
-                                         merge_streams, new_request_id, parse_body,
+from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
+                                         ServerState, add_or_raise, chat_logprobs,
+                                         check_capacity, check_model, chunk_writer,
+                                         completion_tokens, encode_chat, engine_error,
+                                         last_output, merge_streams, new_request_id, parse_body,
                                          until_disconnect, usage)
 
 
@@ -27,20 +26,16 @@ async def create_chat_completion(request: Request, state: ServerState):
         params = body.to_sampling_params()
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from None
-    messages = body.template_messages()
-    add_generation_prompt = body.add_generation_prompt
-
-    def encode(engine: Any) -> list[int]:
-        return engine.encode_chat(messages, add_generation_prompt=add_generation_prompt)
-
+    check_capacity(state, params.n)  # before templating: a full server wastes no work
+    prompt_ids = await encode_chat(state, body.template_messages(), body.add_generation_prompt)
     request_id = new_request_id("chatcmpl")
-    stream = await add_or_raise(state, request_id, encode, params)
+    stream = await add_or_raise(state, request_id, {"prompt_token_ids": prompt_ids}, params)
     if body.stream:
         return StreamingResponse(_stream(state, body, request_id, stream),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     try:
         final = await until_disconnect(request, last_output(stream))
-    except (EngineStepError, EngineStoppedError) as exc:
+    except STREAM_ERRORS as exc:
         raise engine_error(exc) from None
     return JSONResponse(_response(state, body, request_id, final))
 
@@ -84,7 +79,7 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, request_id: s
                     yield chunk([choice], running)
         if body.include_usage and latest is not None:
             yield chunk([], _usage(latest))
-    except (EngineStepError, EngineStoppedError) as exc:
+    except STREAM_ERRORS as exc:
         yield sse_error_event(engine_error(exc))
     yield SSE_DONE
 

@@ -15,13 +15,15 @@ from pydantic import BaseModel, ValidationError
 from ferry.config import ServerConfig
 from ferry.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from ferry.server.async_engine import (AsyncEngine, EngineOverloadedError, EngineStepError,
-                                       EngineStoppedError)
+                                       EngineStoppedError, RequestTimeoutError)
 from ferry.server.errors import APIError, validation_error
 from ferry.server.metrics import ServerMetrics
 from ferry.server.protocol import UnsupportedFieldError
+from ferry.server.tokenization import PromptTokenizer
 
-MAX_BODY_BYTES = 32 * 2**20
 RETRY_AFTER_SECONDS = 1
+# What a request's stream may raise after it was accepted (answered by ``engine_error``).
+STREAM_ERRORS = (EngineStepError, EngineStoppedError, RequestTimeoutError)
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -39,6 +41,7 @@ class ServerState:
     vocab_size: int
     metrics: ServerMetrics
     config: ServerConfig
+    prompts: PromptTokenizer    # tokenization and chat templates, off the engine thread
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
 
@@ -57,10 +60,9 @@ def new_request_id(prefix: str) -> str:
 
 
 async def parse_body(request: Request, model_cls: type[Model]) -> Model:
-    """Read and validate a JSON body; every problem becomes a 400 (413 when too large)."""
+    """Read and validate a JSON body; every problem becomes a 400 (the size limit is the
+    ``BodySizeLimit`` middleware's: 413 while the body is read)."""
     body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
     try:
         parsed = model_cls.model_validate_json(body)
     except ValidationError as exc:
@@ -83,7 +85,9 @@ def check_model(state: ServerState, name: str | None) -> None:
 
 
 def engine_error(exc: Exception) -> APIError:
-    """Map what ``AsyncEngine.add_request`` raises to an HTTP error."""
+    """Map what ``AsyncEngine.add_request`` or a request's stream raises to an HTTP error."""
+    if isinstance(exc, RequestTimeoutError):
+        return APIError(504, str(exc), code="request_timeout")
     if isinstance(exc, EngineOverloadedError):
         return APIError(503, str(exc), code="server_overloaded",
                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
@@ -97,6 +101,42 @@ def engine_error(exc: Exception) -> APIError:
         code = "context_length_exceeded" if "context length" in message else "invalid_value"
         return APIError(400, message, code=code)
     raise exc
+
+
+def check_capacity(state: ServerState, num_new_requests: int) -> None:
+    """503 now (draining, or the waiting queue full), before any work on the prompt."""
+    try:
+        state.engine.check_capacity(num_new_requests)
+    except RuntimeError as exc:
+        raise engine_error(exc) from None
+
+
+async def encode_prompts(state: ServerState, prompts: list[str | list[int]]) -> list[dict]:
+    """The engine's prompts for ``prompts`` (texts or token ids): token ids, the text beside
+    them (echo shows it); every text is length-checked first, then tokenized off the engine
+    thread."""
+    for text in prompts:
+        if isinstance(text, str):
+            if not text:
+                raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
+            state.prompts.check_length(len(text), "prompt")
+    encoded = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            encoded.append({"prompt_token_ids": await state.prompts.encode(prompt),
+                            "prompt": prompt})
+        else:
+            encoded.append({"prompt_token_ids": prompt})
+    return encoded
+
+
+async def encode_chat(state: ServerState, messages: list[dict[str, str]],
+                      add_generation_prompt: bool) -> list[int]:
+    """The chat template's token ids, computed off the engine thread; 400 when it fails."""
+    try:
+        return await state.prompts.encode_chat(messages, add_generation_prompt)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
 
 
 async def add_or_raise(state: ServerState, request_id: str, prompt: Any, params: Any,

@@ -10,13 +10,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ferry.outputs import CompletionOutput, RequestOutput
-from ferry.server.async_engine import EngineStepError, EngineStoppedError
 from ferry.server.errors import APIError, sse_error_event
 from ferry.server.protocol import CompletionRequest
-from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, DeltaTracker, ServerState,
-                                         chunk_writer,
-                                         add_or_raise, check_model, close_streams,
-                                         completion_logprobs, completion_tokens, engine_error,
+from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
+                                         ServerState, add_or_raise, check_capacity, check_model,
+                                         chunk_writer, close_streams, completion_logprobs,
+                                         completion_tokens, encode_prompts, engine_error,
                                          last_output, merge_streams, new_request_id, parse_body,
                                          until_disconnect, usage)
 
@@ -28,11 +27,9 @@ async def create_completion(request: Request, state: ServerState):
         raise APIError(400, "echo together with logprobs is not supported (prompt logprobs)",
                        param="echo", code="unsupported_parameter")
     params = _sampling_params(body)
-    prompts = body.prompts()
-    try:
-        state.engine.check_capacity(params.n * len(prompts))
-    except RuntimeError as exc:
-        raise engine_error(exc) from None
+    texts_or_ids = body.prompts()
+    check_capacity(state, params.n * len(texts_or_ids))  # before tokenizing
+    prompts = await encode_prompts(state, texts_or_ids)
     request_id = new_request_id("cmpl")
     streams = []
     try:
@@ -58,7 +55,7 @@ def _sampling_params(body: CompletionRequest):
 async def _collect(streams) -> list[RequestOutput]:
     try:
         return list(await asyncio.gather(*(last_output(s) for s in streams)))
-    except (EngineStepError, EngineStoppedError) as exc:
+    except STREAM_ERRORS as exc:
         raise engine_error(exc) from None
 
 
@@ -111,7 +108,7 @@ async def _stream(state: ServerState, body: CompletionRequest, request_id: str,
                     yield chunk([choice], running_usage)
         if body.include_usage:
             yield chunk([], _usage(latest))
-    except (EngineStepError, EngineStoppedError) as exc:
+    except STREAM_ERRORS as exc:
         yield sse_error_event(engine_error(exc))
     yield SSE_DONE
 

@@ -185,11 +185,13 @@ def test_echo_prepends_the_prompt(client):
     assert echoed.choices[0].text == "Hello" + plain.choices[0].text
 
 
-def test_tokenize_detokenize_health_version(server, tokenizer):
+def test_tokenize_detokenize_health_version(server, auth, tokenizer):
     text = "The weather is nice"
-    tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": text}, timeout=10).json()
+    tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": text}, headers=auth,
+                        timeout=10).json()
     assert tokens["tokens"] == tokenizer.encode(text) and tokens["count"] == len(tokens["tokens"])
-    back = httpx.post(f"{server.url}/detokenize", json={"tokens": tokens["tokens"]}, timeout=10)
+    back = httpx.post(f"{server.url}/detokenize", json={"tokens": tokens["tokens"]},
+                      headers=auth, timeout=10)
     assert back.json()["prompt"] == tokenizer.decode(tokens["tokens"])
     assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
     import ferry

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -10,7 +11,7 @@ from ferry.engine.engine import EngineStats
 from ferry.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ferry.sampling_params import SamplingParams
 from ferry.server.async_engine import (AsyncEngine, EngineOverloadedError, EngineStepError,
-                                       EngineStoppedError)
+                                       EngineStoppedError, RequestTimeoutError)
 
 
 class FakeEngine:
@@ -173,3 +174,38 @@ def test_waiting_limit_and_draining_refuse_new_requests():
         await async_engine.shutdown()
 
     _run(main())
+
+
+def test_a_request_past_its_time_limit_is_aborted():
+    async def main():
+        engine = FakeEngine()
+        async_engine = await _started(engine, request_timeout=0.2)
+        start = time.monotonic()
+        stream = await async_engine.add_request("r", "hi", SamplingParams(max_tokens=10**6))
+        with pytest.raises(RequestTimeoutError, match="request_timeout_seconds"):
+            async for _ in stream:
+                pass
+        elapsed = time.monotonic() - start
+        quick = [out.outputs[0].text async for out in async_engine.generate(
+            "s", "hi", SamplingParams(max_tokens=2))]  # a short one is unaffected
+        await async_engine.shutdown()
+        return engine, elapsed, quick
+
+    engine, elapsed, quick = _run(main())
+    assert 0.2 <= elapsed < 2 and engine.aborted == ["r"] and quick[-1] == "xx"
+
+
+def test_drain_soon_calls_back_once_the_requests_in_flight_finished():
+    async def main():
+        async_engine = await _started(FakeEngine())
+        stream = await async_engine.add_request("r", "hi", SamplingParams(max_tokens=20))
+        drained = asyncio.Event()
+        async_engine.drain_soon(30, then=drained.set)
+        await asyncio.sleep(0.2)  # the request is done in the engine, not yet read
+        assert not drained.is_set() and not async_engine.accepting
+        texts = [out.outputs[0].text async for out in stream]
+        await asyncio.wait_for(drained.wait(), 5)
+        await async_engine.shutdown()
+        return texts
+
+    assert _run(main())[-1] == "x" * 20

@@ -5,6 +5,7 @@ import asyncio
 import json
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -74,22 +75,37 @@ def _stream_in_background(url: str, max_tokens: int) -> tuple[threading.Thread, 
     return thread, state
 
 
+def _wait_draining(url: str, timeout: float = 10.0) -> None:
+    """Until /health says the server drains (the signal reached its handler)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = httpx.get(f"{url}/health", timeout=5)
+        if resp.status_code == 503 and resp.json() == {"status": "draining"}:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the server did not start draining")
+
+
 def test_sigterm_finishes_in_flight_requests_then_exits_0(small_server):
-    thread, state = _stream_in_background(small_server.url, max_tokens=300)
+    thread, state = _stream_in_background(small_server.url, max_tokens=600)
     assert state["first"].wait(60), "no token arrived"
     assert state["error"] is None
     small_server.send_signal(signal.SIGTERM)
-    # New work is refused while draining (503 on a live connection, or no connection at all).
-    try:
-        resp = httpx.post(f"{small_server.url}/v1/completions", json={**LONG, "max_tokens": 2},
-                          timeout=10)
-        assert resp.status_code == 503
-    except httpx.TransportError:
-        pass
+    _wait_draining(small_server.url)
+    # The listener stays open while draining: new work gets 503 with Retry-After, not
+    # "connection refused", and the request in flight is still running.
+    for path, body in (("/v1/completions", {**LONG, "max_tokens": 2}),
+                       ("/v1/chat/completions", {"model": "tiny", "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "Hi"}]})):
+        resp = httpx.post(small_server.url + path, json=body, timeout=10)
+        assert resp.status_code == 503, resp.text
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert resp.json()["error"]["code"] == "server_unavailable"
+    assert thread.is_alive(), "the request in flight should still be running"
     thread.join(120)
     assert not thread.is_alive()
     assert state["error"] is None, state["error"]
-    assert state["finish"] == "length" and state["usage"]["completion_tokens"] == 300
+    assert state["finish"] == "length" and state["usage"]["completion_tokens"] == 600
     assert small_server.wait_exit(timeout=60) == 0
 
 
