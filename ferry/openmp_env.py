@@ -21,8 +21,9 @@ USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 # slice, and every region of the step waits for it at the barrier: decoding measured
 # 13-80x slower with the cores busy. 1,000 spins (~10 us) still bridge the gaps between
 # the ops of one step; a thread that then sleeps is woken promptly (a sleeper preempts a
-# busy neighbour). On 2 shared cores it served 7-17x more tokens per second than
-# libgomp's spin and more than 10,000 spins or none (PASSIVE): docs/benchmarks.md.
+# busy neighbour). On 2 shared cores a short spin served 200-700 output tok/s where
+# libgomp's spin served 29 (58 idle), and 1,000 spins did best of 1,000 / 10,000 /
+# PASSIVE (noisy figures: docs/benchmarks.md).
 DEFAULTS = {"GOMP_SPINCOUNT": "1000"}
 
 
