@@ -3,6 +3,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# First, before anything imports torch: libgomp reads its wait policy when it is loaded.
+from ferry.openmp_env import set_wait_policy_defaults  # noqa: E402
+
+set_wait_policy_defaults()
+
 from ferry.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from ferry.sampling_params import SamplingParams  # noqa: E402
 

@@ -112,9 +112,19 @@ class SchedulerConfig(ConfigPart):
 
 
 class ParallelConfig(ConfigPart):
-    """How many devices one replica spans."""
+    """How many devices one replica spans, and how many CPU threads it runs."""
 
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="CPU threads of the engine's matmuls and kernels (auto: the "
+                                "cores this process may use, from its CPU affinity and cgroup "
+                                "quota; CPU only)",
+        json_schema_extra=_cli(metavar="N|auto", default="auto"))
+
+    @field_validator("cpu_threads", mode="before")
+    @classmethod
+    def _auto_threads(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() == "auto" else value
 
 
 class LoRAConfig(ConfigPart):

@@ -9,7 +9,8 @@ amdsmi) or checks the GPU vendor; everything else imports from here:
   host figures on the CPU);
 - ``capabilities``: which kernel backend runs on a device type (:func:`kernel_backend`);
 - ``energy``: GPU energy counters (NVML / amdsmi, both optional);
-- ``host``: the CPU's name and memory, huge-page backed tensors.
+- ``host``: the CPU's name and memory, the cores this process may use and the thread
+  count from them, huge-page backed and on-demand zeroed tensors.
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from ferry.platform.capabilities import (KernelBackend, cpu_kernels_enabled, cxx
 from ferry.platform.detect import Platform, arch_family, detect_platform, device_arch
 from ferry.platform.device import (DeviceGraphCapture, PeakMemory, empty_cache, memory_info,
                                    memory_reserved, record_event, synchronize)
-from ferry.platform.host import empty_on_huge_pages
+from ferry.platform.host import (apply_cpu_threads, empty_on_huge_pages, process_rss_bytes,
+                                 usable_cpu_count, zeros_on_demand)
 
-__all__ = ["DeviceGraphCapture", "KernelBackend", "PeakMemory", "Platform", "arch_family",
-           "cpu_kernels_enabled", "cxx_compiler", "detect_platform", "device_arch",
+__all__ = ["DeviceGraphCapture", "KernelBackend", "PeakMemory", "Platform", "apply_cpu_threads",
+           "arch_family", "cpu_kernels_enabled", "cxx_compiler", "detect_platform", "device_arch",
            "empty_cache", "empty_on_huge_pages", "kernel_backend", "memory_info",
-           "memory_reserved", "record_event", "synchronize", "triton_importable"]
+           "memory_reserved", "process_rss_bytes", "record_event", "synchronize",
+           "triton_importable", "usable_cpu_count", "zeros_on_demand"]

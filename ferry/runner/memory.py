@@ -21,9 +21,13 @@ def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size
 def max_useful_blocks(max_num_seqs: int, max_model_len: int, block_size: int) -> int:
     """Blocks for every seat filled to the whole context; more would only idle.
 
-    A floor of 1,024 blocks keeps room for the prefix cache when few seats are configured.
+    No floor: the block pool hands out its least recently freed block first, so over a
+    run every block of the cache ends up written, and resident. A floor (it was 1,024
+    blocks, for the prefix cache) would make a small configuration (16 seats of a short
+    context) hold gigabytes it can never fill with requests; the prefix cache keeps what
+    the seats' blocks hold between requests.
     """
-    return max(max_num_seqs * math.ceil(max_model_len / block_size), 1024)
+    return max_num_seqs * math.ceil(max_model_len / block_size)
 
 
 def num_kv_blocks_for_budget(budget_bytes: int, block_bytes: int, *, max_num_seqs: int,

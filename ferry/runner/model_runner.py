@@ -16,7 +16,7 @@ import torch
 
 from ferry import kernels
 from ferry.outputs import RunnerOutput, SchedulerOutput
-from ferry.platform import DeviceGraphCapture, empty_on_huge_pages
+from ferry.platform import DeviceGraphCapture, zeros_on_demand
 from ferry.runner.cuda_graphs import DecodeGraphs, GraphCapture
 from ferry.runner.drafts import DraftProposer
 from ferry.runner.input_batch import ModelInput, ScheduledState, build_model_input, device_tensor
@@ -164,9 +164,11 @@ def kv_cache_shape(model: torch.nn.Module, num_blocks: int, block_size: int) -> 
 
 def allocate_kv_caches(model: torch.nn.Module, num_blocks: int, block_size: int,
                        dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """One zeroed tensor per layer. On the CPU its pages become resident only as blocks
+    are first written (``zeros_on_demand``), so memory follows the blocks in use."""
     # Zeroed, not empty: padded block-table entries point at block 0 and a NaN there
     # would survive a masked softmax as 0 * NaN.
     shape = kv_cache_shape(model, num_blocks, block_size)
     if device.type == "cpu":
-        return [empty_on_huge_pages(shape, dtype).zero_() for _ in range(model.num_layers)]
+        return [zeros_on_demand(shape, dtype) for _ in range(model.num_layers)]
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]

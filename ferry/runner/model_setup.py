@@ -15,7 +15,7 @@ import torch
 from ferry.checkpoint import check_checkpoint_unquantized, load_hf_config, resolve_max_model_len
 from ferry.config import EngineConfig
 from ferry.outputs import ScheduledRequest
-from ferry.platform import PeakMemory, Platform, detect_platform, empty_cache
+from ferry.platform import PeakMemory, Platform, apply_cpu_threads, detect_platform, empty_cache
 from ferry.runner import memory
 from ferry.runner.input_batch import ScheduledState, build_model_input
 from ferry.runner.request_states import RequestState
@@ -40,11 +40,15 @@ class LoadedModel:
 
 
 def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
-    """Detect the device and load the checkpoint's weights onto it."""
+    """Detect the device, size the CPU thread team, and load the checkpoint's weights."""
     from ferry.models.loader import get_model
 
     check_features_available(config)
     platform = detect_platform(config.model.device)
+    if not platform.is_gpu:
+        # Here, on the thread that will run every step (the server builds the engine on
+        # its engine thread), before the first parallel op gives this thread its team.
+        apply_cpu_threads(config.parallel.cpu_threads)
     hf_config = load_hf_config(model_dir)
     check_checkpoint_unquantized(hf_config, model_dir)
     dtype = resolve_dtype(config.model.dtype, hf_config, platform.torch_device)
@@ -98,10 +102,23 @@ def count_kv_blocks(config: EngineConfig, loaded: LoadedModel) -> int:
     else:
         peak = profile_peak_activation(model, config, device)
         budget = memory.gpu_kv_budget(device, config.cache.gpu_memory_utilization, peak)
-    return memory.num_kv_blocks_for_budget(budget, block_bytes,
-                                           max_num_seqs=config.scheduler.max_num_seqs,
-                                           max_model_len=loaded.max_model_len,
-                                           block_size=block_size)
+    num_blocks = memory.num_kv_blocks_for_budget(budget, block_bytes,
+                                                 max_num_seqs=config.scheduler.max_num_seqs,
+                                                 max_model_len=loaded.max_model_len,
+                                                 block_size=block_size)
+    log_kv_cache_size(num_blocks, block_bytes, budget, device)
+    return num_blocks
+
+
+def log_kv_cache_size(num_blocks: int, block_bytes: int, budget: int,
+                      device: torch.device) -> None:
+    """What the cache takes, and why that much: the budget, or what the seats can use."""
+    limit = "the memory budget" if num_blocks == budget // block_bytes else (
+        "max_num_seqs x max_model_len")
+    resident = ("; its pages become resident as blocks are first used" if device.type == "cpu"
+                else "")
+    logger.info("KV cache: %d blocks of %.0f KiB, %.1f MiB (sized by %s)%s", num_blocks,
+                block_bytes / 2**10, num_blocks * block_bytes / 2**20, limit, resident)
 
 
 @torch.inference_mode()

@@ -68,7 +68,8 @@ def engine_executor() -> ThreadPoolExecutor:
     main thread's team and the engine thread's both alive there are more OpenMP threads than
     cores, libgomp then stops spinning between regions, and every PyTorch op waits for its
     threads to wake up: a CPU decode step of the demo model measured 3.3x slower (4.0 ms
-    instead of 1.2 ms).
+    instead of 1.2 ms). Building it here also sizes this thread's team: the runner applies
+    ``cpu_threads`` (``torch.set_num_threads``) in ``load_model`` on the thread it runs on.
     """
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferry-engine")
 
