@@ -38,11 +38,16 @@ logger = logging.getLogger(__name__)
 
 # The request bodies /openapi.json publishes (the handlers parse them themselves).
 REQUEST_MODELS = [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest]
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                             "id": {"type": "string"}}}
 # A generation answers JSON, or an SSE stream with "stream": true.
 _GENERATED = {200: {"description": "The completion, or with \"stream\": true its chunks as "
                                    "server-sent events ending with 'data: [DONE]'",
                     "content": {"application/json": {"schema": {"type": "object"}},
-                                "text/event-stream": {"schema": {"type": "string"}}}}}
+                                # Before OpenAPI 3.2 an event stream's schema describes
+                                # one event: here its data, a JSON chunk or [DONE].
+                                "text/event-stream": {"schema": _SSE_EVENT}}}}
 _GENERATION_ERRORS = (400, 401, 404, 413, 503, 504)
 
 

@@ -8,7 +8,7 @@ catches typos such as ``max_token``.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -113,7 +113,11 @@ class _SamplingFields(_Strict):
         return SamplingParams(**values)
 
 
-PromptInput = str | list[str] | list[int] | list[list[int]]
+# Non-empty texts and token-id lists, so that the published schema says what is refused.
+_Text = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+PromptInput = (_Text | Annotated[list[_Text], Field(min_length=1)] | _TokenIds
+               | Annotated[list[_TokenIds], Field(min_length=1)])
 
 
 class CompletionRequest(_SamplingFields):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -274,3 +276,12 @@ def test_engine_greedy_matches_hf_on_both_cpu_paths(tmp_path, monkeypatch, arch)
         expected = hf_greedy(model_dir, prompt, 8)
         assert_greedy_matches(ours, expected, arch)
         assert_greedy_matches(theirs, expected, arch)
+
+
+def test_loading_the_kernels_keeps_subnormals_in_this_process():
+    """The library must not switch the process to flush-to-zero (crtfastmath.o does)."""
+    code = ("import torch, ferry.kernels.cpu as c; assert c.available(); "
+            "print(torch.tensor(1e-40).item() != 0.0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stdout + out.stderr

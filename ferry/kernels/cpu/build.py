@@ -30,8 +30,13 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = sorted(CSRC.glob("*.cpp"))
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17",
          "-fno-exceptions"]
+# Linked without -ffast-math: given at link time (like -Ofast) it pulls in crtfastmath.o,
+# which switches the WHOLE process to flush-to-zero when the library loads, so every
+# PyTorch op after it would round subnormals to 0. Compiled with it: glibc's vector exp
+# (libmvec) is only declared under __FAST_MATH__, and the kernels' exp loops need it.
+LINK_FLAGS = ["-fopenmp", "-shared"]
 
 
 def cache_dir() -> Path:
@@ -64,7 +69,7 @@ def _build_key(compiler: str) -> str:
     digest = hashlib.sha256()
     for source in sorted(CSRC.iterdir()):  # headers too
         digest.update(source.name.encode() + source.read_bytes())
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(" ".join(FLAGS + LINK_FLAGS).encode())
     digest.update(_compiler_version(compiler).encode())
     digest.update(_cpu_flags().encode())
     return digest.hexdigest()[:20]
@@ -95,14 +100,22 @@ def _compile(compiler: str, path: Path) -> None:
     # Build under a temporary name, then rename: concurrent processes never load half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
-    command = [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"]
-    logger.info("Building ferry's CPU kernels: %s", " ".join(command))
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise OSError(f"{Path(compiler).name} exited with {result.returncode}: "
-                          f"{result.stderr.strip()[-2000:]}")
+        with tempfile.TemporaryDirectory(dir=path.parent) as objects:
+            object_files = [str(Path(objects) / f"{src.stem}.o") for src in SOURCES]
+            for source, obj in zip(SOURCES, object_files):
+                _run(compiler, [*FLAGS, "-c", str(source), "-o", obj])
+            _run(compiler, [*LINK_FLAGS, *object_files, "-o", tmp, "-lm"])
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _run(compiler: str, args: list[str]) -> None:
+    command = [compiler, *args]
+    logger.info("Building ferry's CPU kernels: %s", " ".join(command))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise OSError(f"{Path(compiler).name} exited with {result.returncode}: "
+                      f"{result.stderr.strip()[-2000:]}")
