@@ -21,23 +21,27 @@ from pathlib import Path
 import torch
 
 
-def build_model(path: Path, vocab: int = 8000) -> Path:
+def save_random_llama(path: Path, vocab: int, **shape) -> int:
+    """A random Llama of ``shape`` (LlamaConfig fields) with a word-level tokenizer over
+    synthetic words (enough for text out, no download), saved at ``path``; its parameters."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=384, intermediate_size=1024,
-                         num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, **shape))
     model.save_pretrained(path, safe_serialization=True)
-    # A word-level tokenizer over synthetic words: enough for text out, no download.
     words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(path)
-    params = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(path: Path, vocab: int = 8000) -> Path:
+    params = save_random_llama(path, vocab, hidden_size=384, intermediate_size=1024,
+                               num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                               max_position_embeddings=1024)
     print(f"model: {params / 1e6:.1f}M parameters at {path}")
     return path
 

@@ -20,22 +20,12 @@ from serve_harness import bench_serve, machine, rss_bytes, served
 
 def build_model(path: Path, vocab: int = 32000) -> tuple[Path, int]:
     """A random 58M Llama with a word-level tokenizer; returns (path, parameters)."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from offline_throughput import save_random_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=512, intermediate_size=1408,
-                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                         max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path, safe_serialization=True)
-    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)
-    return path, sum(p.numel() for p in model.parameters())
+    params = save_random_llama(path, vocab, hidden_size=512, intermediate_size=1408,
+                               num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                               max_position_embeddings=2048)
+    return path, params
 
 
 def main() -> None:
