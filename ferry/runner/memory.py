@@ -21,11 +21,12 @@ def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size
 def max_useful_blocks(max_num_seqs: int, max_model_len: int, block_size: int) -> int:
     """Blocks for every seat filled to the whole context; more would only idle.
 
-    No floor: the block pool hands out its least recently freed block first, so over a
-    run every block of the cache ends up written, and resident. A floor (it was 1,024
-    blocks, for the prefix cache) would make a small configuration (16 seats of a short
-    context) hold gigabytes it can never fill with requests; the prefix cache keeps what
-    the seats' blocks hold between requests.
+    No floor (it was 1,024 blocks, for the prefix cache): a small configuration (16 seats
+    of a short context) would reserve memory it can never fill with requests, and once
+    the prefix cache holds enough blocks to push allocations past the warm and fresh ones
+    (see ``engine.block_pool``), the cached blocks are cycled and every block of the
+    cache ends up written, and resident. The prefix cache keeps what the seats' blocks
+    hold between requests.
     """
     return max_num_seqs * math.ceil(max_model_len / block_size)
 
