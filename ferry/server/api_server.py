@@ -25,10 +25,13 @@ from ferry.server.async_engine import AsyncEngine, engine_executor
 from ferry.server.body_limit import BodySizeLimit
 from ferry.server.errors import APIError, install_error_handlers
 from ferry.server.metrics import ServerMetrics
-from ferry.server.openapi import error_responses, install_openapi, json_body, ok
+from ferry.server.openapi import error_responses, generated, install_openapi, json_body, ok
 from ferry.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    DetokenizeResponse, HealthResponse, ModelCard, ModelList,
                                    TokenizeRequest, TokenizeResponse, VersionResponse)
+from ferry.server.response_models import (STREAM_MODELS, ChatCompletionResponse,
+                                          ChatCompletionStreamResponse, CompletionResponse,
+                                          CompletionStreamResponse)
 from ferry.server.serving_chat import create_chat_completion
 from ferry.server.serving_common import ServerState, check_model, encode_chat, parse_body
 from ferry.server.serving_completions import create_completion
@@ -37,17 +40,8 @@ from ferry.server.tokenization import PromptTokenizer
 logger = logging.getLogger(__name__)
 
 # The request bodies /openapi.json publishes (the handlers parse them themselves).
-REQUEST_MODELS = [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest]
-_SSE_EVENT = {"type": "object", "required": ["data"],
-              "properties": {"data": {"type": "string"}, "event": {"type": "string"},
-                             "id": {"type": "string"}}}
-# A generation answers JSON, or an SSE stream with "stream": true.
-_GENERATED = {200: {"description": "The completion, or with \"stream\": true its chunks as "
-                                   "server-sent events ending with 'data: [DONE]'",
-                    "content": {"application/json": {"schema": {"type": "object"}},
-                                # Before OpenAPI 3.2 an event stream's schema describes
-                                # one event: here its data, a JSON chunk or [DONE].
-                                "text/event-stream": {"schema": _SSE_EVENT}}}}
+REQUEST_MODELS = [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
+                  *STREAM_MODELS]   # and the stream chunks, described in the SSE events
 _GENERATION_ERRORS = (400, 401, 404, 413, 503, 504)
 
 
@@ -181,13 +175,15 @@ def _v1_router(state: ServerState) -> APIRouter:
         return model_card()
 
     @router.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest),
-                 responses={**_GENERATED, **error_responses(*_GENERATION_ERRORS)})
+                 responses={**generated(CompletionResponse, CompletionStreamResponse),
+                            **error_responses(*_GENERATION_ERRORS)})
     async def completions(request: Request):
         return await create_completion(request, state)
 
     @router.post("/chat/completions", response_model=None,
                  openapi_extra=json_body(ChatCompletionRequest),
-                 responses={**_GENERATED, **error_responses(*_GENERATION_ERRORS)})
+                 responses={**generated(ChatCompletionResponse, ChatCompletionStreamResponse),
+                            **error_responses(*_GENERATION_ERRORS)})
     async def chat_completions(request: Request):
         return await create_chat_completion(request, state)
 

@@ -2,7 +2,8 @@
 
 The POST handlers read their bodies themselves (strict parsing, OpenAI's 400 instead of
 FastAPI's 422), so FastAPI sees no body parameter: each route declares its request model
-with :func:`json_body` and its real status codes with :func:`error_responses`, and
+with :func:`json_body`, its answer with :func:`ok` or :func:`generated` (JSON or
+server-sent events) and its real status codes with :func:`error_responses`, and
 :func:`install_openapi` adds the request models to the components and drops the 422
 entries FastAPI adds for path parameters (the server never answers 422).
 """
@@ -43,9 +44,34 @@ def ok(model: type[BaseModel], description: str = "Successful Response") -> dict
     return {200: {"model": model, "description": description}}
 
 
+def generated(model: type[BaseModel], chunk: type[BaseModel]) -> dict[int, Any]:
+    """The 200 entry of a generation route: a JSON body of ``model``, or with ``"stream":
+    true`` server-sent events whose data is a ``chunk`` (or an error body), then [DONE].
+
+    Before OpenAPI 3.2 an event stream's schema can only describe one event: here its
+    fields, ``data`` being JSON (``contentSchema``) or the literal ``[DONE]``. ``chunk``
+    must be among the models given to :func:`install_openapi`.
+    """
+    data = {"anyOf": [
+        {"const": "[DONE]", "description": "The last event of every stream"},
+        {"type": "string", "contentMediaType": "application/json",
+         "contentSchema": {"anyOf": [{"$ref": _REF.format(model=chunk.__name__)},
+                                     {"$ref": _REF.format(model=ErrorResponse.__name__)}]},
+         "description": f"A {chunk.__name__} as JSON, or an error body when the request "
+                        "fails after the stream began (followed by [DONE])"}]}
+    event = {"type": "object", "required": ["data"],
+             "properties": {"data": data, "event": {"type": "string"}, "id": {"type": "string"}}}
+    return {200: {"model": model,
+                  "description": "The completion; with \"stream\": true, its chunks as "
+                                 "server-sent events (`data: <chunk>`), ending with "
+                                 "`data: [DONE]`",
+                  "content": {"text/event-stream": {"schema": event}}}}
+
+
 def install_openapi(app: FastAPI, request_models: list[type[BaseModel]]) -> None:
     """``app.openapi()`` (``/openapi.json``): FastAPI's document, plus ``request_models``
-    as components, minus the 422 responses. Built once, on first request."""
+    (request bodies, stream chunks: models no route's ``response_model`` names) as
+    components, minus the 422 responses. Built once, on first request."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -3,6 +3,7 @@ POST route, the status codes the server really answers (no 422), OpenAI's error 
 /metrics as text."""
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -77,3 +78,82 @@ def test_metrics_is_documented_as_text(document, server):
     assert set(content) == {"text/plain"}
     served = httpx.get(f"{server.url}/metrics", timeout=10).headers["content-type"]
     assert served.startswith("text/plain")
+
+
+def _validator(document: dict, ref: str):
+    """A JSON Schema validator for one component, resolving refs inside the document."""
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator({"$ref": ref, "components": document["components"]})
+
+
+def _sse_data(text: str) -> list[str]:
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+GENERATIONS = {
+    "/v1/completions": ("CompletionResponse", "CompletionStreamResponse",
+                        {"prompt": "hello there", "max_tokens": 5, "n": 2, "logprobs": 2,
+                         "return_token_ids": True}),
+    "/v1/chat/completions": ("ChatCompletionResponse", "ChatCompletionStreamResponse",
+                             {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                              "n": 2, "logprobs": True, "top_logprobs": 2,
+                              "return_token_ids": True}),
+}
+
+
+@pytest.mark.parametrize("path", sorted(GENERATIONS))
+def test_generation_200_publishes_the_json_and_event_stream_bodies(document, path):
+    model, chunk, _ = GENERATIONS[path]
+    content = document["paths"][path]["post"]["responses"]["200"]["content"]
+    assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+    schemas = document["components"]["schemas"]
+    assert {"id", "object", "created", "model", "choices", "usage"} <= set(
+        schemas[model]["required"])
+    data = content["text/event-stream"]["schema"]["properties"]["data"]["anyOf"]
+    assert {"const": "[DONE]"}.items() <= data[0].items()
+    refs = {r["$ref"] for r in data[1]["contentSchema"]["anyOf"]}
+    assert refs == {f"#/components/schemas/{chunk}", ERROR_REF}
+    assert "choices" in schemas[chunk]["required"]
+
+
+@pytest.mark.parametrize("path", sorted(GENERATIONS))
+def test_real_answers_match_the_published_schemas(document, server, auth, path):
+    """Non-streamed and streamed answers (n=2, logprobs, token ids, usage) validate against
+    the document; a schema that disagreed with the handlers would fail here."""
+    model, chunk, body = GENERATIONS[path]
+    resp = httpx.post(f"{server.url}{path}", json=body, headers=auth, timeout=60)
+    assert resp.status_code == 200, resp.text
+    _validator(document, f"#/components/schemas/{model}").validate(resp.json())
+    assert len(resp.json()["choices"]) == 2
+
+    streamed = dict(body, stream=True, stream_options={"include_usage": True})
+    resp = httpx.post(f"{server.url}{path}", json=streamed, headers=auth, timeout=60)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith(
+        "text/event-stream")
+    events = _sse_data(resp.text)
+    assert events[-1] == "[DONE]" and len(events) > 3
+    chunk_validator = _validator(document, f"#/components/schemas/{chunk}")
+    chunks = [json.loads(data) for data in events[:-1]]
+    for payload in chunks:
+        chunk_validator.validate(payload)
+    streamed_tokens = sum(len(c.get("token_ids") or []) for p in chunks for c in p["choices"])
+    assert chunks[-1]["usage"]["completion_tokens"] == streamed_tokens > 0
+
+
+def test_the_published_schemas_reject_a_wrong_body(document):
+    """The schemas are not vacuous: a body missing its choices or with a text that is not
+    a string fails them."""
+    import jsonschema
+
+    validator = _validator(document, "#/components/schemas/CompletionResponse")
+    good = {"id": "x", "object": "text_completion", "created": 1, "model": "m",
+            "system_fingerprint": None,
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            "choices": [{"index": 0, "text": "a", "logprobs": None, "finish_reason": "length",
+                         "stop_reason": None}]}
+    validator.validate(good)
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({k: v for k, v in good.items() if k != "choices"})
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(dict(good, choices=[dict(good["choices"][0], text=3)]))
