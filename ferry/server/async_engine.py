@@ -79,7 +79,9 @@ class AsyncEngine:
 
     ``executor``: the single-thread executor the engine was built on (see
     :func:`engine_executor`); a new one when not given. ``request_timeout``: seconds a
-    request may run from when it is added before it is aborted (0 or None: no limit).
+    request may run before it is aborted (0 or None: no limit), from the ``deadline`` its
+    handler gives (see :meth:`deadline`: from its arrival, tokenizing included) or else
+    from when it is added.
     """
 
     def __init__(self, engine: Any, *, max_waiting_requests: int,
@@ -175,8 +177,18 @@ class AsyncEngine:
                 f"the server is at capacity ({waiting} requests waiting, limit "
                 f"max_waiting_requests={self.max_waiting_requests}); retry shortly")
 
+    def deadline(self) -> float | None:
+        """The ``time.monotonic()`` by which a request arriving now must be done, or None."""
+        return time.monotonic() + self.request_timeout if self.request_timeout else None
+
+    def timeout_error(self) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"the request ran longer than the server's limit of {self.request_timeout:g} "
+            "seconds (request_timeout_seconds) and was aborted")
+
     async def add_request(self, request_id: str, prompt: PromptSource, params: SamplingParams,
-                          *, priority: int | None = None) -> AsyncGenerator[RequestOutput, None]:
+                          *, priority: int | None = None,
+                          deadline: float | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Add a request; once the engine accepted it, return the stream of its outputs.
 
         Raises what the engine raises (``ValueError`` for a bad or too long prompt) before
@@ -184,9 +196,10 @@ class AsyncEngine:
         callable run on the engine thread that returns token ids (the chat template runs there).
         The stream yields cumulative ``RequestOutput``s until one is finished; closing it early
         (or losing it) aborts the request and frees its KV blocks, and so does running past
-        ``request_timeout`` (the stream then raises ``RequestTimeoutError``).
+        ``request_timeout`` (the stream then raises ``RequestTimeoutError``), counted from
+        ``deadline`` (from :meth:`deadline` when the request arrived) when given.
         """
-        stream = self._stream(request_id, prompt, params, priority)
+        stream = self._stream(request_id, prompt, params, priority, deadline)
         await stream.__anext__()  # runs up to "accepted"
         return stream
 
@@ -199,7 +212,8 @@ class AsyncEngine:
                 yield output
 
     async def _stream(self, request_id: str, prompt: PromptSource, params: SamplingParams,
-                      priority: int | None) -> AsyncGenerator[RequestOutput | None, None]:
+                      priority: int | None,
+                      deadline: float | None) -> AsyncGenerator[RequestOutput | None, None]:
         self.check_capacity(params.n)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -213,7 +227,8 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         rejected = finished = False
-        deadline = arrival + self.request_timeout if self.request_timeout else None
+        if deadline is None and self.request_timeout:
+            deadline = arrival + self.request_timeout
         try:
             try:
                 await self._submit(_Command(add, num_new_requests=params.n))
@@ -251,9 +266,7 @@ class AsyncEngine:
             try:
                 item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                raise RequestTimeoutError(
-                    f"the request ran longer than the server's limit of {self.request_timeout:g} "
-                    "seconds (request_timeout_seconds) and was aborted") from None
+                raise self.timeout_error() from None
         while not queue.empty():  # outputs are cumulative: the newest one says it all
             if isinstance(item, BaseException):
                 break

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator,
+                      model_validator)
 
 from ferry.sampling_params import SamplingParams
 
@@ -116,8 +117,28 @@ class _SamplingFields(_Strict):
 # Non-empty texts and token-id lists, so that the published schema says what is refused.
 _Text = Annotated[str, Field(min_length=1)]
 _TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-PromptInput = (_Text | Annotated[list[_Text], Field(min_length=1)] | _TokenIds
-               | Annotated[list[_TokenIds], Field(min_length=1)])
+
+
+def _prompt_shape(value: Any) -> str | None:
+    """Which form a prompt takes, from its first item. Without it pydantic would try every
+    form in turn and collect an error per item of each that fails: 24 s for 5M token ids."""
+    if isinstance(value, str):
+        return "text"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else ""
+    if isinstance(first, list):
+        return "token_id_lists"
+    return "token_ids" if isinstance(first, int) and not isinstance(first, bool) else "texts"
+
+
+PromptInput = Annotated[
+    Annotated[_Text, Tag("text")] | Annotated[list[_Text], Field(min_length=1), Tag("texts")]
+    | Annotated[_TokenIds, Tag("token_ids")]
+    | Annotated[list[_TokenIds], Field(min_length=1), Tag("token_id_lists")],
+    Discriminator(_prompt_shape, custom_error_type="prompt_type",
+                  custom_error_message="prompt must be a string, a list of strings, a list of "
+                                       "token ids or a list of token-id lists")]
 
 
 class CompletionRequest(_SamplingFields):
@@ -127,15 +148,6 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty(cls, value: PromptInput) -> PromptInput:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be an empty list")
-        if isinstance(value, list) and any(isinstance(p, (str, list)) and not p for p in value):
-            raise ValueError("prompt must not contain empty prompts")
-        return value
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -148,7 +160,7 @@ class CompletionRequest(_SamplingFields):
         """One entry per prompt: text or token ids."""
         if isinstance(self.prompt, str):
             return [self.prompt]
-        if all(isinstance(p, int) for p in self.prompt):
+        if isinstance(self.prompt[0], int):   # validated: one form throughout, never empty
             return [list(self.prompt)]
         return list(self.prompt)
 

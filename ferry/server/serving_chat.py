@@ -12,7 +12,8 @@ from ferry.outputs import CompletionOutput, RequestOutput
 from ferry.server.errors import APIError, sse_error_event
 from ferry.server.protocol import ChatCompletionRequest
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
-                                         ServerState, add_or_raise, chat_logprobs,
+                                         ServerState, add_or_raise, before_deadline,
+                                         chat_logprobs,
                                          check_capacity, check_model, chunk_writer,
                                          completion_tokens, encode_chat, engine_error,
                                          last_output, merge_streams, new_request_id, parse_body,
@@ -20,6 +21,7 @@ from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, D
 
 
 async def create_chat_completion(request: Request, state: ServerState):
+    deadline = state.engine.deadline()  # the time limit counts parsing and templating
     body = await parse_body(request, ChatCompletionRequest)
     check_model(state, body.model)
     try:
@@ -27,9 +29,11 @@ async def create_chat_completion(request: Request, state: ServerState):
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from None
     check_capacity(state, params.n)  # before templating: a full server wastes no work
-    prompt_ids = await encode_chat(state, body.template_messages(), body.add_generation_prompt)
+    prompt_ids = await before_deadline(state, deadline, encode_chat(
+        state, body.template_messages(), body.add_generation_prompt))
     request_id = new_request_id("chatcmpl")
-    stream = await add_or_raise(state, request_id, {"prompt_token_ids": prompt_ids}, params)
+    stream = await add_or_raise(state, request_id, {"prompt_token_ids": prompt_ids}, params,
+                                deadline=deadline)
     if body.stream:
         return StreamingResponse(_stream(state, body, request_id, stream),
                                  media_type="text/event-stream", headers=SSE_HEADERS)

@@ -25,6 +25,7 @@ RETRY_AFTER_SECONDS = 1
 # What a request's stream may raise after it was accepted (answered by ``engine_error``).
 STREAM_ERRORS = (EngineStepError, EngineStoppedError, RequestTimeoutError)
 Model = TypeVar("Model", bound=BaseModel)
+T = TypeVar("T")
 
 
 @dataclass
@@ -59,10 +60,23 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# Bodies above this are validated on a worker thread: a long message list or many prompts
+# can take seconds of validation, which on the event loop would stall every other request.
+PARSE_OFF_LOOP_BYTES = 256 * 1024
+
+
 async def parse_body(request: Request, model_cls: type[Model]) -> Model:
     """Read and validate a JSON body; every problem becomes a 400 (the size limit is the
-    ``BodySizeLimit`` middleware's: 413 while the body is read)."""
+    ``BodySizeLimit`` middleware's: 413 while the body is read). A large body is validated
+    on a worker thread, so the event loop keeps serving meanwhile."""
     body = await request.body()
+    if len(body) > PARSE_OFF_LOOP_BYTES:
+        return await asyncio.to_thread(validate_body, body, model_cls)
+    return validate_body(body, model_cls)
+
+
+def validate_body(body: bytes, model_cls: type[Model]) -> Model:
+    """The body as ``model_cls``, checked for unsupported fields; ``APIError`` 400 if not."""
     try:
         parsed = model_cls.model_validate_json(body)
     except ValidationError as exc:
@@ -139,11 +153,23 @@ async def encode_chat(state: ServerState, messages: list[dict[str, str]],
         raise APIError(400, str(exc), param="messages", code="invalid_value") from None
 
 
+async def before_deadline(state: ServerState, deadline: float | None, work: Awaitable[T]) -> T:
+    """Await ``work`` (tokenizing, templating) within the request's time limit: 504 past
+    ``deadline`` (from ``state.engine.deadline()`` when the request arrived)."""
+    if deadline is None:
+        return await work
+    try:
+        return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise engine_error(state.engine.timeout_error()) from None
+
+
 async def add_or_raise(state: ServerState, request_id: str, prompt: Any, params: Any,
-                       priority: int | None = None):
+                       priority: int | None = None, deadline: float | None = None):
     """``AsyncEngine.add_request`` with its errors turned into API errors."""
     try:
-        return await state.engine.add_request(request_id, prompt, params, priority=priority)
+        return await state.engine.add_request(request_id, prompt, params, priority=priority,
+                                              deadline=deadline)
     except (ValueError, RuntimeError) as exc:
         raise engine_error(exc) from None
 

@@ -13,7 +13,8 @@ from ferry.outputs import CompletionOutput, RequestOutput
 from ferry.server.errors import APIError, sse_error_event
 from ferry.server.protocol import CompletionRequest
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
-                                         ServerState, add_or_raise, check_capacity, check_model,
+                                         ServerState, add_or_raise, before_deadline,
+                                         check_capacity, check_model,
                                          chunk_writer, close_streams, completion_logprobs,
                                          completion_tokens, encode_prompts, engine_error,
                                          last_output, merge_streams, new_request_id, parse_body,
@@ -21,6 +22,7 @@ from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, D
 
 
 async def create_completion(request: Request, state: ServerState):
+    deadline = state.engine.deadline()  # the time limit counts parsing and tokenizing
     body = await parse_body(request, CompletionRequest)
     check_model(state, body.model)
     if body.echo and body.logprobs is not None:
@@ -29,12 +31,13 @@ async def create_completion(request: Request, state: ServerState):
     params = _sampling_params(body)
     texts_or_ids = body.prompts()
     check_capacity(state, params.n * len(texts_or_ids))  # before tokenizing
-    prompts = await encode_prompts(state, texts_or_ids)
+    prompts = await before_deadline(state, deadline, encode_prompts(state, texts_or_ids))
     request_id = new_request_id("cmpl")
     streams = []
     try:
         for index, prompt in enumerate(prompts):
-            streams.append(await add_or_raise(state, f"{request_id}-{index}", prompt, params))
+            streams.append(await add_or_raise(state, f"{request_id}-{index}", prompt, params,
+                                              deadline=deadline))
     except BaseException:
         await close_streams(streams)
         raise

@@ -15,6 +15,7 @@ from ferry_server_process import MAX_MODEL_LEN
 
 from ferry.server.body_limit import BodySizeLimit
 from ferry.server.errors import APIError
+from ferry.server.serving_common import PARSE_OFF_LOOP_BYTES, parse_body
 from ferry.server.tokenization import PromptTokenizer, longest_token_chars
 
 # Short, yet long enough that a huge body's own few milliseconds of client and kernel
@@ -70,6 +71,76 @@ def test_huge_bodies_are_413_at_once_and_other_requests_keep_their_latency(serve
     assert statistics.median(beside) <= 2 * statistics.median(alone), (
         f"short chats took {[round(t * 1000) for t in beside]} ms beside a huge body, "
         f"{[round(t * 1000) for t in alone]} ms alone")
+
+
+def _long_conversation() -> bytes:
+    """A chat body of about 6 MB (under the limit): 150,000 short messages, whose validation
+    takes seconds; their content is too long for the context (a 400 once parsed)."""
+    messages = [{"role": "user", "content": "ab"}] * 150_000
+    return json.dumps({"model": "tiny", "messages": messages, "max_tokens": 2}).encode()
+
+
+def test_a_large_body_is_parsed_off_the_event_loop_and_others_keep_their_latency(server, auth):
+    body = _long_conversation()
+    assert HUGE > len(body) > PARSE_OFF_LOOP_BYTES
+    _timed_chat(server.url, auth)  # warm up
+    alone, beside, answers = [], [], []
+
+    def send_large() -> None:
+        start = time.perf_counter()
+        resp = httpx.post(f"{server.url}/v1/chat/completions", content=body, timeout=120,
+                          headers={**auth, "Content-Type": "application/json"})
+        answers.append((resp, time.perf_counter() - start))
+
+    for _ in range(ROUNDS):
+        alone.append(_timed_chat(server.url, auth))
+        sender = threading.Thread(target=send_large)
+        sender.start()
+        time.sleep(0.05)                                # its upload is under way
+        beside.append(_timed_chat(server.url, auth))  # while the large body is parsed
+        sender.join(120)
+    assert len(answers) == ROUNDS
+    for resp, _ in answers:
+        assert resp.status_code == 400, resp.text[:300]
+        assert resp.json()["error"]["code"] == "context_length_exceeded"
+    # The large request itself is slow: on the event loop it would have stalled the chats.
+    large = statistics.median(elapsed for _, elapsed in answers)
+    assert large > 2 * statistics.median(alone), (
+        f"the large body took only {large:.2f} s: too small to test the stall")
+    assert statistics.median(beside) <= 2 * statistics.median(alone), (
+        f"short chats took {[round(t * 1000) for t in beside]} ms beside a large body "
+        f"({large:.2f} s), {[round(t * 1000) for t in alone]} ms alone")
+
+
+def test_only_large_bodies_are_validated_on_a_worker_thread():
+    from pydantic import BaseModel, model_validator
+
+    threads = []
+
+    class Body(BaseModel):
+        text: str
+
+        @model_validator(mode="after")
+        def _where(self) -> "Body":
+            threads.append(threading.current_thread())
+            return self
+
+    class FakeRequest:
+        def __init__(self, body: bytes) -> None:
+            self._body = body
+
+        async def body(self) -> bytes:
+            return self._body
+
+    small = json.dumps({"text": "a"}).encode()
+    large = json.dumps({"text": "a" * (PARSE_OFF_LOOP_BYTES + 1)}).encode()
+    assert asyncio.run(parse_body(FakeRequest(small), Body)).text == "a"
+    assert len(asyncio.run(parse_body(FakeRequest(large), Body)).text) > PARSE_OFF_LOOP_BYTES
+    assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
+    with pytest.raises(APIError) as info:                 # errors still become a 400
+        asyncio.run(parse_body(FakeRequest(b'{"text": 3' + b" " * PARSE_OFF_LOOP_BYTES + b"}"),
+                               Body))
+    assert info.value.status == 400
 
 
 def test_a_declared_length_over_the_limit_is_refused_without_reading_the_body():
@@ -186,7 +257,12 @@ def test_tokenize_and_detokenize_need_the_api_key(server, auth, path, body):
 # ---------------------------------------------------------------------------- time limit
 @pytest.fixture(scope="module")
 def timed_app(server_model_dir):
-    """An in-process app over a real engine with a 0.5 s request time limit."""
+    """An in-process app over a real engine with a 0.5 s request time limit (one lifespan:
+    its end shuts the engine and the tokenizer pool down)."""
+    return _build_timed_app(server_model_dir)
+
+
+def _build_timed_app(server_model_dir):
     from ferry.config import EngineConfig, ServerConfig
     from ferry.llm import build_engine
     from ferry.server.api_server import build_app
@@ -229,3 +305,56 @@ def test_request_time_limit_aborts_and_frees_the_kv_cache(timed_app):
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "request_timeout"
     assert usage == 0, "the aborted requests' KV blocks must be freed"
+
+
+async def _with_slow_tokenizer(app, cases: list[tuple[float, str, dict]]) -> list[
+        tuple[httpx.Response, float, float]]:
+    """For each (delay, path, body): one request while tokenizing and templating take
+    ``delay`` seconds more; its answer and time, and the KV usage after it."""
+    state = app.state.ferry
+    prompts = state.prompts
+    results = []
+
+    def slowed(original, delay):
+        async def slow(*args, **kwargs):
+            await asyncio.sleep(delay)
+            return await original(*args, **kwargs)
+        return slow
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ferry",
+                                     timeout=60) as client:
+            for delay, path, body in cases:
+                for name in ("encode", "encode_chat"):
+                    setattr(prompts, name, slowed(getattr(type(prompts), name).__get__(prompts),
+                                                  delay))
+                start = time.perf_counter()
+                resp = await client.post(path, json=body)
+                elapsed = time.perf_counter() - start
+                await asyncio.sleep(0.2)   # the abort reaches the engine
+                usage = await state.engine.call(
+                    lambda engine: engine.get_stats().kv_cache_usage)
+                results.append((resp, elapsed, usage))
+    return results
+
+
+LONG_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Once upon a time"}],
+             "max_tokens": 1900, "temperature": 0.0, "ignore_eos": True}
+
+
+def test_request_time_limit_counts_tokenizing(server_model_dir):
+    app = _build_timed_app(server_model_dir)
+    cases = [(delay, path, body) for path, body in (("/v1/completions", LONG),
+                                                    ("/v1/chat/completions", LONG_CHAT))
+             for delay in (1.5, 0.4)]
+    for (delay, path, _), (resp, elapsed, usage) in zip(cases, asyncio.run(
+            _with_slow_tokenizer(app, cases))):
+        assert resp.status_code == 504, (path, delay, resp.text[:300])
+        assert resp.json()["error"]["code"] == "request_timeout"
+        assert usage == 0, "the aborted request's KV blocks must be freed"
+        if delay > 0.5:   # tokenizing alone outlasts the limit: 504 at the limit
+            assert elapsed < 1.2, f"{path}: limit 0.5 s, tokenizing 1.5 s; took {elapsed:.2f} s"
+        else:             # generation gets what tokenizing left, not a fresh 0.5 s
+            assert 0.4 < elapsed < 0.85, (
+                f"{path}: the limit is 0.5 s from arrival; the request took {elapsed:.2f} s")
