@@ -55,6 +55,9 @@ class Request:
     # entries of its block table are still the scheduler's (SchedulerOutput sends deltas).
     sent_to_runner: bool = False
     num_runner_blocks: int = 0
+    # Leading tokens the runner's copy holds (it is cut at each step's start_pos): a
+    # request resumed after preemption may start from a prefix hit only within them.
+    num_runner_tokens: int = 0
     # Waiting-queue age bound: steps in which a request behind this one was admitted first.
     num_bypasses: int = 0
     # Tokens whose KV a recompute preemption threw away (recomputed when it resumes).

@@ -354,6 +354,9 @@ class Scheduler:
         swapped = self.swap.is_swapped(request.request_id)
         computed, num_hit = (([], request.num_computed_tokens) if swapped
                              else kv.get_computed_blocks(request))
+        if request.sent_to_runner and num_hit > request.num_runner_tokens:
+            keep = request.num_runner_tokens // kv.block_size   # the runner lacks the rest
+            computed, num_hit = computed[:keep], keep * kv.block_size
         remaining = request.num_tokens - num_hit
         is_prefill = remaining > 1
         if ((fast_lane_only and not self.admission.in_fast_lane(remaining))
@@ -437,6 +440,7 @@ class Scheduler:
             num_placeholders=num_placeholders,
             spec_token_ids=request.spec_token_ids[:num_new - num_known])
         request.num_runner_blocks = len(table)
+        request.num_runner_tokens = start + len(token_ids) + len(scheduled.spec_token_ids)
         request.num_computed_tokens = start + num_new
         if sample and self.async_scheduling:
             request.num_output_placeholders += 1
