@@ -273,6 +273,7 @@ class RuntimeConfig:
     vocab_size: int            # token ids the model accepts: [0, vocab_size)
     num_host_blocks: int = 0   # host (swap) KV blocks allocated, from swap_space
     kv_block_bytes: int = 0    # bytes of one KV block over all layers
+    kv_copy_bytes_per_second: float = 0.0   # measured swap copy bandwidth (0: not measured)
 
     @property
     def is_gpu(self) -> bool:
