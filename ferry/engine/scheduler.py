@@ -286,6 +286,8 @@ class Scheduler:
                     or self._must_wait_for_token_in_flight(request)):
                 continue
             num_new = plan.tokens_for(remaining + self._num_drafts(request, remaining), is_prefill)
+            if is_long:
+                num_new = min(num_new, self._long_chunk_cap(request))
             if num_new > 0 and self._allocate_or_preempt(request, num_new, plan):
                 plan.add(request, num_new, is_prefill)
 
@@ -321,6 +323,15 @@ class Scheduler:
         while self.pressure.must_shrink(kv.usage) and len(self.running) > 1:
             self._preempt(select_victim(self.running, self.by_priority), plan)
         return True
+
+    def _long_chunk_cap(self, request: Request) -> int:
+        """Largest chunk of a long prompt: ``short_prompt_threshold`` tokens while other
+        requests run or wait (a short prompt then waits behind no more than a short
+        prompt's worth of work), the whole budget when it is alone or the lane is off."""
+        threshold = self.admission.short_prompt_threshold
+        alone = not self.waiting or (len(self.waiting) == 1 and request in self.waiting)
+        alone = alone and all(r is request for r in self.running)
+        return self.max_num_batched_tokens if threshold == 0 or alone else threshold
 
     # ------------------------------------------------------------------ waiting requests
     def _admit_fast_lane(self, plan: StepPlan) -> None:
@@ -363,6 +374,8 @@ class Scheduler:
                 or (is_prefill and not plan.can_prefill())):
             return False
         num_new = plan.tokens_for(remaining, is_prefill)
+        if not self.admission.in_fast_lane(remaining):
+            num_new = min(num_new, self._long_chunk_cap(request))
         if num_new <= 0 or not self._make_room(request, num_new, computed, plan):
             return False
         if not kv.allocate_slots(request, num_new, computed):

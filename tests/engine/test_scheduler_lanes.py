@@ -43,11 +43,14 @@ def test_short_request_and_long_chunk_share_a_step():
                                short_prompt_threshold=8)
     runner = FakeRunner(scheduler)
     scheduler.add_request(make_request("long", prompt_of(64, 1), max_tokens=2))
-    step(scheduler, runner)
+    assert step(scheduler, runner) == {"long": 16}      # alone: the whole budget
     scheduler.add_request(make_request("short", prompt_of(4, 2), max_tokens=3))
-    # The short prompt is admitted before the chunk, which gets the rest of the budget.
-    assert step(scheduler, runner) == {"short": 4, "long": 12}
-    assert step(scheduler, runner) == {"short": 1, "long": 15}
+    # The short prompt is admitted before the chunk, which is cut to the threshold while
+    # another request runs, so that no short prompt waits behind more than that.
+    assert step(scheduler, runner) == {"short": 4, "long": 8}
+    assert step(scheduler, runner) == {"short": 1, "long": 8}
+    assert step(scheduler, runner) == {"short": 1, "long": 8}
+    assert step(scheduler, runner) == {"long": 16}      # the short one finished
 
 
 def test_short_waiting_prompts_are_admitted_ahead_of_a_long_one():
@@ -59,7 +62,7 @@ def test_short_waiting_prompts_are_admitted_ahead_of_a_long_one():
                                            max_tokens=2))
     assert step(scheduler, runner) == {"s1": 4, "s2": 5}
     assert scheduler.get_request("long").num_bypasses == 1
-    assert step(scheduler, runner) == {"s1": 1, "s2": 1, "long": 40}
+    assert step(scheduler, runner) == {"s1": 1, "s2": 1, "long": 8}   # a capped chunk
 
 
 def test_without_fast_lane_admission_is_in_queue_order():
