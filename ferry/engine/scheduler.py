@@ -55,12 +55,13 @@ from collections import Counter, deque
 from collections.abc import Iterable
 
 from ferry.config import CacheConfig, SchedulerConfig
-from ferry.engine.admission import MAX_CANDIDATES_PER_PASS, AdmissionPolicy
+from ferry.engine.admission import AdmissionPolicy
 from ferry.engine.degradation import PressureGuard
 from ferry.engine.kv_cache_manager import KVCacheManager
-from ferry.engine.preemption import (Mode, PreemptionCosts, choose_preemption_mode,
-                                     select_victim)
+from ferry.engine.preemption import PreemptionCosts
 from ferry.engine.request_queue import create_request_queue
+from ferry.engine.scheduler_admission import WaitingAdmission
+from ferry.engine.scheduler_preemption import Preemption
 from ferry.engine.step_plan import StepPlan
 from ferry.engine.stop_conditions import append_tokens
 from ferry.engine.swap import SwapSpace
@@ -71,8 +72,11 @@ from ferry.request import Request, RequestStatus
 _QUEUE_TIMES_KEPT = 1024
 
 
-class Scheduler:
+class Scheduler(WaitingAdmission, Preemption):
     """Token-budget scheduler over a paged KV cache with automatic prefix caching.
+
+    The orchestrator: ``schedule`` runs the passes, ``scheduler_admission.py`` admits
+    waiting requests and ``scheduler_preemption.py`` frees blocks.
 
     Finished requests leave the scheduler: ``get_request`` returns None for them, and
     their ids are reported once in the next ``SchedulerOutput.finished_request_ids``.
@@ -302,132 +306,6 @@ class Scheduler:
             room = min(room, max_tokens - request.num_output_tokens - 1)
         return max(0, min(len(request.spec_token_ids), room))
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, plan: StepPlan) -> bool:
-        """Get blocks for ``request``, preempting running requests no more important than
-        it (the victim rule of ``preemption.py``); False if it is itself the victim."""
-        while not self.kv_cache_manager.allocate_slots(request, num_new):
-            candidates = [r for r in self.running
-                          if not (self.by_priority and r.priority < request.priority)]
-            victim = select_victim(candidates, self.by_priority)
-            self._preempt(victim, plan)
-            self._running_preempted = True
-            if victim is request:
-                return False
-        return True
-
-    def _relieve_pressure(self, plan: StepPlan) -> bool:
-        """Degradation: update the guard and shrink the batch while it says so."""
-        kv = self.kv_cache_manager
-        if not self.pressure.update(kv.usage):
-            return False
-        while self.pressure.must_shrink(kv.usage) and len(self.running) > 1:
-            self._preempt(select_victim(self.running, self.by_priority), plan)
-        return True
-
-    def _long_chunk_cap(self, request: Request) -> int:
-        """Largest chunk of a long prompt: ``short_prompt_threshold`` tokens while other
-        requests run or wait (a short prompt then waits behind no more than a short
-        prompt's worth of work), the whole budget when it is alone or the lane is off."""
-        threshold = self.admission.short_prompt_threshold
-        alone = not self.waiting or (len(self.waiting) == 1 and request in self.waiting)
-        alone = alone and all(r is request for r in self.running)
-        return self.max_num_batched_tokens if threshold == 0 or alone else threshold
-
-    # ------------------------------------------------------------------ waiting requests
-    def _admit_fast_lane(self, plan: StepPlan) -> None:
-        """Admit short prompts first; keep one prefill slot for a running long prefill."""
-        keep_slot = plan.prefill_parallelism > 1 and any(
-            r.num_tokens - r.num_computed_tokens > max(self.admission.short_prompt_threshold, 1)
-            for r in self.running if r not in plan)
-        plan.prefill_parallelism -= keep_slot
-        self._admit_waiting(plan, fast_lane_only=True)
-        plan.prefill_parallelism += keep_slot
-
-    def _admit_waiting(self, plan: StepPlan, *, fast_lane_only: bool) -> None:
-        """Admit waiting requests in queue order while seats, budget and blocks allow; one
-        that cannot start is passed over unless the age bound says it blocks the rest."""
-        for looked, request in enumerate(list(self.waiting)):
-            if (plan.budget <= 0 or len(self.running) >= self.max_num_seqs
-                    or looked >= MAX_CANDIDATES_PER_PASS):
-                break
-            if self._try_admit(request, plan, fast_lane_only):
-                self.admission.admitted(request)
-            elif self.admission.blocks_behind(request):
-                break
-            else:
-                self.admission.passed_over(request)
-        self.admission.end_pass()
-
-    def _try_admit(self, request: Request, plan: StepPlan, fast_lane_only: bool) -> bool:
-        if request.num_output_placeholders or not self.admission.allows(request):
-            return False   # its last token is still in flight, or a predicate refuses
-        kv = self.kv_cache_manager
-        swapped = self.swap.is_swapped(request.request_id)
-        computed, num_hit = (([], request.num_computed_tokens) if swapped
-                             else kv.get_computed_blocks(request))
-        if request.sent_to_runner and num_hit > request.num_runner_tokens:
-            keep = request.num_runner_tokens // kv.block_size   # the runner lacks the rest
-            computed, num_hit = computed[:keep], keep * kv.block_size
-        remaining = request.num_tokens - num_hit
-        is_prefill = remaining > 1
-        if ((fast_lane_only and not self.admission.in_fast_lane(remaining))
-                or (is_prefill and not plan.can_prefill())):
-            return False
-        num_new = plan.tokens_for(remaining, is_prefill)
-        if not self.admission.in_fast_lane(remaining):
-            num_new = min(num_new, self._long_chunk_cap(request))
-        if num_new <= 0 or not self._make_room(request, num_new, computed, plan):
-            return False
-        if not kv.allocate_slots(request, num_new, computed):
-            return False
-        self.waiting.remove(request)
-        if swapped:
-            k = self.swap.num_swapped_blocks(request.request_id)
-            table = kv.get_block_ids(request.request_id)
-            self._swap_in.extend(self.swap.swap_in(request.request_id, table[:k]))
-        else:
-            self._start_from(request, num_hit)
-        request.status = RequestStatus.RUNNING
-        request.num_bypasses = 0
-        self.running.append(request)
-        plan.add(request, num_new, is_prefill)
-        return True
-
-    def _make_room(self, request: Request, num_new: int, computed: list[int],
-                   plan: StepPlan) -> bool:
-        """Enough free blocks for the admission (beyond the reserve), preempting strictly
-        lower-priority running requests for it under the priority policy."""
-        kv = self.kv_cache_manager
-        reserve = self.admission.reserve_for(request)
-
-        def short_by() -> int:
-            return kv.blocks_needed(request, num_new, computed) + reserve - kv.num_free_blocks
-
-        if short_by() <= 0:
-            return True
-        if not self.by_priority:
-            return False
-        candidates = [r for r in self.running if r.priority > request.priority]
-        held = sum(len(kv.get_block_ids(r.request_id)) for r in candidates)
-        if held < short_by():
-            return False   # preempting them all would not be enough: preempt nobody
-        while short_by() > 0 and candidates:
-            victim = select_victim(candidates, True)
-            candidates.remove(victim)
-            self._preempt(victim, plan)
-        return short_by() <= 0
-
-    def _start_from(self, request: Request, num_hit: int) -> None:
-        """A request starts (or restarts after a recompute preemption) at its cache hit."""
-        request.num_computed_tokens = num_hit
-        if request.num_lost_tokens:
-            self.num_recomputed_tokens += max(0, request.num_lost_tokens - num_hit)
-            request.num_lost_tokens = 0
-        if request.num_cached_tokens < 0:
-            request.num_cached_tokens = num_hit
-            self._num_queue_times += 1
-            self._queue_times.append(max(0.0, time.monotonic() - request.arrival_time))
-
     # ------------------------------------------------------------------ the message
     def _commit(self, request: Request, num_new: int, output: SchedulerOutput) -> ScheduledRequest:
         """Describe the request's share for the runner and advance it as if computed."""
@@ -460,45 +338,7 @@ class Scheduler:
         self.kv_cache_manager.cache_full_blocks(request)
         return scheduled
 
-    # ------------------------------------------------------------------ preemption
-    def _preemption_mode(self, request: Request) -> Mode:
-        """Swap or recompute this victim (``preemption_mode``, or the cost estimate)."""
-        num_blocks = -(-request.num_computed_tokens // self.kv_cache_manager.block_size)
-        room = self.swap.num_free_blocks
-        if self.preemption_mode == "recompute" or not 0 < num_blocks <= room:
-            return "recompute"
-        if self.preemption_mode == "swap":
-            return "swap"
-        return choose_preemption_mode(
-            request.num_computed_tokens, num_blocks, self.kv_block_bytes,
-            seconds_per_token=self.costs.seconds_per_token,
-            copy_bytes_per_second=self.costs.copy_bytes_per_second, host_blocks_free=room)
-
-    def _preempt(self, request: Request, plan: StepPlan) -> None:
-        """Take ``request`` off the device: swap its blocks out or drop them; it waits
-        again in its arrival place."""
-        self.running.remove(request)
-        if request in plan:
-            plan.remove(request)
-        kv = self.kv_cache_manager
-        mode = self._preemption_mode(request)
-        if mode == "swap":
-            num_blocks = -(-request.num_computed_tokens // kv.block_size)
-            blocks = list(kv.get_block_ids(request.request_id)[:num_blocks])
-            self._swap_out.extend(self.swap.swap_out(request.request_id, blocks))
-        else:
-            request.num_lost_tokens += request.num_computed_tokens
-            request.num_computed_tokens = 0
-        kv.free(request)
-        request.status = RequestStatus.PREEMPTED
-        request.num_runner_blocks = 0   # the runner drops its table on the preempted id
-        request.spec_token_ids = []
-        request.num_preemptions += 1
-        self.num_preemptions += 1
-        self.num_preemptions_by_mode[mode] += 1
-        self._preempted_ids.add(request.request_id)
-        self.waiting.prepend(request)
-
+    # ------------------------------------------------------------------ helpers
     def _must_wait_for_token_in_flight(self, request: Request) -> bool:
         """True when ``request`` cannot take a step before its token in flight is known:
         that token ends it by length anyway, or a step is already ahead of it (the engine
