@@ -90,6 +90,8 @@ class CacheConfig(ConfigPart):
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt "
                                                           "prefixes")
     kv_cache_dtype: Literal["auto", "fp8"] = Field("auto", description="KV cache dtype")
+    swap_space: float = Field(4.0, ge=0, description="Host memory in GiB for KV blocks of "
+                                                     "requests preempted by swapping (0: none)")
 
     @field_validator("kv_cache_memory", mode="before")
     @classmethod
@@ -109,6 +111,25 @@ class SchedulerConfig(ConfigPart):
         "priority", description="Order of the waiting queue")
     async_scheduling: Literal["auto", "on", "off"] = Field(
         "auto", description="Schedule step N+1 while the device runs step N (auto: on GPUs)")
+    short_prompt_threshold: int = Field(
+        256, ge=0, description="Fast lane: prompts with at most this many uncached tokens are "
+                               "admitted ahead of long prefills (0: no fast lane)")
+    max_queue_bypasses: int = Field(
+        32, ge=0, description="Age bound of the waiting queue: a request passed over this many "
+                              "steps blocks admissions behind it until it starts")
+    reserved_blocks_for_priority: int = Field(
+        0, ge=0, description="KV blocks only requests more urgent than the default "
+                             "(priority < 0) may be admitted into")
+    preemption_mode: Literal["auto", "swap", "recompute"] = Field(
+        "auto", description="How a preempted request keeps its work: swap its KV blocks to "
+                            "host memory, recompute them, or choose per victim by cost (auto)")
+    memory_pressure_threshold: float = Field(
+        0.85, gt=0, le=1, description="KV usage above which new prefills wait and the batch "
+                                      "shrinks (graceful degradation)")
+    thermal_limit_c: float = Field(75.0, gt=0, description="Device temperature (C) above "
+                                                            "which prefill is throttled")
+    power_limit_w: float | None = Field(None, gt=0, description="Device power (W) above "
+                                                                "which prefill is throttled")
 
 
 class ParallelConfig(ConfigPart):
@@ -250,6 +271,9 @@ class RuntimeConfig:
     device_kind: str           # "cuda", "rocm" or "cpu"
     gpu_vendor: str            # "nvidia", "amd" or "cpu" (the metrics' label)
     vocab_size: int            # token ids the model accepts: [0, vocab_size)
+    num_host_blocks: int = 0   # host (swap) KV blocks allocated, from swap_space
+    kv_block_bytes: int = 0    # bytes of one KV block over all layers
+    kv_copy_bytes_per_second: float = 0.0   # measured swap copy bandwidth (0: not measured)
 
     @property
     def is_gpu(self) -> bool:

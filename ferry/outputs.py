@@ -68,6 +68,11 @@ class SchedulerOutput:
     finished_request_ids: set[str] = field(default_factory=set)
     # Requests preempted since the last step: the runner drops their block table.
     preempted_request_ids: set[str] = field(default_factory=set)
+    # KV block copies the runner makes before this step's forward, in this order:
+    # (device block, host block) pairs out to host memory, then (host block, device block)
+    # pairs back in. A host block freed by a swap-in is not reused before the next step.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -133,6 +138,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # Joules spent on it so far (its share of each step's tokens, all n samples); None
+    # where the hardware reports no energy.
+    energy_joules: float | None = None
 
 
 @dataclass
@@ -149,3 +157,15 @@ class SchedulerStats:
     prefix_cache_hits: int = 0             # of those, tokens found
     page_faults: int = 0                   # allocations that evicted a cached block or preempted
     preemptions: int = 0
+    preemptions_swap: int = 0              # of those, by swapping KV to host memory
+    preemptions_recompute: int = 0         # of those, by dropping KV (recomputed later)
+    recomputed_tokens: int = 0             # tokens recomputed after recompute preemptions
+    swapped_blocks: int = 0                # host KV blocks held by swapped-out requests
+    degraded: bool = False                 # memory pressure: no admissions, batch shrinks
+    thermal_throttled: bool = False        # thermal/power guard lowered the prefill budget
+    thermal_throttles: int = 0             # times the guard engaged
+    device_temperature_c: float | None = None
+    num_waiting_by_priority: dict[int, int] = field(default_factory=dict)
+    num_queue_times: int = 0               # admissions so far (each has a queue time)
+    recent_queue_times: tuple[float, ...] = ()   # seconds waited, the last admissions' (<= 1024)
+    energy_joules: float | None = None     # joules attributed to steps so far (None: no reading)

@@ -55,6 +55,15 @@ class Request:
     # entries of its block table are still the scheduler's (SchedulerOutput sends deltas).
     sent_to_runner: bool = False
     num_runner_blocks: int = 0
+    # Leading tokens the runner's copy holds (it is cut at each step's start_pos): a
+    # request resumed after preemption may start from a prefix hit only within them.
+    num_runner_tokens: int = 0
+    # Waiting-queue age bound: steps in which a request behind this one was admitted first.
+    num_bypasses: int = 0
+    # Tokens whose KV a recompute preemption threw away (recomputed when it resumes).
+    num_lost_tokens: int = 0
+    # Joules of the steps it took part in, by its share of their tokens (None: no reading).
+    energy_joules: float | None = None
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     first_token_time: float | None = None

@@ -68,6 +68,7 @@ class RequestResult:
     server_prompt_tokens: int | None = None
     finish_reason: str | None = None
     output_chars: int = 0
+    energy_joules: float | None = None     # the usage extension, where the server reports it
 
     def fail(self, kind: str, message: str) -> "RequestResult":
         self.success, self.error_kind, self.error = False, kind, message
@@ -218,4 +219,6 @@ def _finish(stream: _Stream, result: RequestResult, tokenizer: Any | None) -> No
         result.output_tokens, result.output_tokens_source = len(times), "chunks"
     if isinstance(usage.get("prompt_tokens"), int):
         result.server_prompt_tokens = usage["prompt_tokens"]
+    if isinstance(usage.get("energy_joules"), (int, float)):
+        result.energy_joules = float(usage["energy_joules"])
     result.success = True

@@ -52,7 +52,8 @@ class RequestRecord:
                 "expected_output_len": self.expected_output_len,
                 "output_tokens": r.output_tokens, "output_tokens_source": r.output_tokens_source,
                 "finish_reason": r.finish_reason, "ttft": r.ttft, "tpot": self.tpot,
-                "latency": r.latency, "itl": r.itl}
+                "latency": r.latency, "itl": r.itl,
+                **({"energy_joules": r.energy_joules} if r.energy_joules is not None else {})}
 
 
 def parse_goodput(items: Iterable[str]) -> dict[str, float]:
@@ -107,6 +108,11 @@ def summarize(records: list[RequestRecord], duration: float,
             rec.result.output_tokens < rec.expected_output_len for rec in ok),
     }
     summary.update(latency_distributions(ok))
+    energies = [rec.result.energy_joules for rec in ok if rec.result.energy_joules is not None]
+    if energies:   # absent, not 0, where the server reports no energy
+        summary["energy_joules"] = sum(energies)
+        summary["output_tokens_per_joule"] = (output_tokens / sum(energies)
+                                              if sum(energies) > 0 else None)
     summary["goodput"] = goodput(ok, slo, duration) if slo else None
     summary["errors"] = error_counts(records)
     tags = sorted({rec.tag for rec in records if rec.tag is not None})

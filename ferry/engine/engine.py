@@ -20,7 +20,10 @@ from typing import Any
 from ferry import checkpoint
 from ferry.config import EngineConfig, RuntimeConfig
 from ferry.engine.output_processor import OutputProcessor
+from ferry.engine.preemption import DEFAULT_COPY_BYTES_PER_SECOND, PreemptionCosts
 from ferry.engine.scheduler import Scheduler
+from ferry.engine.step_meter import StepMeter
+from ferry.engine.thermal import ThermalGuard
 from ferry.executor.base import Executor
 from ferry.outputs import RequestOutput, RunnerOutput, SchedulerOutput, SchedulerStats
 from ferry.request import Request, RequestStatus
@@ -79,9 +82,18 @@ class Engine:
         mode = config.scheduler.async_scheduling
         self.async_scheduling = mode == "on" or (mode == "auto" and self.runtime.is_gpu)
         self._in_flight: tuple[SchedulerOutput, object] | None = None
+        costs = PreemptionCosts(copy_bytes_per_second=self.runtime.kv_copy_bytes_per_second
+                                or DEFAULT_COPY_BYTES_PER_SECOND)
         self.scheduler = Scheduler(config.scheduler, config.cache,
                                    max_model_len=self.max_model_len, num_blocks=self.num_blocks,
-                                   async_scheduling=self.async_scheduling)
+                                   async_scheduling=self.async_scheduling,
+                                   num_host_blocks=self.runtime.num_host_blocks,
+                                   kv_block_bytes=self.runtime.kv_block_bytes, costs=costs)
+        self.meter = StepMeter(_probe(self.platform, "energy_probe"), costs)
+        self.thermal = ThermalGuard(config.scheduler.thermal_limit_c,
+                                    config.scheduler.power_limit_w,
+                                    temperature=_probe(self.platform, "temperature_probe"),
+                                    power=_probe(self.platform, "power_probe"))
         self.outputs = OutputProcessor(self.tokenizer)
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -128,6 +140,8 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the outputs of the requests it advanced."""
+        self.scheduler.prefill_throttled = self.thermal.update()
+        self.meter.begin()
         if not self.async_scheduling:
             sched_out = self.scheduler.schedule()
             return self._finish_step(sched_out, self.executor.execute(sched_out))
@@ -155,6 +169,7 @@ class Engine:
         """Append the step's tokens, apply stop conditions, and build the outputs."""
         if sched_out.is_empty:
             return []
+        self.meter.end(sched_out, self.scheduler.get_request)   # before finished ones leave
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         self._generation_tokens_total += sum(len(tokens) for _, tokens in updated)
         stopped = self.outputs.process(updated, runner_out.logprobs)
@@ -163,11 +178,13 @@ class Engine:
         return self.outputs.collect()
 
     def get_num_unfinished_requests(self) -> int:
-        stats = self.scheduler.get_stats()
-        return stats.num_running + stats.num_waiting
+        return self.scheduler.num_unfinished_requests()
 
     def get_stats(self) -> EngineStats:
         stats = self.scheduler.get_stats()
+        stats.energy_joules = self.meter.energy_joules
+        stats.thermal_throttles = self.thermal.num_throttles
+        stats.device_temperature_c = self.thermal.temperature_c
         return EngineStats(**vars(stats), num_prompt_tokens_total=self._prompt_tokens_total,
                            num_generation_tokens_total=self._generation_tokens_total)
 
@@ -221,3 +238,12 @@ class Engine:
         seed = None if params.seed is None else params.seed + index
         return params.clone(n=1, seed=seed)
 
+
+
+def _probe(platform: Any, name: str):
+    """The platform's ``name`` probe (None where the platform has none or it fails)."""
+    getter = getattr(platform, name, None)
+    try:
+        return getter() if callable(getter) else None
+    except Exception:  # noqa: BLE001 - a missing vendor library means no reading
+        return None

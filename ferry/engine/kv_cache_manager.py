@@ -104,6 +104,16 @@ class KVCacheManager:
         self._pending_lookup[request.request_id] = (request.num_tokens, num_hit_tokens)
         return hits, num_hit_tokens
 
+    def blocks_needed(self, request: _RequestLike, num_new_tokens: int,
+                      computed_blocks: list[int] | None = None) -> int:
+        """Free blocks :meth:`allocate_slots` would take for these arguments (new blocks
+        plus cached hits that sit in the free queue)."""
+        computed = computed_blocks or []
+        table = self._tables.get(request.request_id, [])
+        num_covered = request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        num_missing = max(0, _cdiv(num_covered, self.block_size) - len(table) - len(computed))
+        return num_missing + sum(1 for b in computed if self.block_pool.ref_count(b) == 0)
+
     def allocate_slots(self, request: _RequestLike, num_new_tokens: int,
                        computed_blocks: list[int] | None = None) -> bool:
         """Grow the request's table to cover its computed tokens, the hit and ``num_new_tokens``.

@@ -138,5 +138,7 @@ class OutputProcessor:
             finished_time=time.monotonic() if finished else None,
             num_cached_tokens=max(first.num_cached_tokens, 0),
         )
+        energies = [c.request.energy_joules for c in user.completions
+                    if c.request.energy_joules is not None]
         return RequestOutput(user.request_id, user.prompt, user.prompt_token_ids, completions,
-                             finished, metrics)
+                             finished, metrics, energy_joules=sum(energies) if energies else None)

@@ -4,8 +4,8 @@
 - Priority serves the smallest ``request.priority`` first, then the earliest
   ``arrival_time``, then the smaller request id (so the order is total and repeatable).
 
-A preempted request goes back with :meth:`RequestQueue.prepend`: it is served before every
-later arrival of its priority (it was admitted before them once already).
+A preempted request goes back with :meth:`RequestQueue.prepend`: it keeps its place, its
+original arrival, so it is served before every later arrival of its priority.
 
 Each policy also defines :meth:`RequestQueue.sort_key`, the order of importance the
 scheduler uses for running requests: the running request with the largest key is the
@@ -65,7 +65,9 @@ class RequestQueue(ABC):
 
 
 class FCFSQueue(RequestQueue):
-    """First come, first served: the order of :meth:`add`; :meth:`prepend` goes to the front."""
+    """First come, first served: the order of :meth:`add`; :meth:`prepend` puts a request
+    back at its arrival place (after earlier arrivals still waiting, e.g. ones preempted
+    with it)."""
 
     def __init__(self) -> None:
         self._queue: deque[Request] = deque()
@@ -78,7 +80,12 @@ class FCFSQueue(RequestQueue):
         self._queue.append(request)
 
     def prepend(self, request: Request) -> None:
-        self._queue.appendleft(request)
+        key = self.sort_key(request)
+        index = 0
+        # Preempted requests are few and go near the front: scan from there.
+        while index < len(self._queue) and self.sort_key(self._queue[index]) < key:
+            index += 1
+        self._queue.insert(index, request)
 
     def peek(self) -> Request:
         return self._queue[0]

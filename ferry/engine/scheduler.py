@@ -5,17 +5,23 @@ has ``num_computed_tokens``; every step gives each running request a share of on
 budget (``max_num_batched_tokens``) until it catches up with ``num_tokens``. Chunked
 prefill, prefix-cache hits and preemption by recompute are all that rule:
 
-- running requests go first, most important first (the waiting queue's ``sort_key``): a
-  decode takes 1 token, a request still prefilling takes a chunk of what budget is left;
-- then waiting requests are admitted while seats (``max_num_seqs``), budget and blocks
-  allow, starting from their longest cached prefix;
+- a step is planned in four passes (``StepPlan``): running decodes and short prefills,
+  most important first (the waiting queue's ``sort_key``); waiting requests of the fast
+  lane (``admission.py``: at most ``short_prompt_threshold`` uncached tokens); chunks of
+  the running long prefills from what budget is left; then any waiting request. Waiting
+  requests start from their longest cached prefix, in queue order, without head-of-line
+  blocking but with an age bound (``admission.py``);
 - at most ``prefill_parallelism`` requests get more than one token in a step, so a burst
   of long prompts does not starve the decodes;
-- when a running request cannot get blocks, the least important running request (largest
-  sort key: lowest priority, latest arrival; possibly itself) is preempted: its blocks are
-  freed, ``num_computed_tokens`` drops to 0 and it waits again, ahead of later arrivals.
-  It resumes by recomputing prompt + outputs so far. No request is admitted in a step
-  that preempted.
+- when a running request cannot get blocks, a running request no more important than it
+  is preempted (``preemption.py``: lowest priority, then least computed work, possibly
+  itself); a waiting request of higher priority preempts strictly lower-priority running
+  ones. A victim either swaps its blocks to host memory (``swap.py``) and resumes where it
+  was, or drops them and recomputes prompt + outputs so far, whichever the cost estimate
+  prefers. It waits again in its arrival place. No request is admitted in a step whose
+  running requests preempted;
+- past ``memory_pressure_threshold`` the scheduler is degraded (``degradation.py``): no
+  admissions, and the batch shrinks by preemption until usage is back under control.
 
 ``schedule()`` advances ``num_computed_tokens`` of the scheduled requests at once (the
 runner's step is taken as done) and registers their full blocks in the prefix cache; the
@@ -45,27 +51,44 @@ prompt and sampling parameters go out once (``new_requests``), later steps send 
 from __future__ import annotations
 
 import time
+from collections import Counter, deque
 from collections.abc import Iterable
 
 from ferry.config import CacheConfig, SchedulerConfig
+from ferry.engine.admission import AdmissionPolicy
+from ferry.engine.degradation import PressureGuard
 from ferry.engine.kv_cache_manager import KVCacheManager
+from ferry.engine.preemption import PreemptionCosts
 from ferry.engine.request_queue import create_request_queue
+from ferry.engine.scheduler_admission import WaitingAdmission
+from ferry.engine.scheduler_preemption import Preemption
+from ferry.engine.step_plan import StepPlan
+from ferry.engine.stop_conditions import append_tokens
+from ferry.engine.swap import SwapSpace
 from ferry.outputs import (PLACEHOLDER_TOKEN, NewRequest, RunnerOutput, ScheduledRequest,
                            SchedulerOutput, SchedulerStats)
 from ferry.request import Request, RequestStatus
 
+_QUEUE_TIMES_KEPT = 1024
 
-class Scheduler:
+
+class Scheduler(WaitingAdmission, Preemption):
     """Token-budget scheduler over a paged KV cache with automatic prefix caching.
+
+    The orchestrator: ``schedule`` runs the passes, ``scheduler_admission.py`` admits
+    waiting requests and ``scheduler_preemption.py`` frees blocks.
 
     Finished requests leave the scheduler: ``get_request`` returns None for them, and
     their ids are reported once in the next ``SchedulerOutput.finished_request_ids``.
     """
 
     def __init__(self, config: SchedulerConfig, cache: CacheConfig, *, max_model_len: int,
-                 num_blocks: int, async_scheduling: bool = False) -> None:
-        """``max_model_len`` and ``num_blocks`` are the resolved run-time values;
-        ``async_scheduling`` the resolved choice (``auto`` decided by the device)."""
+                 num_blocks: int, async_scheduling: bool = False, num_host_blocks: int = 0,
+                 kv_block_bytes: int = 0, costs: PreemptionCosts | None = None) -> None:
+        """``max_model_len``, ``num_blocks``, ``num_host_blocks`` (swap space) and
+        ``kv_block_bytes`` are the resolved run-time values; ``async_scheduling`` the
+        resolved choice (``auto`` decided by the device); ``costs`` the measurements the
+        swap-or-recompute choice reads (the engine updates them)."""
         for name, value in [("max_model_len", max_model_len), ("num_blocks", num_blocks)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Scheduler {name} must be an integer >= 1, got {value!r}")
@@ -74,15 +97,30 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.prefill_parallelism = config.prefill_parallelism
         self.async_scheduling = async_scheduling
-        block_size, scheduling_policy = cache.block_size, config.scheduling_policy
-        enable_prefix_caching = cache.enable_prefix_caching
+        self.by_priority = config.scheduling_policy == "priority"
+        self.preemption_mode = config.preemption_mode
+        block_size, enable_prefix_caching = cache.block_size, cache.enable_prefix_caching
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.waiting = create_request_queue(scheduling_policy)
+        self.swap = SwapSpace(num_host_blocks)
+        self.kv_block_bytes = kv_block_bytes
+        self.costs = costs or PreemptionCosts()
+        self.admission = AdmissionPolicy(config.short_prompt_threshold, config.max_queue_bypasses,
+                                         config.reserved_blocks_for_priority)
+        self.pressure = PressureGuard(config.memory_pressure_threshold)
+        self.waiting = create_request_queue(config.scheduling_policy)
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_preemptions_by_mode: dict[str, int] = {"swap": 0, "recompute": 0}
+        self.num_recomputed_tokens = 0
+        self.prefill_throttled = False   # the thermal guard's lower prefill limits
+        self._num_queue_times = 0
+        self._queue_times: deque[float] = deque(maxlen=_QUEUE_TIMES_KEPT)
         self._requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()
         self._preempted_ids: set[str] = set()
+        self._swap_out: list[tuple[int, int]] = []
+        self._swap_in: list[tuple[int, int]] = []
+        self._running_preempted = False
         # The KV cache can hold num_blocks * block_size tokens: a sequence that outgrows it
         # ends with "length" just as one reaching max_model_len does.
         self._kv_capacity = num_blocks * block_size
@@ -127,6 +165,9 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.running) or bool(self.waiting)
 
+    def num_unfinished_requests(self) -> int:
+        return len(self.running) + len(self.waiting)
+
     def has_host_tokens_in_flight(self) -> bool:
         """True when a request whose logits processors read its output tokens (penalties)
         waits for a token still being sampled: that step must be finished first."""
@@ -145,21 +186,42 @@ class Scheduler:
             kv_cache_usage=kv.usage, prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,
             page_faults=kv.page_faults + self.num_preemptions,
-            preemptions=self.num_preemptions)
+            preemptions=self.num_preemptions,
+            preemptions_swap=self.num_preemptions_by_mode["swap"],
+            preemptions_recompute=self.num_preemptions_by_mode["recompute"],
+            recomputed_tokens=self.num_recomputed_tokens,
+            swapped_blocks=self.swap.num_used_blocks, degraded=self.pressure.degraded,
+            thermal_throttled=self.prefill_throttled,
+            num_waiting_by_priority=dict(Counter(r.priority for r in self.waiting)),
+            num_queue_times=self._num_queue_times, recent_queue_times=tuple(self._queue_times))
+
+    def add_admission_predicate(self, predicate) -> None:
+        """A condition ``request -> bool`` every admission must meet (e.g. a free adapter
+        slot); a refused request waits without holding up the ones behind it."""
+        self.admission.add_predicate(predicate)
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
         """Choose this step's requests and token counts (see the module docstring)."""
-        plan: list[tuple[Request, int]] = []
         self.running.sort(key=self.waiting.sort_key)
-        preemptions_before = self.num_preemptions
-        budget, num_prefills = self._schedule_running(plan)
-        if self.num_preemptions == preemptions_before:
-            self._schedule_waiting(plan, budget, num_prefills)
+        prefill_budget = self.max_num_batched_tokens // 4 if self.prefill_throttled else None
+        parallelism = 1 if self.prefill_throttled else self.prefill_parallelism
+        plan = StepPlan(self.max_num_batched_tokens, parallelism, prefill_budget)
+        self._running_preempted = False
+        degraded = self._relieve_pressure(plan)
+        self._schedule_running(plan, long_prefills=False)
+        if not degraded and not self._running_preempted:
+            self._admit_fast_lane(plan)
+        self._schedule_running(plan, long_prefills=True)
+        if not degraded and not self._running_preempted:
+            self._admit_waiting(plan, fast_lane_only=False)
         output = SchedulerOutput(finished_request_ids=self._finished_ids,
-                                 preempted_request_ids=self._preempted_ids)
-        output.scheduled = [self._commit(request, n, output) for request, n in plan]
+                                 preempted_request_ids=self._preempted_ids,
+                                 swap_out=self._swap_out, swap_in=self._swap_in)
+        output.scheduled = [self._commit(request, n, output) for request, n in plan.items()]
         self._finished_ids, self._preempted_ids = set(), set()
+        self._swap_out, self._swap_in = [], []
+        self.swap.end_step()
         return output
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
@@ -185,7 +247,7 @@ class Scheduler:
                 continue
             self._roll_back_rejected(request, scheduled, len(token_ids))
             request.spec_token_ids = runner_output.spec_token_ids.get(request.request_id, [])
-            appended, status = self._append_tokens(request, token_ids)
+            appended, status = append_tokens(request, token_ids, self._max_len)
             if request.first_token_time is None:
                 request.first_token_time = now
             if status is not None:
@@ -197,16 +259,6 @@ class Scheduler:
         if any_finished:
             self.running = [request for request in self.running if not request.is_finished]
         return updated
-
-    def _append_tokens(self, request: Request, token_ids: list[int]
-                       ) -> tuple[list[int], RequestStatus | None]:
-        """Append tokens until one ends the request; returns those appended and the status."""
-        for count, token_id in enumerate(token_ids, start=1):
-            request.append_output_token(token_id)
-            status = self._stop_status(request, token_id)
-            if status is not None:
-                return token_ids[:count], status
-        return token_ids, None
 
     def _roll_back_rejected(self, request: Request, scheduled: ScheduledRequest,
                             num_sampled: int) -> None:
@@ -220,27 +272,28 @@ class Scheduler:
         request.num_runner_blocks = min(request.num_runner_blocks,
                                         len(self.kv_cache_manager.get_block_ids(request.request_id)))
 
-    # ------------------------------------------------------------------ helpers
-    def _schedule_running(self, plan: list[tuple[Request, int]]) -> tuple[int, int]:
-        """Give running requests their share; returns (budget left, prefills scheduled)."""
-        budget, num_prefills, index = self.max_num_batched_tokens, 0, 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
+    # ------------------------------------------------------------------ running requests
+    def _schedule_running(self, plan: StepPlan, *, long_prefills: bool) -> None:
+        """Shares of the running requests: decodes and fast-lane prefills in the first
+        pass, chunks of long prefills (beyond ``short_prompt_threshold``) in the second."""
+        for request in list(self.running):
+            if plan.budget <= 0:
+                return
+            if request in plan or request.status is not RequestStatus.RUNNING:
+                continue   # planned, or preempted earlier in this pass
             remaining = (request.num_tokens + request.num_output_placeholders
                          - request.num_computed_tokens)
             is_prefill = remaining > 1
-            if (remaining <= 0 or (is_prefill and num_prefills >= self.prefill_parallelism)
+            is_long = is_prefill and not self.admission.in_fast_lane(remaining)
+            if (remaining <= 0 or is_long != long_prefills
+                    or (is_prefill and not plan.can_prefill())
                     or self._must_wait_for_token_in_flight(request)):
-                index += 1
                 continue
-            num_new = min(remaining + self._num_drafts(request, remaining), budget)
-            if not self._allocate_or_preempt(request, num_new):
-                break   # it preempted itself: it was the last running request
-            plan.append((request, num_new))
-            budget -= num_new
-            num_prefills += is_prefill
-            index += 1
-        return budget, num_prefills
+            num_new = plan.tokens_for(remaining + self._num_drafts(request, remaining), is_prefill)
+            if is_long:
+                num_new = min(num_new, self._long_chunk_cap(request))
+            if num_new > 0 and self._allocate_or_preempt(request, num_new, plan):
+                plan.add(request, num_new, is_prefill)
 
     def _num_drafts(self, request: Request, remaining: int) -> int:
         """Draft tokens to verify this step: only for a decode, synchronously, and no more
@@ -253,45 +306,7 @@ class Scheduler:
             room = min(room, max_tokens - request.num_output_tokens - 1)
         return max(0, min(len(request.spec_token_ids), room))
 
-    def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
-        """Get blocks for ``request``, preempting the least important running requests.
-
-        The running list is sorted by importance and ``request`` is the least important one
-        scheduled so far, so every victim comes after it; returns False if it is itself the
-        victim.
-        """
-        while not self.kv_cache_manager.allocate_slots(request, num_new):
-            victim = self.running[-1]
-            self._preempt(victim)
-            if victim is request:
-                return False
-        return True
-
-    def _schedule_waiting(self, plan: list[tuple[Request, int]], budget: int,
-                          num_prefills: int) -> None:
-        """Admit waiting requests in queue order while seats, budget and blocks allow."""
-        kv = self.kv_cache_manager
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting.peek()
-            if request.num_output_placeholders:
-                break   # preempted while its last token was in flight: next step
-            computed_blocks, num_hit = kv.get_computed_blocks(request)
-            remaining = request.num_tokens - num_hit
-            if remaining > 1 and num_prefills >= self.prefill_parallelism:
-                break
-            num_new = min(remaining, budget)
-            if not kv.allocate_slots(request, num_new, computed_blocks):
-                break   # head-of-line: later requests wait too, so the order is kept
-            self.waiting.pop()
-            request.num_computed_tokens = num_hit
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            plan.append((request, num_new))
-            budget -= num_new
-            num_prefills += remaining > 1
-
+    # ------------------------------------------------------------------ the message
     def _commit(self, request: Request, num_new: int, output: SchedulerOutput) -> ScheduledRequest:
         """Describe the request's share for the runner and advance it as if computed."""
         start = request.num_computed_tokens
@@ -316,24 +331,14 @@ class Scheduler:
             num_placeholders=num_placeholders,
             spec_token_ids=request.spec_token_ids[:num_new - num_known])
         request.num_runner_blocks = len(table)
+        request.num_runner_tokens = start + len(token_ids) + len(scheduled.spec_token_ids)
         request.num_computed_tokens = start + num_new
         if sample and self.async_scheduling:
             request.num_output_placeholders += 1
         self.kv_cache_manager.cache_full_blocks(request)
         return scheduled
 
-    def _preempt(self, request: Request) -> None:
-        self.running.remove(request)
-        self.kv_cache_manager.free(request)
-        request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
-        request.num_runner_blocks = 0   # the runner drops its table on the preempted id
-        request.spec_token_ids = []
-        request.num_preemptions += 1
-        self.num_preemptions += 1
-        self._preempted_ids.add(request.request_id)
-        self.waiting.prepend(request)
-
+    # ------------------------------------------------------------------ helpers
     def _must_wait_for_token_in_flight(self, request: Request) -> bool:
         """True when ``request`` cannot take a step before its token in flight is known:
         that token ends it by length anyway, or a step is already ahead of it (the engine
@@ -347,26 +352,12 @@ class Scheduler:
                 or (max_tokens is not None and request.num_output_tokens + pending >= max_tokens)
                 or request.num_tokens + pending >= self._max_len)
 
-    def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
-        params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
-            # vLLM's contract, which clients read: a stop_token_ids id is the stop reason,
-            # an EOS is not (stop_reason stays None).
-            if token_id in params.stop_token_ids:
-                request.stop_reason = token_id
-                return RequestStatus.FINISHED_STOPPED
-            if not params.ignore_eos and token_id in request.eos_token_ids:
-                request.stop_reason = None
-                return RequestStatus.FINISHED_STOPPED
-        if ((params.max_tokens is not None and request.num_output_tokens >= params.max_tokens)
-                or request.num_tokens >= self._max_len):
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
     def _finish(self, request: Request, status: RequestStatus, now: float) -> None:
-        """Mark finished and free its blocks; the caller removes it from running/waiting."""
+        """Mark finished and free its blocks (device and host); the caller removes it from
+        running/waiting."""
         request.status = status
         request.finished_time = now
         self.kv_cache_manager.free(request)
+        self.swap.discard(request.request_id)
         del self._requests[request.request_id]
         self._finished_ids.add(request.request_id)

@@ -8,6 +8,7 @@ from ferry.config import EngineConfig, RuntimeConfig
 from ferry.executor.base import Executor
 from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.runner.drafts import DraftProposer
+from ferry.runner.memory import kv_block_bytes
 from ferry.runner.model_runner import ModelRunner
 from ferry.runner.model_setup import LoadedModel, count_kv_blocks, dtype_name, load_model
 from ferry.runner.pending_output import PendingOutput
@@ -30,9 +31,13 @@ class InProcessExecutor(Executor):
 
     def initialize_cache(self, num_blocks: int) -> RuntimeConfig:
         loaded, config = self._loaded, self.config
+        block_bytes = kv_block_bytes(loaded.model.num_layers, loaded.model.num_kv_heads,
+                                     loaded.model.head_dim, config.cache.block_size, loaded.dtype)
+        num_host_blocks = int(config.cache.swap_space * 2**30) // block_bytes
         self.runner = ModelRunner(loaded.model, num_blocks=num_blocks,
                                   block_size=config.cache.block_size, device=loaded.device,
-                                  kv_dtype=loaded.dtype, proposer=self._proposer)
+                                  kv_dtype=loaded.dtype, proposer=self._proposer,
+                                  num_host_blocks=num_host_blocks)
         if self.platform.is_gpu and not config.model.enforce_eager:
             self.runner.capture_decode_graphs(max_num_seqs=config.scheduler.max_num_seqs,
                                               max_model_len=loaded.max_model_len)
@@ -41,7 +46,9 @@ class InProcessExecutor(Executor):
             max_model_len=loaded.max_model_len, num_blocks=num_blocks,
             block_size=config.cache.block_size, device=str(loaded.device),
             device_kind=self.platform.kind, gpu_vendor=self.platform.vendor,
-            vocab_size=loaded.model.vocab_size)
+            vocab_size=loaded.model.vocab_size, num_host_blocks=num_host_blocks,
+            kv_block_bytes=block_bytes,
+            kv_copy_bytes_per_second=self.runner.host_kv.measure_bandwidth())
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(scheduler_output)

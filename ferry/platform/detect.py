@@ -14,7 +14,8 @@ import torch
 
 from ferry.platform import capabilities
 from ferry.platform.device import memory_info, memory_reserved
-from ferry.platform.energy import energy_reader
+from ferry.platform.energy import energy_reader, power_reader, temperature_reader
+from ferry.platform.rapl import rapl_reader
 from ferry.platform.host import cpu_name, cpu_total_memory_bytes
 
 _DEVICE_CHOICES = ("auto", "cuda", "rocm", "cpu")
@@ -61,12 +62,23 @@ class Platform:
 
     def energy_probe(self) -> Probe | None:
         """A callable reading the GPU's energy counter in joules (monotonic, arbitrary
-        origin), or None where there is none: the CPU, a GPU without a counter, or no
-        vendor library (NVML on NVIDIA, amdsmi on AMD). Opens the library once."""
+        origin), or None where there is none: a GPU without a counter, no vendor library
+        (NVML on NVIDIA, amdsmi on AMD), or a CPU without readable RAPL. Opens it once."""
         if not self.is_gpu:
-            return None
-        index = 0 if self.torch_device.index is None else int(self.torch_device.index)
-        return energy_reader(self.vendor, index)
+            return rapl_reader()
+        return energy_reader(self.vendor, self._index)
+
+    def temperature_probe(self) -> Probe | None:
+        """A callable reading the GPU's temperature in degrees C, or None (CPU, no library)."""
+        return temperature_reader(self.vendor, self._index) if self.is_gpu else None
+
+    def power_probe(self) -> Probe | None:
+        """A callable reading the GPU's power draw in watts, or None (CPU, no library)."""
+        return power_reader(self.vendor, self._index) if self.is_gpu else None
+
+    @property
+    def _index(self) -> int:
+        return 0 if self.torch_device.index is None else int(self.torch_device.index)
 
     def energy_joules(self) -> float | None:
         """One reading of the GPU's energy counter in joules, or None (see :meth:`energy_probe`)."""

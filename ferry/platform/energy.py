@@ -83,3 +83,46 @@ def _amdsmi_joules(info: dict[str, Any]) -> float | None:
     if not isinstance(counter, (int, float)) or not isinstance(resolution, (int, float)):
         return None
     return float(counter) * float(resolution) / 1e6
+
+
+def temperature_reader(vendor: str, index: int) -> EnergyReader | None:
+    """A callable returning GPU ``index``'s temperature in degrees C (None on a failed
+    read), or None where the library is missing (the thermal guard then stays off)."""
+    return _probe(vendor, index, nvml=lambda m, h: float(
+        m.nvmlDeviceGetTemperature(h, m.NVML_TEMPERATURE_GPU)),
+        amd=lambda m, h: float(m.amdsmi_get_temp_metric(
+            h, m.AmdSmiTemperatureType.EDGE, m.AmdSmiTemperatureMetric.CURRENT)))
+
+
+def power_reader(vendor: str, index: int) -> EnergyReader | None:
+    """A callable returning GPU ``index``'s power draw in watts, or None (see above)."""
+    return _probe(vendor, index, nvml=lambda m, h: m.nvmlDeviceGetPowerUsage(h) / 1000.0,
+                  amd=lambda m, h: float(m.amdsmi_get_power_info(h)["current_socket_power"]))
+
+
+def _probe(vendor: str, index: int, *, nvml: Callable, amd: Callable) -> EnergyReader | None:
+    """A guarded reader: ``nvml(pynvml, handle)`` or ``amd(amdsmi, handle)``; None where the
+    library or the device is missing, or the first read fails."""
+    try:
+        if vendor == "nvidia":
+            module = importlib.import_module("pynvml")
+            module.nvmlInit()
+            handle = module.nvmlDeviceGetHandleByIndex(_smi_index("_get_nvml_device_index", index))
+            read_value = nvml
+        elif vendor == "amd":
+            module = importlib.import_module("amdsmi")   # raises KeyError without ROCm
+            module.amdsmi_init()
+            handle = module.amdsmi_get_processor_handles()[
+                _smi_index("_get_amdsmi_device_index", index)]
+            read_value = amd
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - optional library, or no such device
+        return None
+
+    def read() -> float | None:
+        try:
+            return read_value(module, handle)
+        except Exception:  # noqa: BLE001 - a flaky driver read is no reading
+            return None
+    return read if read() is not None else None

@@ -20,6 +20,7 @@ from ferry.platform import DeviceGraphCapture, zeros_on_demand
 from ferry.runner.cuda_graphs import DecodeGraphs, GraphCapture
 from ferry.runner.drafts import DraftProposer
 from ferry.runner.input_batch import ModelInput, ScheduledState, build_model_input, device_tensor
+from ferry.runner.kv_swap import HostKVCache
 from ferry.runner.pending_output import PendingOutput, SampledRequest
 from ferry.runner.request_states import RequestStates
 from ferry.runner.sampler import Sampler, SamplingRow
@@ -30,11 +31,13 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int,
                  device: torch.device, kv_dtype: torch.dtype,
-                 proposer: DraftProposer | None = None) -> None:
+                 proposer: DraftProposer | None = None, num_host_blocks: int = 0) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype, device)
+        # KV blocks of requests preempted by swapping (SchedulerOutput.swap_out / swap_in).
+        self.host_kv = HostKVCache(self.kv_caches, num_host_blocks)
         logger.info("kernels: %s", kernels.prepare(device))
         self.sampler = Sampler()
         self.proposer = proposer
@@ -61,6 +64,7 @@ class ModelRunner:
         for request_id in sched.finished_request_ids:
             self._generators.pop(request_id, None)
         states = self.requests.update(sched)
+        self.host_kv.apply(sched)          # before the forward, which may reuse freed blocks
         if sched.is_empty:
             return PendingOutput()
         batch = build_model_input([ScheduledState(s, state) for s, state in

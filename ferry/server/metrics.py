@@ -18,6 +18,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ferry.outputs import RequestOutput, SchedulerStats
+from ferry.server.scheduling_metrics import SchedulingMetrics
 
 LABELS = ("model", "quant_type", "gpu_vendor")
 REQUEST_STATUSES = ("ok", "error", "aborted", "rejected")
@@ -98,7 +99,7 @@ class ServerMetrics:
                               "Prefix-cache hit tokens / looked-up tokens since start")
         self.page_faults = m(Counter, "llm_kv_cache_page_faults",
                              "KV block allocations that evicted a cached block or preempted")
-        self.preemptions = m(Counter, "llm_preemptions", "Requests preempted to free KV blocks")
+        self.scheduling = SchedulingMetrics(self.registry, self._labels, m)
         self.gpu_memory = m(Gauge, "llm_gpu_memory_used_bytes",
                             "Accelerator memory in use (0 on the CPU)")
         requests = Counter("llm_requests", "Requests by outcome", LABELS + ("status",),
@@ -145,7 +146,7 @@ class ServerMetrics:
         self.kv_hit_ratio.set(stats.prefix_cache_hits / queries if queries else 0)
         last = self._last_stats or SchedulerStats()
         _grow(self.page_faults, stats.page_faults - last.page_faults)
-        _grow(self.preemptions, stats.preemptions - last.preemptions)
+        self.scheduling.observe(stats, last)
         _grow(self.prompt_tokens, _total(stats, "prompt") - _total(last, "prompt"))
         new_tokens = _total(stats, "generation") - _total(last, "generation")
         _grow(self.generation_tokens, new_tokens)

@@ -53,7 +53,7 @@ def _response(state: ServerState, body: ChatCompletionRequest, request_id: str,
                for c in final.outputs]
     response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": state.model_name, "choices": choices, "system_fingerprint": None,
-                "usage": usage(len(final.prompt_token_ids), completion_tokens([final]))}
+                "usage": usage(len(final.prompt_token_ids), completion_tokens([final]), [final])}
     if body.return_token_ids:
         response["prompt_token_ids"] = final.prompt_token_ids
         for choice, completion in zip(choices, final.outputs):
@@ -107,4 +107,4 @@ def _delta_choice(state: ServerState, body: ChatCompletionRequest, tracker: Delt
 
 
 def _usage(output: RequestOutput) -> dict[str, int]:
-    return usage(len(output.prompt_token_ids), completion_tokens([output]))
+    return usage(len(output.prompt_token_ids), completion_tokens([output]), [output])

@@ -283,9 +283,17 @@ SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int,
+          outputs: list[RequestOutput] = ()) -> dict[str, Any]:
+    """OpenAI's usage object; with the extension ``energy_joules`` (the joules the engine
+    charged to ``outputs``) only where the hardware reports energy."""
+    result: dict[str, Any] = {"prompt_tokens": prompt_tokens,
+                              "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}
+    energies = [o.energy_joules for o in outputs if o.energy_joules is not None]
+    if energies:
+        result["energy_joules"] = sum(energies)
+    return result
 
 
 def completion_tokens(outputs: list[RequestOutput]) -> int:

@@ -89,7 +89,7 @@ def _response(state: ServerState, body: CompletionRequest, request_id: str,
     prompt_tokens = sum(len(out.prompt_token_ids) for out in finals)
     return {"id": request_id, "object": "text_completion", "created": int(time.time()),
             "model": state.model_name, "choices": choices, "system_fingerprint": None,
-            "usage": usage(prompt_tokens, completion_tokens(finals))}
+            "usage": usage(prompt_tokens, completion_tokens(finals), finals)}
 
 
 async def _stream(state: ServerState, body: CompletionRequest, request_id: str,
@@ -145,4 +145,5 @@ def _delta_choice(state: ServerState, body: CompletionRequest, trackers: dict[in
 
 def _usage(latest: dict[int, RequestOutput]) -> dict[str, int]:
     outputs = list(latest.values())
-    return usage(sum(len(o.prompt_token_ids) for o in outputs), completion_tokens(outputs))
+    return usage(sum(len(o.prompt_token_ids) for o in outputs), completion_tokens(outputs),
+                 outputs)

@@ -142,3 +142,16 @@ def test_run_hit_ratio_is_recovered_from_the_since_start_gauge():
                           {**after, "llm_prefix_cache_queries_total": 400,
                            "llm_prefix_cache_hits_total": 100}, output_tokens=10)
     assert exact["prefix_cache_hit_ratio_during_run"] == pytest.approx(0.25)
+
+
+def test_energy_is_summed_where_reported_and_absent_otherwise():
+    def record(i, energy):
+        result = RequestResult(success=True, ttft=0.1, latency=0.5, output_tokens=10,
+                               energy_joules=energy)
+        return RequestRecord(i, 5, 10, result)
+
+    summary = summarize([record(0, 2.0), record(1, 3.0)], duration=1.0)
+    assert summary["energy_joules"] == 5.0 and summary["output_tokens_per_joule"] == 4.0
+    assert record(0, 2.0).to_json()["energy_joules"] == 2.0
+    plain = summarize([record(0, None)], duration=1.0)
+    assert "energy_joules" not in plain and "energy_joules" not in record(0, None).to_json()

@@ -46,6 +46,8 @@ class FakeRunner:
         manager = scheduler.kv_cache_manager
         self.block_size = manager.block_size
         self.kv = [[None] * manager.block_size for _ in range(manager.num_blocks)]
+        # The host pool of swapped-out blocks, copied like the real runner's host tensor.
+        self.host = [[None] * manager.block_size for _ in range(scheduler.swap.num_blocks)]
         self.states = RequestStates()
 
     def slot(self, block_ids, pos):
@@ -53,6 +55,11 @@ class FakeRunner:
 
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         pool = self.scheduler.kv_cache_manager.block_pool
+        for device, host in output.swap_out:       # swap-outs first, then swap-ins
+            self.host[host] = list(self.kv[device])
+        for host, device in output.swap_in:
+            self.kv[device] = list(self.host[host])
+            self.host[host] = [None] * self.block_size   # a stale read would show
         states = self.states.update(output)
         written = {}
         for s, state in zip(output.scheduled, states):   # KV of the whole batch is written first
@@ -94,14 +101,15 @@ class FakeRunner:
 
 def make_scheduler(**overrides):
     args = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=512, num_blocks=64,
-                block_size=4, prefill_parallelism=4)
+                block_size=4, prefill_parallelism=4, memory_pressure_threshold=1.0)
     args.update(overrides)
     config = EngineConfig.from_flat(**{k: v for k, v in args.items() if k not in _RUNTIME})
     return Scheduler(config.scheduler, config.cache,
                      **{k: v for k, v in args.items() if k in _RUNTIME})
 
 
-_RUNTIME = ("max_model_len", "num_blocks", "async_scheduling")
+_RUNTIME = ("max_model_len", "num_blocks", "async_scheduling", "num_host_blocks",
+            "kv_block_bytes", "costs")
 
 
 _clock = itertools.count()
@@ -142,6 +150,9 @@ def assert_all_blocks_free(scheduler):
     assert all(pool.ref_count(b) == 0 for b in range(pool.num_blocks))
     assert pool.num_free_blocks == pool.num_blocks
     assert scheduler.get_stats().kv_cache_usage == 0.0
+    scheduler.swap.end_step()
+    assert scheduler.swap.num_used_blocks == 0
+    assert scheduler.swap.num_free_blocks == scheduler.swap.num_blocks
 
 
 # ---------------------------------------------------------------- whole runs
@@ -274,6 +285,7 @@ def test_preempted_requests_resume_and_match_an_unconstrained_run(policy):
 
 def test_preempted_request_goes_back_ahead_of_later_arrivals():
     scheduler, requests = preemption_scenario("fcfs")
+    scheduler.admission.max_queue_bypasses = 0   # strict queue order: nobody passes "c"
     later = make_request("d", prompt_of(8, 4), max_tokens=6)
     scheduler.add_request(later)                 # arrives after "c", waits for blocks
     outputs = run(scheduler)

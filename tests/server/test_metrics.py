@@ -29,6 +29,11 @@ DESIGN_METRICS = {
     "llm_kv_cache_page_faults": "counter",
     "llm_preemptions": "counter",
     "llm_gpu_memory_used_bytes": "gauge",
+    "llm_swapped_blocks": "gauge",
+    "llm_degraded": "gauge",
+    "llm_queue_time_seconds": "histogram",
+    "llm_thermal_throttle": "counter",
+    "llm_device_temperature_celsius": "gauge",
 }
 
 

@@ -1,0 +1,119 @@
+"""Waiting-queue admission of the scheduler: the fast-lane pass, the general pass, room by
+priority preemption, and where a request (re)starts. A mixin of :class:`Scheduler`
+(``scheduler.py``), which owns the state it reads; the rules themselves are
+``admission.py``'s. Pure Python."""
+from __future__ import annotations
+
+import time
+
+from ferry.engine.admission import MAX_CANDIDATES_PER_PASS
+from ferry.engine.preemption import select_victim
+from ferry.engine.step_plan import StepPlan
+from ferry.request import Request, RequestStatus
+
+
+class WaitingAdmission:
+    """Admits waiting requests into a :class:`StepPlan` (mixed into ``Scheduler``)."""
+
+    def _long_chunk_cap(self, request: Request) -> int:
+        """Largest chunk of a long prompt: ``short_prompt_threshold`` tokens while other
+        requests run or wait (a short prompt then waits behind no more than a short
+        prompt's worth of work), the whole budget when it is alone or the lane is off."""
+        threshold = self.admission.short_prompt_threshold
+        alone = not self.waiting or (len(self.waiting) == 1 and request in self.waiting)
+        alone = alone and all(r is request for r in self.running)
+        return self.max_num_batched_tokens if threshold == 0 or alone else threshold
+
+    def _admit_fast_lane(self, plan: StepPlan) -> None:
+        """Admit short prompts first; keep one prefill slot for a running long prefill."""
+        keep_slot = plan.prefill_parallelism > 1 and any(
+            r.num_tokens - r.num_computed_tokens > max(self.admission.short_prompt_threshold, 1)
+            for r in self.running if r not in plan)
+        plan.prefill_parallelism -= keep_slot
+        self._admit_waiting(plan, fast_lane_only=True)
+        plan.prefill_parallelism += keep_slot
+
+    def _admit_waiting(self, plan: StepPlan, *, fast_lane_only: bool) -> None:
+        """Admit waiting requests in queue order while seats, budget and blocks allow; one
+        that cannot start is passed over unless the age bound says it blocks the rest."""
+        for looked, request in enumerate(list(self.waiting)):
+            if (plan.budget <= 0 or len(self.running) >= self.max_num_seqs
+                    or looked >= MAX_CANDIDATES_PER_PASS):
+                break
+            if self._try_admit(request, plan, fast_lane_only):
+                self.admission.admitted(request)
+            elif self.admission.blocks_behind(request):
+                break
+            else:
+                self.admission.passed_over(request)
+        self.admission.end_pass()
+
+    def _try_admit(self, request: Request, plan: StepPlan, fast_lane_only: bool) -> bool:
+        if request.num_output_placeholders or not self.admission.allows(request):
+            return False   # its last token is still in flight, or a predicate refuses
+        kv = self.kv_cache_manager
+        swapped = self.swap.is_swapped(request.request_id)
+        computed, num_hit = (([], request.num_computed_tokens) if swapped
+                             else kv.get_computed_blocks(request))
+        if request.sent_to_runner and num_hit > request.num_runner_tokens:
+            keep = request.num_runner_tokens // kv.block_size   # the runner lacks the rest
+            computed, num_hit = computed[:keep], keep * kv.block_size
+        remaining = request.num_tokens - num_hit
+        is_prefill = remaining > 1
+        if ((fast_lane_only and not self.admission.in_fast_lane(remaining))
+                or (is_prefill and not plan.can_prefill())):
+            return False
+        num_new = plan.tokens_for(remaining, is_prefill)
+        if not self.admission.in_fast_lane(remaining):
+            num_new = min(num_new, self._long_chunk_cap(request))
+        if num_new <= 0 or not self._make_room(request, num_new, computed, plan):
+            return False
+        if not kv.allocate_slots(request, num_new, computed):
+            return False
+        self.waiting.remove(request)
+        if swapped:
+            k = self.swap.num_swapped_blocks(request.request_id)
+            table = kv.get_block_ids(request.request_id)
+            self._swap_in.extend(self.swap.swap_in(request.request_id, table[:k]))
+        else:
+            self._start_from(request, num_hit)
+        request.status = RequestStatus.RUNNING
+        request.num_bypasses = 0
+        self.running.append(request)
+        plan.add(request, num_new, is_prefill)
+        return True
+
+    def _make_room(self, request: Request, num_new: int, computed: list[int],
+                   plan: StepPlan) -> bool:
+        """Enough free blocks for the admission (beyond the reserve), preempting strictly
+        lower-priority running requests for it under the priority policy."""
+        kv = self.kv_cache_manager
+        reserve = self.admission.reserve_for(request)
+
+        def short_by() -> int:
+            return kv.blocks_needed(request, num_new, computed) + reserve - kv.num_free_blocks
+
+        if short_by() <= 0:
+            return True
+        if not self.by_priority:
+            return False
+        candidates = [r for r in self.running if r.priority > request.priority]
+        held = sum(len(kv.get_block_ids(r.request_id)) for r in candidates)
+        if held < short_by():
+            return False   # preempting them all would not be enough: preempt nobody
+        while short_by() > 0 and candidates:
+            victim = select_victim(candidates, True)
+            candidates.remove(victim)
+            self._preempt(victim, plan)
+        return short_by() <= 0
+
+    def _start_from(self, request: Request, num_hit: int) -> None:
+        """A request starts (or restarts after a recompute preemption) at its cache hit."""
+        request.num_computed_tokens = num_hit
+        if request.num_lost_tokens:
+            self.num_recomputed_tokens += max(0, request.num_lost_tokens - num_hit)
+            request.num_lost_tokens = 0
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit
+            self._num_queue_times += 1
+            self._queue_times.append(max(0.0, time.monotonic() - request.arrival_time))
