@@ -11,6 +11,7 @@ from ferry.kernels.triton.paged_attention import paged_attention
 from ferry.kernels.triton.rms_norm import rms_norm
 from ferry.kernels.triton.rotary import apply_rotary
 from ferry.kernels.triton.silu_and_mul import silu_and_mul
+from ferry.kernels.triton.wna16 import wna16_linear
 from ferry.kernels.triton.write_kv_cache import write_kv_cache
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "paged_attention",
     "rms_norm",
     "silu_and_mul",
+    "wna16_linear",
     "write_kv_cache",
 ]
