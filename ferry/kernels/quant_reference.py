@@ -126,3 +126,11 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
 def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
     """float8 values times scale, in ``dtype``."""
     return (x.float() * scale).to(dtype)
+
+
+def bf16_weight_linear(x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, K) @ weight (N, K, bfloat16)^T + bias, computed in float32, returned in x's
+    dtype: a 16-bit weight (half the bytes of float32) at float32 arithmetic."""
+    out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return out.to(x.dtype)

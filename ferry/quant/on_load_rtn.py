@@ -3,8 +3,10 @@
 ``RtnWeightMethods(bits, group_size)`` is a ``WeightMethods``: every linear loads its
 float weight as usual, then ``process_weights_after_loading`` quantizes it RTN into the
 canonical weight-only layout (``ferry.kernels.quant_reference``) and frees the float copy;
-the forward is ``ferry.kernels.quant_linear.wna16_apply``. Embeddings and the LM head stay
-unquantized in the model dtype (their tables are looked up by token or feed the logits).
+the forward is ``ferry.kernels.quant_linear.wna16_apply``. Embeddings and the LM head are
+not quantized (their tables are looked up by token or feed the logits); an untied head may
+be kept in bfloat16 (``head_dtype=torch.bfloat16``, the 16-bit precision policy), which
+halves the largest single read of a small model's decode step.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import logging
 import torch
 from torch import nn
 
+from ferry import kernels
 from ferry.kernels.quant_linear import PreparedWna16, prepare_wna16, quantize_rtn, wna16_apply
 from ferry.layers.embedding_method import EmbeddingMethod, UnquantizedEmbeddingMethod
 from ferry.layers.linear_method import LinearMethod
@@ -59,17 +62,42 @@ class RtnLinearMethod(LinearMethod):
         return wna16_apply(x, prepared, bias)                         # (T, in) -> (T, out)
 
 
+class Bf16HeadMethod(UnquantizedEmbeddingMethod):
+    """An LM head stored in bfloat16 after loading; logits computed in float32 arithmetic
+    (``kernels.bf16_weight_linear``). A table also looked up by token (a tied head) stays
+    as loaded."""
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if layer.looks_up_tokens:
+            return super().process_weights_after_loading(layer)
+        layer.weight.data = layer.weight.data.to(torch.bfloat16).contiguous()   # (V, H)
+        self.head_bf16 = True
+
+    def apply(self, layer: nn.Module, hidden: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not getattr(self, "head_bf16", False):
+            return super().apply(layer, hidden, bias)
+        return kernels.bf16_weight_linear(hidden, layer.weight, bias)    # (N, H) -> (N, V)
+
+
 class RtnWeightMethods:
     """RTN ``bits``-bit linears (group-wise, ``group_size`` inputs per scale; symmetric by
-    default), unquantized embeddings and LM head."""
+    default), unquantized embeddings; the LM head in the model dtype, or in ``head_dtype``
+    (only ``torch.bfloat16``)."""
 
-    def __init__(self, bits: int, group_size: int = 128, symmetric: bool = True):
+    def __init__(self, bits: int, group_size: int = 128, symmetric: bool = True,
+                 head_dtype: torch.dtype | None = None):
         if bits not in (4, 8):
             raise ValueError(f"RTN quantization supports bits 4 or 8, got {bits}")
+        if head_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"head_dtype must be None or torch.bfloat16, got {head_dtype}")
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.head_dtype = head_dtype
 
     def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod:
         return RtnLinearMethod(self.bits, self.group_size, self.symmetric)
 
     def embedding_method(self, prefix: str, layer: nn.Module) -> EmbeddingMethod:
+        if self.head_dtype is not None and not getattr(layer, "looks_up_tokens", True):
+            return Bf16HeadMethod()
         return UnquantizedEmbeddingMethod()

@@ -25,6 +25,7 @@ _SIGNATURES = {
                          _INT],
     "ferry_wna16_dequantize": [_INT, _P, _P, _P, _INT, _I64, _I64, _I64, _P, _INT],
     "ferry_wna16_has_simd": [],
+    "ferry_bf16_gemm": [_INT, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _INT, _INT],
 }
 
 

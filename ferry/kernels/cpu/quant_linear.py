@@ -68,3 +68,26 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
 def has_simd() -> bool:
     """True when the library was built with the AVX-512 path."""
     return functions() is not None and bool(functions().wna16_has_simd())
+
+
+def bf16_weight_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                       allow_simd: bool = True) -> torch.Tensor:
+    """x (T, K) float32/bf16 @ weight (N, K) bfloat16 ^T (+ bias, bf16) -> (T, N) in x's
+    dtype, products and sums in float32 (``csrc/bf16_gemm.cpp``). Long inputs, other
+    dtypes or layouts: ``F.linear`` on the widened weight."""
+    usable = (functions() is not None and x.dtype in DTYPE_CODES and weight.dtype == torch.bfloat16
+              and weight.is_contiguous() and (bias is None or bias.dtype == torch.bfloat16)
+              and x.shape[0] <= MAX_KERNEL_ROWS)
+    if not usable:
+        return quant_reference.bf16_weight_linear(x, weight, bias)
+    layout = row_layout(x)
+    if layout is None:
+        x = x.contiguous()
+        layout = row_layout(x)
+    rows, k, stride = layout
+    out = torch.empty((rows, weight.shape[0]), dtype=x.dtype)
+    check(functions().bf16_gemm(
+        DTYPE_CODES[x.dtype], x.data_ptr(), stride, rows, k, weight.shape[0], weight.data_ptr(),
+        bias.contiguous().data_ptr() if bias is not None else None, out.data_ptr(),
+        int(allow_simd), torch.get_num_threads()), "bf16_weight_linear")
+    return out

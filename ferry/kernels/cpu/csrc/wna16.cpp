@@ -181,7 +181,7 @@ void gemm(const Problem<T>& p, bool simd, int num_threads) {
   const Activations a = prepare(p, simd && kBits == 4);
   const int64_t items = (p.n + kRowsPerItem - 1) / kRowsPerItem;
   const bool parallel = p.n * p.k * std::max<int64_t>(p.rows, 1) >= kMinParallelWeights;
-  ferry::parallel_for(items, parallel, num_threads, [&](int64_t item) {
+  ferry::parallel_for_dynamic(items, parallel, num_threads, [&](int64_t item) {
     float result[kTokenTile];
     const int64_t n_end = std::min(p.n, (item + 1) * kRowsPerItem);
     for (int64_t t0 = 0; t0 < p.rows; t0 += kTokenTile) {
