@@ -23,7 +23,7 @@ from ferry.platform import kernel_backend
 
 # The ops every backend implements (the tests reroute them all to one backend).
 OP_NAMES = ("write_kv_cache", "paged_attention", "rms_norm", "fused_add_rms_norm",
-            "apply_rotary", "silu_and_mul")
+            "apply_rotary", "silu_and_mul", "wna16_linear", "bf16_weight_linear")
 
 # device type -> backend module. Dispatch runs per op per layer per step: after the first
 # call on a device type it is one dict lookup.
@@ -83,5 +83,15 @@ def silu_and_mul(x):
     return _ops_for(x).silu_and_mul(x)
 
 
-__all__ = ["OP_NAMES", "apply_rotary", "fused_add_rms_norm", "paged_attention", "prepare",
-           "rms_norm", "silu_and_mul", "write_kv_cache"]
+def wna16_linear(x, qweight, scales, zeros, bits, group_size, bias=None):
+    """Weight-only int8/int4 linear on the canonical layout (``ferry.kernels.quant_linear``)."""
+    return _ops_for(x).wna16_linear(x, qweight, scales, zeros, bits, group_size, bias)
+
+
+def bf16_weight_linear(x, weight, bias=None):
+    """x @ weight^T + bias with a bfloat16 weight, float32 arithmetic, x's dtype out."""
+    return _ops_for(x).bf16_weight_linear(x, weight, bias)
+
+
+__all__ = ["OP_NAMES", "bf16_weight_linear", "apply_rotary", "fused_add_rms_norm", "paged_attention", "prepare",
+           "rms_norm", "silu_and_mul", "wna16_linear", "write_kv_cache"]

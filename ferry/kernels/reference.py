@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ferry.kernels.attn_metadata import AttentionMetadata
 from ferry.kernels.checks import check_paged_attention_args
+from ferry.kernels.quant_reference import bf16_weight_linear, wna16_linear  # noqa: F401  (dispatched ops)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

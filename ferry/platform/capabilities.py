@@ -54,3 +54,16 @@ def kernel_backend(device_type: str) -> KernelBackend:
     if device_type == "cpu" and cpu_kernels_enabled() and cxx_compiler() is not None:
         return "cpu"
     return "reference"
+
+
+def has_fp8_matmul(device) -> bool:
+    """True where ``torch._scaled_mm`` runs FP8 matmuls: CUDA compute capability 8.9+
+    (Ada, Hopper and later) or ROCm MI300 (gfx94x/gfx95x)."""
+    import torch
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if torch.version.hip:
+        arch = torch.cuda.get_device_properties(device).gcnArchName
+        return arch.startswith(("gfx94", "gfx95"))
+    return torch.cuda.get_device_capability(device) >= (8, 9)

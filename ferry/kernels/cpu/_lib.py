@@ -21,6 +21,11 @@ _SIGNATURES = {
     "ferry_apply_rotary": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _INT],
     "ferry_silu_and_mul": [_INT, _P, _I64, _I64, _I64, _P, _INT],
     "ferry_write_kv_cache": [_INT, _P, _I64, _P, _I64, _P, _I64, _I64, _P, _P],
+    "ferry_wna16_gemm": [_INT, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _INT, _I64, _P, _P, _INT,
+                         _INT],
+    "ferry_wna16_dequantize": [_INT, _P, _P, _P, _INT, _I64, _I64, _I64, _P, _INT],
+    "ferry_wna16_has_simd": [],
+    "ferry_bf16_gemm": [_INT, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _INT, _INT],
 }
 
 

@@ -6,18 +6,23 @@ this package imports ``triton``: do it only where Triton is available.
 """
 from __future__ import annotations
 
+# A bf16 weight on a GPU: the vendor GEMM (torch) is the fast path, with float32 math.
+from ferry.kernels.quant_reference import bf16_weight_linear
 from ferry.kernels.triton.fused_add_rms_norm import fused_add_rms_norm
 from ferry.kernels.triton.paged_attention import paged_attention
 from ferry.kernels.triton.rms_norm import rms_norm
 from ferry.kernels.triton.rotary import apply_rotary
 from ferry.kernels.triton.silu_and_mul import silu_and_mul
+from ferry.kernels.triton.wna16 import wna16_linear
 from ferry.kernels.triton.write_kv_cache import write_kv_cache
 
 __all__ = [
     "apply_rotary",
+    "bf16_weight_linear",
     "fused_add_rms_norm",
     "paged_attention",
     "rms_norm",
     "silu_and_mul",
+    "wna16_linear",
     "write_kv_cache",
 ]

@@ -52,6 +52,18 @@ inline void parallel_for(int64_t n, bool parallel, int num_threads, Fn&& fn) {
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
+// parallel_for with dynamic scheduling: for many equal items on cores shared with other
+// processes, where a static split waits for the slowest (descheduled) thread's whole share.
+template <typename Fn>
+inline void parallel_for_dynamic(int64_t n, bool parallel, int num_threads, Fn&& fn) {
+  if (!parallel || num_threads <= 1 || n <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
 // dtype codes shared with ferry/kernels/cpu/_lib.py
 enum DType : int { kFloat32 = 0, kBFloat16 = 1 };
 

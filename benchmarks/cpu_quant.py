@@ -1,0 +1,143 @@
+"""CPU speed and memory of weight-only quantization: fp32, bf16, int8 and int4, same run.
+
+The ~58M random Llama of the memory benchmark (hidden 512, intermediate 1408, 8 layers,
+8 heads, vocab 32000, untied head), through ``ferry.LLM``. int8/int4 are on-load RTN
+(``ferry.quant.on_load_rtn.RtnWeightMethods``, group size 128, symmetric) on float32
+activations; bf16 is the checkpoint run in bfloat16. Each round runs every format once,
+interleaved (the machine's 2 cores are shared with other work: the load is printed), and
+the medians over rounds are reported:
+
+- batch-1 decode: one request, 8 prompt tokens, ``--decode-tokens`` greedy tokens;
+- offline throughput: 16 concurrent requests, 64 prompt + 64 output tokens each.
+
+Memory: bytes of weights per format (parameters, codes + scales + zeros for the
+quantized linears), and the KV blocks a ``kv_cache_memory`` budget gives per KV dtype.
+
+    python benchmarks/cpu_quant.py [--rounds 3] [--json out.json]
+"""
+from __future__ import annotations
+
+import ferry  # noqa: F401  (first: sets OpenMP's wait policy before torch loads it)
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from offline_throughput import save_random_llama  # noqa: E402
+
+FORMATS = ("fp32", "bf16", "int8", "int4")
+
+
+def build_model(path: Path) -> int:
+    return save_random_llama(path, 32000, hidden_size=512, intermediate_size=1408,
+                             num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                             max_position_embeddings=2048)
+
+
+def make_llm(model_dir: Path, fmt: str, head: str, threads: int):
+    """An LLM of the format. The RTN weight methods are passed through the loader's seam
+    (``get_model(weight_methods=)``) for this process: the ``quant_type`` key reaches it
+    through the quantization registry."""
+    import ferry.models.loader as loader
+    from ferry import LLM
+    from ferry.quant.on_load_rtn import RtnWeightMethods
+
+    real_get_model = loader.get_model
+    if fmt.startswith("int"):
+        methods = RtnWeightMethods(int(fmt[3:]), 128, head_dtype=_HEADS[head])
+        loader.get_model = lambda *a, **k: real_get_model(*a, weight_methods=methods)
+    try:
+        return LLM(str(model_dir), dtype="bfloat16" if fmt == "bf16" else "float32",
+                   kv_cache_memory="512MiB", max_num_seqs=16, cpu_threads=threads)
+    finally:
+        loader.get_model = real_get_model
+
+
+_HEADS = {"model": None, "bf16": torch.bfloat16}
+
+
+def weight_bytes(llm) -> int:
+    model = llm.engine.executor.runner.model
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def timed_generate(llm, prompts, max_tokens: int) -> float:
+    from ferry import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert produced == max_tokens * len(prompts)
+    return produced / elapsed
+
+
+def kv_blocks(budget: str = "512MiB") -> dict[str, int]:
+    """KV blocks of the benchmark model per KV dtype for one CPU budget."""
+    from ferry.config import parse_size
+    from ferry.runner import memory
+    sizes = {}
+    for name, dtype in (("auto (float32)", torch.float32), ("auto (bfloat16)", torch.bfloat16),
+                        ("fp8", torch.float8_e4m3fn)):
+        block = memory.kv_block_bytes(8, 8, 64, 16, dtype)
+        sizes[name] = parse_size(budget) // block
+    return sizes
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=48)
+    parser.add_argument("--head", choices=list(_HEADS), default="bf16",
+                        help="LM head of the int formats: model dtype, or bfloat16 (16-bit policy)")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = uptime()
+    with tempfile.TemporaryDirectory() as tmp:
+        params = build_model(Path(tmp))
+        llms = {fmt: make_llm(Path(tmp), fmt, args.head, args.threads) for fmt in FORMATS}
+        decode = {fmt: [] for fmt in FORMATS}
+        offline = {fmt: [] for fmt in FORMATS}
+        prompt = [[3 + i for i in range(8)]]
+        batch = [[100 + 7 * r + i for i in range(64)] for r in range(16)]
+        for llm in llms.values():                    # warm-up: kernels built, pools touched
+            timed_generate(llm, prompt, 4)
+        for _ in range(args.rounds):
+            for fmt, llm in llms.items():
+                decode[fmt].append(timed_generate(llm, prompt, args.decode_tokens))
+                offline[fmt].append(timed_generate(llm, batch, 64))
+        sizes = {fmt: weight_bytes(llm) for fmt, llm in llms.items()}
+    result = {"params": params, "rounds": args.rounds, "head": args.head, "threads": args.threads,
+              "load_before": load_before, "load_after": uptime(),
+              "decode_tok_s": {f: statistics.median(v) for f, v in decode.items()},
+              "offline_tok_s": {f: statistics.median(v) for f, v in offline.items()},
+              "weight_bytes": sizes, "kv_blocks_512MiB": kv_blocks()}
+    base_d, base_o = result["decode_tok_s"]["fp32"], result["offline_tok_s"]["fp32"]
+    print(f"model: {params / 1e6:.1f}M parameters; int head: {args.head}; threads: {args.threads}")
+    print(f"{'format':8} {'batch-1 tok/s':>14} {'x fp32':>7} {'16-conc tok/s':>14} {'x fp32':>7} {'weights MiB':>12}")
+    for fmt in FORMATS:
+        d, o = result["decode_tok_s"][fmt], result["offline_tok_s"][fmt]
+        print(f"{fmt:8} {d:14.1f} {d / base_d:7.2f} {o:14.1f} {o / base_o:7.2f} {sizes[fmt] / 2**20:12.1f}")
+    print("KV blocks in 512 MiB:", result["kv_blocks_512MiB"])
+    print("load before:", load_before, "\nload after: ", result["load_after"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

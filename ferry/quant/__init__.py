@@ -1,0 +1,1 @@
+"""Quantized weight formats: one weight method per format (see docs/architecture.md)."""
