@@ -21,7 +21,6 @@ _UNENFORCED = ("not", "if", "then", "else", "dependentSchemas", "dependentRequir
                "minProperties", "maxProperties")
 # Keys whose value maps names (not keywords) to schemas.
 _NAME_MAPS = ("properties", "$defs", "definitions", "dependentSchemas", "patternProperties")
-MAX_ROLLBACK_TOKENS = 16
 
 
 def unsupported_keyword(schema: Any, path: str = "") -> str | None:
@@ -40,12 +39,32 @@ def unsupported_keyword(schema: Any, path: str = "") -> str | None:
             return where
         if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
             return f"{where} (only local '#/...' references)"
-        children = value.values() if key in _NAME_MAPS and isinstance(value, dict) else [value]
-        for child in children:
-            found = unsupported_keyword(child, where)
+        children = ([(f"{where}/{name}", child) for name, child in value.items()]
+                    if key in _NAME_MAPS and isinstance(value, dict) else [(where, value)])
+        for child_path, child in children:
+            found = unsupported_keyword(child, child_path)
             if found:
                 return found
     return None
+
+
+def length_as_pattern(schema: Any) -> Any:
+    """``schema`` with string ``minLength``/``maxLength`` written as ``pattern: ^.{m,n}$``.
+
+    xgrammar 0.2's grammar for a length-bounded string lets raw control characters
+    (U+0000-U+001F) through, which is not JSON; its pattern grammar escapes them properly.
+    The two say the same (both count code points). A string with a pattern keeps both.
+    """
+    if isinstance(schema, list):
+        return [length_as_pattern(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: length_as_pattern(value) for key, value in schema.items()}
+    if ("minLength" in out or "maxLength" in out) and "pattern" not in out \
+            and "format" not in out and out.get("type") in ("string", None):
+        low, high = out.pop("minLength", 0), out.pop("maxLength", None)
+        out["pattern"] = f"^.{{{low},{'' if high is None else high}}}$"
+    return out
 
 
 class _Matcher:
@@ -70,8 +89,7 @@ class _Compiled:
         self._xgr, self._grammar = xgr, grammar
 
     def matcher(self) -> _Matcher:
-        return _Matcher(self._xgr.GrammarMatcher(self._grammar,
-                                                 max_rollback_tokens=MAX_ROLLBACK_TOKENS))
+        return _Matcher(self._xgr.GrammarMatcher(self._grammar))
 
 
 class XGrammarBackend:
@@ -108,7 +126,8 @@ class XGrammarBackend:
                 raise GrammarError(f"the JSON schema uses {where}, which the xgrammar backend "
                                    "cannot enforce; drop it or use structured_output_backend="
                                    "guidance")
-            return self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+            return self._compiler.compile_json_schema(json.dumps(length_as_pattern(schema)),
+                                                      any_whitespace=False)
         if kind == "json_object":
             return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
         if kind == "regex":
