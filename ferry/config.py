@@ -77,8 +77,8 @@ class ModelConfig(ConfigPart):
                                                               "(default: the model's)")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs")
     structured_output_backend: Literal["auto", "xgrammar", "guidance"] = Field(
-        "auto", description="Grammar library of structured output (auto: xgrammar, else "
-                            "llguidance)")
+        "auto", description="Grammar library of structured output (auto: llguidance, else "
+                            "xgrammar)")
 
 
 class CacheConfig(ConfigPart):

@@ -66,6 +66,27 @@ def schema_of(spec: StructuredOutputsParams) -> dict:
     return value
 
 
+def close_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object schema that lists
+    ``properties`` and says nothing about others. OpenAI's structured outputs require it
+    (strict mode) and xgrammar assumes it; without it a model may add keys forever.
+    """
+    if isinstance(schema, list):
+        return [close_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            out[key] = {name: close_objects(child) for name, child in value.items()}
+        else:
+            out[key] = close_objects(value)
+    if "properties" in out and "additionalProperties" not in out \
+            and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def choice_regex(choices: tuple[str, ...]) -> str:
     """A regex that matches exactly one of ``choices`` (each escaped)."""
     return "(" + "|".join(_escape_regex(c) for c in choices) + ")"
@@ -76,10 +97,15 @@ def _escape_regex(text: str) -> str:
     return "".join("\\" + ch if ch in r"\^$.|?*+()[]{}/-" else ch for ch in text)
 
 
-def check_accepts_something(compiled: CompiledGrammar, vocab_size: int) -> None:
-    """``GrammarError`` when not even a first token is allowed: no output can satisfy it."""
+def check_accepts_something(compiled: CompiledGrammar, vocab_size: int,
+                            stop_token_ids: frozenset[int] | set[int] = frozenset()) -> None:
+    """``GrammarError`` when no first token, or only a stop token, is allowed: no output
+    (or only the empty one) satisfies the constraint, which is surely a mistake."""
     bitmask = np.zeros((1, bitmask_width(vocab_size)), dtype=np.int32)
     compiled.matcher().fill_bitmask(bitmask, 0)
-    if not bitmask.any():
-        raise GrammarError("the constraint accepts no output at all (an empty grammar, or "
-                           "a schema no value satisfies)")
+    bits = np.unpackbits(bitmask.view(np.uint8), bitorder="little")[:vocab_size]
+    allowed = set(np.flatnonzero(bits).tolist())
+    if not allowed - set(stop_token_ids):
+        raise GrammarError("the constraint accepts no output at all (an empty grammar, or a "
+                           "schema no value satisfies)" if not allowed else
+                           "the constraint accepts only the empty output (an empty grammar?)")

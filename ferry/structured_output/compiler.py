@@ -22,23 +22,29 @@ CACHE_SIZE = 256
 
 def make_backend(name: str, tokenizer: Any, vocab_size: int,
                  stop_token_ids: list[int]) -> GrammarBackend:
-    """``auto`` is xgrammar (falls back to llguidance when xgrammar is not installed)."""
+    """``auto`` is llguidance, else xgrammar (whichever is installed).
+
+    Why llguidance first: xgrammar 0.2 lets a JSON string take UTF-8 surrogate code points
+    (bytes ED A0-BF, which decode to U+FFFD) and, when its length is bounded, raw control
+    characters; both break the schema (tests/structured_output/test_backends.py). llguidance
+    masks neither wrongly, and refuses schema keywords it cannot enforce.
+    """
     if name not in BACKENDS:
         raise ValueError(f"structured_output_backend must be one of {BACKENDS}, got {name!r}")
-    if name in ("auto", "xgrammar"):
+    order = {"auto": ("guidance", "xgrammar"), "guidance": ("guidance",),
+             "xgrammar": ("xgrammar",)}[name]
+    for choice in order:
         try:
+            if choice == "guidance":
+                from ferry.structured_output.guidance_backend import GuidanceBackend
+                return GuidanceBackend(tokenizer, vocab_size, stop_token_ids)
             from ferry.structured_output.xgrammar_backend import XGrammarBackend
             return XGrammarBackend(tokenizer, vocab_size, stop_token_ids)
         except ImportError:
-            if name == "xgrammar":
-                raise ImportError("structured_output_backend=xgrammar needs xgrammar: "
-                                  "pip install 'ferry[structured]'") from None
-    try:
-        from ferry.structured_output.guidance_backend import GuidanceBackend
-        return GuidanceBackend(tokenizer, vocab_size, stop_token_ids)
-    except ImportError:
-        raise ImportError("structured output needs xgrammar or llguidance: "
-                          "pip install 'ferry[structured]'") from None
+            continue
+    needs = "xgrammar or llguidance" if name == "auto" else {"guidance": "llguidance"}.get(name, name)
+    raise ImportError(f"structured_output_backend={name} needs {needs}: "
+                      "pip install 'ferry[structured]'")
 
 
 class GrammarCompiler:

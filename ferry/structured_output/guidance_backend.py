@@ -8,7 +8,7 @@ import numpy as np
 
 from ferry.sampling_params import StructuredOutputsParams
 from ferry.structured_output.backend import (GrammarError, check_accepts_something,
-                                             choice_regex, schema_of)
+                                             choice_regex, close_objects, schema_of)
 
 
 class _Matcher:
@@ -69,7 +69,7 @@ class GuidanceBackend:
         kind = spec.kind
         if kind == "json":
             grammar = matcher_cls.grammar_from_json_schema(
-                schema_of(spec), defaults={"whitespace_flexible": False})
+                close_objects(schema_of(spec)), defaults={"whitespace_flexible": False})
         elif kind == "json_object":
             grammar = matcher_cls.grammar_from_json_schema(
                 {"type": "object"}, defaults={"whitespace_flexible": False})
@@ -78,10 +78,19 @@ class GuidanceBackend:
         elif kind == "choice":
             grammar = matcher_cls.grammar_from_regex(choice_regex(spec.choice))
         else:
-            grammar = matcher_cls.grammar_from_lark(spec.grammar)
+            grammar = matcher_cls.grammar_from_lark(self._lark(spec.grammar))
         is_error, messages = matcher_cls.validate_grammar_with_warnings(grammar, self._tokenizer)
         if is_error:
             raise GrammarError(f"invalid {kind} constraint: {messages[0] if messages else '?'}")
         compiled = _Compiled(self._llg, self._tokenizer, grammar, self._fill, self._stop_ids)
-        check_accepts_something(compiled, self.vocab_size)
+        check_accepts_something(compiled, self.vocab_size, self._stop_ids)
         return compiled
+
+    @staticmethod
+    def _lark(text: str) -> str:
+        """Lark as given; EBNF / GBNF (``root ::= ...``, xgrammar's syntax) converted."""
+        from llguidance.gbnf_to_lark import any_to_lark
+        try:
+            return any_to_lark(text)
+        except Exception as exc:  # noqa: BLE001 - the converter's parse errors
+            raise GrammarError(f"invalid grammar constraint: {exc}") from None

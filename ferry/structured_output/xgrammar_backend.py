@@ -102,6 +102,7 @@ class XGrammarBackend:
         import xgrammar as xgr
         self._xgr = xgr
         self.vocab_size = vocab_size
+        self._stop_ids = frozenset(stop_token_ids)
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=list(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
@@ -114,7 +115,7 @@ class XGrammarBackend:
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError with its reason
             raise GrammarError(f"invalid {spec.kind} constraint: {_reason(exc)}") from None
         compiled = _Compiled(self._xgr, grammar)
-        check_accepts_something(compiled, self.vocab_size)
+        check_accepts_something(compiled, self.vocab_size, self._stop_ids)
         return compiled
 
     def _compile(self, spec: StructuredOutputsParams) -> Any:

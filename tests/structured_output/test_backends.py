@@ -142,3 +142,30 @@ def test_strings_never_allow_raw_control_characters(backend, tokenizer, schema):
     for token in tokenizer.encode("ab"):   # inside the string, past its first characters
         assert not (_allowed(matcher, backend.vocab_size) & controls)
         assert matcher.accept_token(token)
+
+
+def test_utf8_surrogates_in_strings(tokenizer):
+    """Bytes ED A0..BF start a surrogate code point (not UTF-8; decodes to U+FFFD).
+    llguidance forbids them; xgrammar 0.2 allows them, which is why ``auto`` picks
+    llguidance (this test fails when a new xgrammar fixes it: then revisit ``auto``)."""
+    ed = tokenizer.convert_tokens_to_ids(_byte_char(0xED))
+    a0 = tokenizer.convert_tokens_to_ids(_byte_char(0xA0))
+    assert tokenizer.decode([ed, a0, tokenizer.convert_tokens_to_ids(_byte_char(0x80))]) \
+        == b"\xed\xa0\x80".decode("utf-8", "replace")
+    found = {}
+    for name in BACKENDS:
+        backend = make_backend(name, tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+        matcher = backend.compile(StructuredOutputsParams(json={"type": "string"})).matcher()
+        assert matcher.accept_token(tokenizer.encode('"')[0]) and matcher.accept_token(ed)
+        found[name] = a0 in _allowed(matcher, backend.vocab_size)
+    assert found == {"guidance": False, "xgrammar": True}
+    assert make_backend("auto", tokenizer, len(tokenizer), []).name == "guidance"
+
+
+def _byte_char(byte: int) -> str:
+    """The character byte-level BPE (GPT-2's table) writes for one byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    if byte in printable:
+        return chr(byte)
+    return chr(256 + [b for b in range(256) if b not in printable].index(byte))
