@@ -76,6 +76,9 @@ class ModelConfig(ConfigPart):
     max_model_len: int | None = Field(None, ge=1, description="Context length "
                                                               "(default: the model's)")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs")
+    structured_output_backend: Literal["auto", "xgrammar", "guidance"] = Field(
+        "auto", description="Grammar library of structured output (auto: llguidance, else "
+                            "xgrammar)")
 
 
 class CacheConfig(ConfigPart):
@@ -183,6 +186,9 @@ class ServerConfig(ConfigPart):
     request_timeout_seconds: float = Field(
         0.0, ge=0, description="Abort a generation request still running after this many "
                                "seconds (504); 0: no limit")
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
+        "auto", description="How tool calls are read from the model's text (auto: from the "
+                            "model family)")
 
     @field_validator("max_request_body_bytes", mode="before")
     @classmethod

@@ -20,7 +20,20 @@ Prompt = str | dict | list[int]
 def build_engine(config: EngineConfig) -> Engine:
     """An Engine over the executor the config asks for (one device, in this process)."""
     model_dir = resolve_model_dir(config.model.model_path, config.model.revision)
-    return Engine(config, InProcessExecutor(config, model_dir), model_dir)
+    return Engine(config, InProcessExecutor(config, model_dir), model_dir,
+                  grammar_compiler_factory=_grammar_compiler_factory(config))
+
+
+def _grammar_compiler_factory(config: EngineConfig):
+    """Builds the engine's grammar compiler once the tokenizer and vocabulary are known
+    (the backend itself loads on the first constrained request)."""
+    from ferry.structured_output import make_compiler
+
+    def factory(tokenizer, vocab_size: int, stop_token_ids: list[int]):
+        return make_compiler(config.model.structured_output_backend, tokenizer, vocab_size,
+                             stop_token_ids)
+
+    return factory
 
 
 class LLM:
@@ -73,6 +86,8 @@ class LLM:
         try:
             for index, (prompt, p, prio) in enumerate(zip(prompts, params, priorities)):
                 request_id = f"llm-{next(self._ids)}"
+                if p.structured_outputs is not None:   # a bad constraint raises here
+                    self.engine.structured_output.compile_now(p.structured_outputs)
                 self.engine.add_request(request_id, prompt, p, priority=prio, stream=False)
                 order[request_id] = index
         except ValueError as exc:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ferry.sampling_params import SamplingParams
 
@@ -59,6 +60,16 @@ class ScheduledRequest:
 
 
 @dataclass
+class GrammarBitmask:
+    """The allowed next tokens of a step's constrained requests: row ``i`` of ``bitmask``
+    (a numpy (K, ceil(V / 32)) int32 array; bit ``t % 32`` of word ``t // 32`` set = token
+    ``t`` allowed) is for ``request_ids[i]``. Built on the host by the engine."""
+
+    request_ids: list[str]
+    bitmask: Any
+
+
+@dataclass
 class SchedulerOutput:
     """One step, as plain data (it pickles): everything the runner learns comes in here."""
 
@@ -73,6 +84,8 @@ class SchedulerOutput:
     # pairs back in. A host block freed by a swap-in is not reused before the next step.
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # Structured output: the masks of the constrained requests that sample this step.
+    grammar_bitmask: GrammarBitmask | None = None
 
     @property
     def num_batched_tokens(self) -> int:

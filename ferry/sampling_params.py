@@ -1,9 +1,69 @@
 """SamplingParams: how one request's tokens are chosen, validated once at construction."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 _GREEDY_EPS = 1e-5
+_CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """One output constraint (vLLM's ``structured_outputs``): exactly one of ``json`` (a
+    JSON schema, dict or string), ``regex``, ``choice`` (a list of strings), ``grammar``
+    (EBNF / GBNF, or Lark for the guidance backend) or ``json_object=True`` (any JSON object).
+    Plain data: the engine compiles it with its structured-output backend."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [k for k in _CONSTRAINT_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, regex, choice, "
+                             f"grammar or json_object, got {given or 'none'}")
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise ValueError("structured_outputs.json must be a JSON schema (object or string)")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _CONSTRAINT_KINDS if getattr(self, k) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """A hashable canonical form: the compile cache's key (with the tokenizer)."""
+        value: Any = getattr(self, self.kind)
+        if self.kind == "json" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError("structured_outputs.json is not valid JSON") from None
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        return self.kind, text
+
+    @classmethod
+    def coerce(cls, value: "StructuredOutputsParams | dict | None") -> "StructuredOutputsParams | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - set(_CONSTRAINT_KINDS)
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown keys {sorted(unknown)}; "
+                                 f"allowed: {list(_CONSTRAINT_KINDS)}")
+            return cls(**{k: v for k, v in value.items() if v is not None})
+        raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict")
 
 
 @dataclass
@@ -32,8 +92,10 @@ class SamplingParams:
     priority: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | dict | None = None
 
     def __post_init__(self) -> None:
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
@@ -85,9 +147,9 @@ class SamplingParams:
     @property
     def reads_output_tokens(self) -> bool:
         """True when a logits processor reads this request's output tokens on the host
-        (penalties today; a grammar later). With async scheduling such a request is not
-        scheduled again until its token in flight is known."""
-        return self.has_penalties
+        (penalties; a grammar, whose next mask depends on them). With async scheduling such a
+        request is not scheduled again until its token in flight is known."""
+        return self.has_penalties or self.structured_outputs is not None
 
     def clone(self, **changes) -> "SamplingParams":
         values = {f: getattr(self, f) for f in self.__dataclass_fields__}

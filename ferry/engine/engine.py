@@ -24,6 +24,7 @@ from ferry.engine.preemption import DEFAULT_COPY_BYTES_PER_SECOND, PreemptionCos
 from ferry.engine.scheduler import Scheduler
 from ferry.engine.step_meter import StepMeter
 from ferry.engine.thermal import ThermalGuard
+from ferry.engine.structured_output import StructuredOutputManager
 from ferry.executor.base import Executor
 from ferry.outputs import RequestOutput, RunnerOutput, SchedulerOutput, SchedulerStats
 from ferry.request import Request, RequestStatus
@@ -33,14 +34,16 @@ logger = logging.getLogger(__name__)
 
 
 def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_prompt: bool,
-                        model_name: str) -> list[int]:
-    """The token ids of ``messages`` through ``tokenizer``'s chat template; ``ValueError``
-    (the caller's messages are wrong, or the model has no template) otherwise."""
+                        model_name: str, tools: list[dict] | None = None) -> list[int]:
+    """The token ids of ``messages`` through ``tokenizer``'s chat template (``tools``: the
+    OpenAI tool definitions the template shows the model); ``ValueError`` (the caller's
+    messages are wrong, or the model has no template) otherwise."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the model {model_name} has no chat template")
+    extra = {"tools": tools} if tools else {}
     try:
         ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, **extra)
     except Exception as exc:  # template errors are the caller's messages being wrong
         raise ValueError(f"could not apply the chat template: {exc}") from None
     # transformers 5 may return a BatchEncoding; 4.x returns a list.
@@ -59,9 +62,11 @@ class Engine:
     (context length, KV blocks, device) from the executor's start-up."""
 
     def __init__(self, config: EngineConfig, executor: Executor,
-                 model_dir: Path | None = None) -> None:
+                 model_dir: Path | None = None, grammar_compiler_factory: Any = None) -> None:
         """``model_dir``: the checkpoint directory when the caller resolved it already
-        (a hub id is then not looked up twice)."""
+        (a hub id is then not looked up twice). ``grammar_compiler_factory(tokenizer,
+        vocab_size, stop_token_ids)``: the structured-output compiler (None: constrained
+        requests are refused)."""
         self.config = config
         model = config.model
         self.model_dir = model_dir or checkpoint.resolve_model_dir(model.model_path, model.revision)
@@ -95,6 +100,9 @@ class Engine:
                                     temperature=_probe(self.platform, "temperature_probe"),
                                     power=_probe(self.platform, "power_probe"))
         self.outputs = OutputProcessor(self.tokenizer)
+        self.structured_output = StructuredOutputManager(
+            None if grammar_compiler_factory is None else grammar_compiler_factory(
+                self.tokenizer, self.vocab_size, list(self.eos_token_ids)))
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -126,15 +134,21 @@ class Engine:
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             children.append(Request(child_id, token_ids, child_params, eos_token_ids=eos,
                                     arrival_time=arrival, priority=priority))
+        if params.structured_outputs is not None:
+            self.structured_output.check_available()
         self.outputs.add(request_id, prompt_text, token_ids, params, children, stream)
         for child in children:
-            self.scheduler.add_request(child)
+            if params.structured_outputs is not None:
+                self.structured_output.hold(child)   # scheduled once its grammar compiled
+            else:
+                self.scheduler.add_request(child)
         self._prompt_tokens_total += len(token_ids)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Drop requests now and free their KV blocks; unknown ids are ignored."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         child_ids = list(itertools.chain.from_iterable(self.outputs.pop(i) for i in ids))
+        self.structured_output.drop(child_ids)
         self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
 
     # ------------------------------------------------------------------ the loop
@@ -142,22 +156,50 @@ class Engine:
         """One engine step; returns the outputs of the requests it advanced."""
         self.scheduler.prefill_throttled = self.thermal.update()
         self.meter.begin()
+        failed = self._admit_grammar_ready()
         if not self.async_scheduling:
-            sched_out = self.scheduler.schedule()
-            return self._finish_step(sched_out, self.executor.execute(sched_out))
+            sched_out = self._schedule()
+            return failed + self._finish_step(sched_out, self.executor.execute(sched_out))
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and self.scheduler.has_host_tokens_in_flight():
             outputs = self._finish_in_flight()   # e.g. penalties need every token on the host
-        sched_out = self.scheduler.schedule()
+        sched_out = self._schedule()
         pending = self.executor.launch(sched_out)
         previous = self._in_flight
         self._in_flight = None if sched_out.is_empty else (sched_out, pending)
         if previous is not None:
             outputs = self._finish_step(previous[0], self.executor.collect(previous[1]))
-        return outputs
+        return failed + outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return (self.scheduler.has_unfinished_requests() or self._in_flight is not None
+                or self.structured_output.num_pending > 0)
+
+    def _schedule(self) -> SchedulerOutput:
+        """The scheduler's step plus the bitmasks of its constrained requests."""
+        sched_out = self.scheduler.schedule()
+        sched_out.grammar_bitmask = self.structured_output.bitmask(sched_out, self.vocab_size)
+        return sched_out
+
+    def _admit_grammar_ready(self) -> list[RequestOutput]:
+        """Hand the requests whose grammar compiled to the scheduler; end those whose
+        compile failed (their outputs say ``finish_reason="abort"``)."""
+        so = self.structured_output
+        if not so.num_pending:
+            return []
+        if not self.scheduler.has_unfinished_requests() and self._in_flight is None:
+            so.wait_any(timeout=0.05)   # nothing else to run: do not spin
+        ready, failed = so.take_ready()
+        for request in ready:
+            self.scheduler.add_request(request)
+        if not failed:
+            return []
+        for request, reason in failed:
+            logger.warning("request %s: its constraint failed to compile: %s",
+                           request.request_id, reason)
+            request.status = RequestStatus.FINISHED_ABORTED
+        self.outputs.process([(request, []) for request, _ in failed], {})
+        return self.outputs.collect()
 
     def _finish_in_flight(self) -> list[RequestOutput]:
         sched_out, pending = self._in_flight
@@ -171,10 +213,13 @@ class Engine:
             return []
         self.meter.end(sched_out, self.scheduler.get_request)   # before finished ones leave
         updated = self.scheduler.update_from_output(sched_out, runner_out)
+        for request, tokens in updated:
+            self.structured_output.accept(request, tokens)
         self._generation_tokens_total += sum(len(tokens) for _, tokens in updated)
         stopped = self.outputs.process(updated, runner_out.logprobs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+            self.structured_output.drop(stopped)
         return self.outputs.collect()
 
     def get_num_unfinished_requests(self) -> int:

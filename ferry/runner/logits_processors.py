@@ -7,7 +7,7 @@ what a row samples for: the request's parameters and the tokens it has seen.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -27,6 +27,9 @@ class SamplingRow:
     num_tokens: int
     num_prompt_tokens: int
     eos_token_ids: tuple[int, ...] = ()
+    # Structured output: this row's allowed tokens, a numpy (ceil(V / 32),) int32 bitmask
+    # the engine built (``GrammarBitmask``); None when the request is not constrained.
+    token_bitmask: Any = None
 
     @property
     def num_outputs(self) -> int:

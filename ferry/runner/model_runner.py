@@ -23,6 +23,7 @@ from ferry.runner.input_batch import ModelInput, ScheduledState, build_model_inp
 from ferry.runner.kv_swap import HostKVCache
 from ferry.runner.pending_output import PendingOutput, SampledRequest
 from ferry.runner.request_states import RequestStates
+from ferry.runner.grammar_mask import attach_bitmasks
 from ferry.runner.sampler import Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class ModelRunner:
             return PendingOutput()
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # (R, V) float32
         rows, generators, sampled = self._sampling_rows(batch.sampling_requests)
+        attach_bitmasks(rows, sampled, sched.grammar_bitmask)
         token_ids, logprobs = self.sampler.sample(logits, rows, generators)
         self._last_sampled = (token_ids, _last_rows(sampled))
         return PendingOutput(sampled, token_ids, logprobs)

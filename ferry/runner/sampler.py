@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from ferry.outputs import TokenLogprobs
+from ferry.runner.grammar_mask import GrammarMaskProcessor
 from ferry.runner.input_batch import float_tensor, index_tensor
 from ferry.runner.logits_processors import (LogitsProcessor, MinTokensProcessor,
                                             PenaltiesProcessor, SamplingRow)
@@ -46,7 +47,8 @@ class Sampler:
 
     def __init__(self, extra_processors: Sequence[LogitsProcessor] = ()) -> None:
         self.logits_processors: list[LogitsProcessor] = [
-            MinTokensProcessor(), PenaltiesProcessor(), *extra_processors]
+            MinTokensProcessor(), PenaltiesProcessor(), GrammarMaskProcessor(),
+            *extra_processors]
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow],
                generators: list[torch.Generator | None],

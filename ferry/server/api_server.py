@@ -26,6 +26,7 @@ from ferry.server.body_limit import BodySizeLimit
 from ferry.server.errors import APIError, install_error_handlers
 from ferry.server.metrics import ServerMetrics
 from ferry.server.openapi import error_responses, generated, install_openapi, json_body, ok
+from ferry.server.tool_calls.parsers import make_parser
 from ferry.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    DetokenizeResponse, HealthResponse, ModelCard, ModelList,
                                    TokenizeRequest, TokenizeResponse, VersionResponse)
@@ -74,7 +75,11 @@ def build_state(engine: Any, config: ServerConfig,
                        model_name=engine.served_model_name, model_path=model_path,
                        model_root=str(getattr(engine, "model_dir", model_path)),
                        max_model_len=engine.max_model_len,
-                       vocab_size=vocab_size, metrics=metrics, config=config, prompts=prompts)
+                       vocab_size=vocab_size, metrics=metrics, config=config, prompts=prompts,
+                       grammars=getattr(getattr(engine, "structured_output", None), "compiler",
+                                        None),
+                       tool_parser=make_parser(getattr(config, "tool_call_parser", "auto"),
+                                               getattr(tokenizer, "chat_template", None)))
 
 
 def _given_model_path(engine: Any) -> str | None:

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator,
                       model_validator)
 
-from ferry.sampling_params import SamplingParams
+from ferry.sampling_params import SamplingParams, StructuredOutputsParams
+from ferry.server.tool_calls.constraint import ToolMode, tool_constraint, tool_mode
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -65,6 +66,8 @@ class _SamplingFields(_Strict):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # vLLM extra: token ids beside the text
+    # vLLM extra: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -111,7 +114,14 @@ class _SamplingFields(_Strict):
                         frequency_penalty=self.frequency_penalty,
                         repetition_penalty=self.repetition_penalty)
         values.update({k: v for k, v in optional.items() if v is not None})
+        constraint = self.constraint()
+        if constraint is not None:
+            values["structured_outputs"] = constraint
         return SamplingParams(**values)
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """The output constraint the request asks for (``ValueError`` when malformed)."""
+        return StructuredOutputsParams.coerce(self.structured_outputs)
 
 
 # Non-empty texts and token-id lists, so that the published schema says what is refused.
@@ -173,13 +183,9 @@ class TextPart(_Strict):
     text: str
 
 
-TOOLS_NOT_SUPPORTED = "tool calling is not supported by ferry yet"
-
-
 class ChatMessage(_Strict):
-    """One chat message. ``tool`` messages, ``tool_call_id`` and ``tool_calls`` are declared
-    so that a client that sends them gets the clear 400 of ``check_supported`` (tool calling
-    is not built yet) rather than "unknown field"."""
+    """One chat message: an assistant turn may carry ``tool_calls``, and a ``tool`` message
+    answers one (``tool_call_id``)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -195,19 +201,15 @@ class ChatMessage(_Strict):
         return self
 
     def check_supported(self, index: int) -> None:
-        """Refuse what only tool calling would give a meaning to, naming the field."""
-        if self.role == "tool":
-            raise UnsupportedFieldError(f"messages.{index}.role",
-                                        f"{TOOLS_NOT_SUPPORTED}: 'tool' messages are refused")
-        if self.tool_calls is not None:
+        """``tool_calls`` only on assistant turns, ``tool_call_id`` only on tool messages."""
+        if self.tool_calls is not None and self.role != "assistant":
             raise UnsupportedFieldError(f"messages.{index}.tool_calls",
-                                        f"{TOOLS_NOT_SUPPORTED}: assistant 'tool_calls' are "
-                                        "refused")
-        if self.tool_call_id is not None:
+                                        "only assistant messages carry tool_calls")
+        if self.tool_call_id is not None and self.role != "tool":
             raise UnsupportedFieldError(f"messages.{index}.tool_call_id",
-                                        f"{TOOLS_NOT_SUPPORTED}: 'tool_call_id' is refused")
+                                        "only tool messages carry a tool_call_id")
 
-    def to_template(self) -> dict[str, str]:
+    def to_template(self) -> dict[str, Any]:
         """The dict a chat template reads; ``developer`` is OpenAI's new name for system."""
         text = self.content if isinstance(self.content, str) else "".join(
             part.text for part in self.content or [])
@@ -215,12 +217,50 @@ class ChatMessage(_Strict):
         message = {"role": role, "content": text}
         if self.name:
             message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [_template_call(call) for call in self.tool_calls]
         return message
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call as chat templates read it: most (Qwen, Llama) render ``arguments`` with
+    ``tojson`` and expect an object, so a JSON-text argument is parsed (as vLLM does)."""
+    import json
+    function = dict(call.get("function") or {})
+    if isinstance(function.get("arguments"), str):
+        try:
+            function["arguments"] = json.loads(function["arguments"])
+        except ValueError:
+            pass
+    return {**call, "function": function}
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format type 'json_schema' needs a 'json_schema' object")
+        return self
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        if self.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if self.type == "json_schema":
+            schema = self.json_schema.schema_
+            return StructuredOutputsParams(json=schema if schema is not None else {"type": "object"})
+        return None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -245,13 +285,8 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise UnsupportedFieldError("tools", TOOLS_NOT_SUPPORTED)
         for index, message in enumerate(self.messages):
             message.check_supported(index)
-        if self.response_format and self.response_format.type != "text":
-            raise UnsupportedFieldError(
-                "response_format", "only response_format type 'text' is supported")
         if self.modalities and self.modalities != ["text"]:
             raise UnsupportedFieldError("modalities", "only the 'text' modality is supported")
 
@@ -262,6 +297,26 @@ class ChatCompletionRequest(_SamplingFields):
 
     def template_messages(self) -> list[dict[str, str]]:
         return [m.to_template() for m in self.messages]
+
+    def tool_mode(self) -> ToolMode:
+        """none | auto | required | named (``ValueError`` when tools and choice disagree)."""
+        return tool_mode(self.tools, self.tool_choice)
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the chat template shows the model (none for ``tool_choice: none``)."""
+        return self.tools if self.tools and self.tool_mode().kind != "none" else None
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """One constraint at most: a required / named tool choice, ``response_format``, or
+        the ``structured_outputs`` extension."""
+        found = [c for c in (tool_constraint(self.tools or [], self.tool_mode(),
+                                             self.parallel_tool_calls),
+                             self.response_format.constraint() if self.response_format else None,
+                             super().constraint()) if c is not None]
+        if len(found) > 1:
+            raise ValueError("give one constraint at most: a required or named tool_choice, "
+                             "response_format, or structured_outputs")
+        return found[0] if found else None
 
 
 class TokenizeRequest(_Strict):

@@ -11,10 +11,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ferry.outputs import CompletionOutput, RequestOutput
 from ferry.server.errors import APIError, sse_error_event
 from ferry.server.protocol import ChatCompletionRequest
+from ferry.server.tool_calls.extract import calls_of, new_call_id, tool_call_dicts
+from ferry.server.tool_calls.stream import ToolCallStream
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
                                          ServerState, add_or_raise, before_deadline,
-                                         chat_logprobs,
-                                         check_capacity, check_model, chunk_writer,
+                                         chat_logprobs, check_capacity, check_constraint,
+                                         check_model, chunk_writer,
                                          completion_tokens, encode_chat, engine_error,
                                          last_output, merge_streams, new_request_id, parse_body,
                                          until_disconnect, usage)
@@ -26,11 +28,13 @@ async def create_chat_completion(request: Request, state: ServerState):
     check_model(state, body.model)
     try:
         params = body.to_sampling_params()
+        tools = body.template_tools()
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from None
     check_capacity(state, params.n)  # before templating: a full server wastes no work
+    await check_constraint(state, params)
     prompt_ids = await before_deadline(state, deadline, encode_chat(
-        state, body.template_messages(), body.add_generation_prompt))
+        state, body.template_messages(), body.add_generation_prompt, tools))
     request_id = new_request_id("chatcmpl")
     stream = await add_or_raise(state, request_id, {"prompt_token_ids": prompt_ids}, params,
                                 deadline=deadline)
@@ -46,10 +50,9 @@ async def create_chat_completion(request: Request, state: ServerState):
 
 def _response(state: ServerState, body: ChatCompletionRequest, request_id: str,
               final: RequestOutput) -> dict[str, Any]:
-    choices = [{"index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+    choices = [{"index": c.index, **_message(state, body, c),
                 "logprobs": chat_logprobs(state, c.logprobs or []) if body.logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                "stop_reason": c.stop_reason}
                for c in final.outputs]
     response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": state.model_name, "choices": choices, "system_fingerprint": None,
@@ -59,6 +62,23 @@ def _response(state: ServerState, body: ChatCompletionRequest, request_id: str,
         for choice, completion in zip(choices, final.outputs):
             choice["token_ids"] = list(completion.token_ids)
     return response
+
+
+def _message(state: ServerState, body: ChatCompletionRequest,
+             completion: CompletionOutput) -> dict[str, Any]:
+    """``message`` and ``finish_reason``: with tools, recognised calls go to ``tool_calls``
+    (never left in ``content``) and a finished turn with calls says ``tool_calls``."""
+    mode = body.tool_mode()
+    if mode.kind == "none":
+        return {"message": {"role": "assistant", "content": completion.text},
+                "finish_reason": completion.finish_reason}
+    content, calls = calls_of(completion.text, mode, state.tool_parser)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    finish = completion.finish_reason
+    if calls:
+        message["tool_calls"] = tool_call_dicts(calls, [new_call_id() for _ in calls])
+        finish = "tool_calls" if finish == "stop" else finish
+    return {"message": message, "finish_reason": finish}
 
 
 async def _stream(state: ServerState, body: ChatCompletionRequest, request_id: str,
@@ -72,12 +92,20 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, request_id: s
         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None}])
     trackers = [DeltaTracker() for _ in range(body.n)]
+    mode = body.tool_mode()
+    tool_streams = ([ToolCallStream(mode, state.tool_parser) for _ in range(body.n)]
+                    if mode.kind != "none" else None)
     latest: RequestOutput | None = None
     try:
         async for _, output in merge_streams([stream]):
             latest = output
             running = _usage(output) if continuous else None
             for completion in output.outputs:
+                if tool_streams is not None:
+                    for choice in _tool_choices(tool_streams[completion.index],
+                                                trackers[completion.index], completion):
+                        yield chunk([choice], running)
+                    continue
                 choice = _delta_choice(state, body, trackers[completion.index], completion)
                 if choice is not None:
                     yield chunk([choice], running)
@@ -104,6 +132,21 @@ def _delta_choice(state: ServerState, body: ChatCompletionRequest, tracker: Delt
     if body.return_token_ids:
         choice["token_ids"] = list(new_tokens)
     return choice
+
+
+def _tool_choices(stream: ToolCallStream, tracker: DeltaTracker,
+                  completion: CompletionOutput) -> list[dict[str, Any]]:
+    """The chunks' choices of a choice with tools: its deltas, the last with the reason."""
+    if tracker.finished:
+        return []
+    tracker.finished = completion.finished
+    choices = [{"index": completion.index, "delta": delta, "logprobs": None,
+                "finish_reason": None} for delta in stream.deltas(completion)]
+    if completion.finished:
+        choices.append({"index": completion.index, "delta": {}, "logprobs": None,
+                        "finish_reason": stream.finish_reason(completion),
+                        "stop_reason": completion.stop_reason})
+    return choices
 
 
 def _usage(output: RequestOutput) -> dict[str, int]:

@@ -43,6 +43,8 @@ class ServerState:
     metrics: ServerMetrics
     config: ServerConfig
     prompts: PromptTokenizer    # tokenization and chat templates, off the engine thread
+    grammars: Any = None        # the engine's GrammarCompiler (structured output), if any
+    tool_parser: Any = None     # the model family's tool-call parser
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
 
@@ -145,10 +147,10 @@ async def encode_prompts(state: ServerState, prompts: list[str | list[int]]) -> 
 
 
 async def encode_chat(state: ServerState, messages: list[dict[str, str]],
-                      add_generation_prompt: bool) -> list[int]:
+                      add_generation_prompt: bool, tools: list[dict] | None = None) -> list[int]:
     """The chat template's token ids, computed off the engine thread; 400 when it fails."""
     try:
-        return await state.prompts.encode_chat(messages, add_generation_prompt)
+        return await state.prompts.encode_chat(messages, add_generation_prompt, tools)
     except ValueError as exc:
         raise APIError(400, str(exc), param="messages", code="invalid_value") from None
 
@@ -162,6 +164,21 @@ async def before_deadline(state: ServerState, deadline: float | None, work: Awai
         return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
     except asyncio.TimeoutError:
         raise engine_error(state.engine.timeout_error()) from None
+
+
+async def check_constraint(state: ServerState, params: Any) -> None:
+    """Compile the request's output constraint (off the engine thread, cached): a
+    constraint that cannot be honoured is a 400 before any token is generated."""
+    spec = getattr(params, "structured_outputs", None)
+    if spec is None:
+        return
+    if state.grammars is None:
+        raise APIError(400, "structured output is not available on this server (no grammar "
+                            "backend installed)", code="unsupported_parameter")
+    try:
+        await state.grammars.compile_async(spec)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="response_format", code="invalid_value") from None
 
 
 async def add_or_raise(state: ServerState, request_id: str, prompt: Any, params: Any,

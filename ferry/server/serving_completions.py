@@ -14,7 +14,7 @@ from ferry.server.errors import APIError, sse_error_event
 from ferry.server.protocol import CompletionRequest
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
                                          ServerState, add_or_raise, before_deadline,
-                                         check_capacity, check_model,
+                                         check_capacity, check_constraint, check_model,
                                          chunk_writer, close_streams, completion_logprobs,
                                          completion_tokens, encode_prompts, engine_error,
                                          last_output, merge_streams, new_request_id, parse_body,
@@ -31,6 +31,7 @@ async def create_completion(request: Request, state: ServerState):
     params = _sampling_params(body)
     texts_or_ids = body.prompts()
     check_capacity(state, params.n * len(texts_or_ids))  # before tokenizing
+    await check_constraint(state, params)
     prompts = await before_deadline(state, deadline, encode_prompts(state, texts_or_ids))
     request_id = new_request_id("cmpl")
     streams = []

@@ -74,12 +74,13 @@ class PromptTokenizer:
         return await self._run(lambda tokenizer: list(tokenizer.encode(text)))
 
     async def encode_chat(self, messages: list[dict[str, str]],
-                          add_generation_prompt: bool = True) -> list[int]:
+                          add_generation_prompt: bool = True,
+                          tools: list[dict] | None = None) -> list[int]:
         """The chat template's token ids; ``ValueError`` when it does not apply. The content
         is a lower bound of the templated text, so it is checked before templating."""
         self.check_length(sum(len(m.get("content") or "") for m in messages), "messages")
         return await self._run(lambda tokenizer: apply_chat_template(
-            tokenizer, messages, add_generation_prompt, self.model_name))
+            tokenizer, messages, add_generation_prompt, self.model_name, tools))
 
     async def _run(self, fn: Callable[[Any], T]) -> T:
         def job() -> T:
