@@ -70,8 +70,11 @@ class ModelConfig(ConfigPart):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights and activations dtype")
     device: Literal["auto", "cuda", "rocm", "cpu"] = Field("auto", description="Where to run")
-    quant_type: Literal["auto", "none", "gptq_int4", "awq_int4", "int8", "fp8"] = Field(
-        "auto", description="Weight quantization (auto: read from the checkpoint)")
+    quant_type: Literal["auto", "none", "gptq_int4", "gptq_int8", "awq_int4", "int4", "int8",
+                        "fp8"] = Field(
+        "auto", description="Weight quantization (auto: read from the checkpoint's "
+                            "quantization_config; int8/int4/fp8 on an unquantized checkpoint: "
+                            "quantize while loading)")
     seed: int = Field(0, description="Seed of the engine's random sampling")
     max_model_len: int | None = Field(None, ge=1, description="Context length "
                                                               "(default: the model's)")
@@ -250,6 +253,7 @@ class RuntimeConfig:
     device_kind: str           # "cuda", "rocm" or "cpu"
     gpu_vendor: str            # "nvidia", "amd" or "cpu" (the metrics' label)
     vocab_size: int            # token ids the model accepts: [0, vocab_size)
+    quant_type: str = "none"   # weight format: none, gptq_int4, awq_int4, int8, fp8, ...
 
     @property
     def is_gpu(self) -> bool:

@@ -41,7 +41,7 @@ class InProcessExecutor(Executor):
             max_model_len=loaded.max_model_len, num_blocks=num_blocks,
             block_size=config.cache.block_size, device=str(loaded.device),
             device_kind=self.platform.kind, gpu_vendor=self.platform.vendor,
-            vocab_size=loaded.model.vocab_size)
+            vocab_size=loaded.model.vocab_size, quant_type=loaded.quant_type)
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(scheduler_output)

@@ -80,7 +80,8 @@ def build_state(engine: Any, config: ServerConfig,
                        model_name=engine.served_model_name, model_path=model_path,
                        model_root=str(getattr(engine, "model_dir", model_path)),
                        max_model_len=engine.max_model_len,
-                       vocab_size=vocab_size, metrics=metrics, config=config, prompts=prompts)
+                       vocab_size=vocab_size, metrics=metrics, config=config, prompts=prompts,
+                       quant_type=getattr(engine, "quant_type", "none"))
 
 
 def _given_model_path(engine: Any) -> str | None:
@@ -167,7 +168,7 @@ def _v1_router(state: ServerState) -> APIRouter:
     def model_card() -> dict[str, Any]:
         return {"id": state.model_name, "object": "model", "created": state.created,
                 "owned_by": "ferry", "root": state.model_root,
-                "max_model_len": state.max_model_len}
+                "max_model_len": state.max_model_len, "quant_type": state.quant_type}
 
     @router.get("/models", response_model=None,
                 responses={**ok(ModelList), **error_responses(401)})

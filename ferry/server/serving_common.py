@@ -43,6 +43,7 @@ class ServerState:
     config: ServerConfig
     prompts: PromptTokenizer    # tokenization and chat templates, off the engine thread
     created: int = field(default_factory=lambda: int(time.time()))
+    quant_type: str = "none"    # the engine's weight format (metrics label, /v1/models)
     _token_text: dict[int, str] = field(default_factory=dict)
 
     def token_text(self, token_id: int) -> str:
