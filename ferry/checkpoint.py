@@ -79,14 +79,6 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         raise ValueError(f"could not load a tokenizer from {source}: {exc}") from None
 
 
-def check_checkpoint_unquantized(hf_config: Any, model_dir: Path) -> None:
-    quant = getattr(hf_config, "quantization_config", None)
-    if quant:
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
-        raise ValueError(f"{model_dir} is a quantized checkpoint ({method}); loading quantized "
-                         f"checkpoints is not supported by this version of ferry yet")
-
-
 def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
     """``requested`` when it fits the model's positions; the model's own length when None.
 

@@ -70,8 +70,11 @@ class ModelConfig(ConfigPart):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights and activations dtype")
     device: Literal["auto", "cuda", "rocm", "cpu"] = Field("auto", description="Where to run")
-    quant_type: Literal["auto", "none", "gptq_int4", "awq_int4", "int8", "fp8"] = Field(
-        "auto", description="Weight quantization (auto: read from the checkpoint)")
+    quant_type: Literal["auto", "none", "gptq_int4", "gptq_int8", "awq_int4", "int4", "int8",
+                        "fp8"] = Field(
+        "auto", description="Weight quantization (auto: read from the checkpoint's "
+                            "quantization_config; int8/int4/fp8 on an unquantized checkpoint: "
+                            "quantize while loading)")
     seed: int = Field(0, description="Seed of the engine's random sampling")
     max_model_len: int | None = Field(None, ge=1, description="Context length "
                                                               "(default: the model's)")
@@ -280,6 +283,7 @@ class RuntimeConfig:
     num_host_blocks: int = 0   # host (swap) KV blocks allocated, from swap_space
     kv_block_bytes: int = 0    # bytes of one KV block over all layers
     kv_copy_bytes_per_second: float = 0.0   # measured swap copy bandwidth (0: not measured)
+    quant_type: str = "none"   # weight format: none, gptq_int4, awq_int4, int8, fp8, ...
 
     @property
     def is_gpu(self) -> bool:

@@ -155,7 +155,7 @@ def test_bad_arguments_raise_value_error(model_dirs):
     _assert_all_blocks_free(llm)
 
 
-@pytest.mark.parametrize("setting", [dict(quant_type="gptq_int4"), dict(kv_cache_dtype="fp8"),
+@pytest.mark.parametrize("setting", [dict(kv_cache_dtype="fp8"),
                                      dict(tensor_parallel_size=2),
                                      dict(lora_adapters_dir="/tmp"),
                                      dict(debug_trace="attention")])
@@ -172,9 +172,13 @@ def test_quantized_checkpoint_is_refused_clearly(model_dirs, tmp_path):
     path = tmp_path / "quantized"
     shutil.copytree(model_dirs["llama"], path)
     config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "bits": 4}
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="quantized checkpoint \\(gptq\\)"):
+    with pytest.raises(ValueError, match="quant_method='bitsandbytes' is not supported"):
+        LLM(str(path))
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 3}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="bits=3 is not supported"):
         LLM(str(path))
 
 

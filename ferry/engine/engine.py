@@ -80,7 +80,7 @@ class Engine:
         self.max_model_len = self.runtime.max_model_len
         self.vocab_size = self.runtime.vocab_size
         self.num_blocks = self.runtime.num_blocks
-        self.quant_type = "none"
+        self.quant_type = self.runtime.quant_type
         self.served_model_name = model.served_model_name or checkpoint.default_served_name(
             model.model_path)
         # Overlap pays where the device runs asynchronously; on the CPU it only delays outputs.

@@ -48,7 +48,8 @@ class InProcessExecutor(Executor):
             device_kind=self.platform.kind, gpu_vendor=self.platform.vendor,
             vocab_size=loaded.model.vocab_size, num_host_blocks=num_host_blocks,
             kv_block_bytes=block_bytes,
-            kv_copy_bytes_per_second=self.runner.host_kv.measure_bandwidth())
+            kv_copy_bytes_per_second=self.runner.host_kv.measure_bandwidth(),
+            quant_type=loaded.quant_type)
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(scheduler_output)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ferry import kernels
-from ferry.kernels.quant_reference import (FP8_DTYPE, FP8_MAX, check_wna16_args,
+from ferry.kernels.quant_reference import (FP8_DTYPE, FP8_MAX, check_wna16_args, codes_of,
                                            dequantize_fp8, dequantize_wna16, pack_int4,
                                            quantize_fp8, quantize_rtn, unpack_int4)
 
@@ -106,6 +106,27 @@ def _scaled_mm_linear(x, weight, weight_scale, bias, input_scale):
     return out
 
 
+def unpack_canonical(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Canonical ``qweight`` -> integer codes (N, K) uint8 in [0, 2**bits)."""
+    _check_bits(bits)
+    return codes_of(qweight, bits)
+
+
+def pack_canonical(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (N, K) in [0, 2**bits) -> canonical ``qweight`` (uint8, contiguous)."""
+    _check_bits(bits)
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    if codes.shape[1] % 2:
+        raise ValueError(f"4-bit weights need an even number of inputs, got {codes.shape[1]}")
+    return pack_int4(codes).contiguous()
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"weight-only integer linears support bits 4 and 8, got {bits}")
+
+
 __all__ = ["FP8_DTYPE", "FP8_MAX", "PreparedWna16", "dequantize_fp8", "dequantize_wna16",
-           "fp8_linear", "pack_int4", "prepare_wna16", "quantize_fp8", "quantize_rtn",
-           "unpack_int4", "wna16_apply", "wna16_linear"]
+           "fp8_linear", "pack_canonical", "pack_int4", "prepare_wna16", "quantize_fp8", "quantize_rtn",
+           "unpack_canonical", "unpack_int4", "wna16_apply", "wna16_linear"]

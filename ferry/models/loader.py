@@ -32,13 +32,18 @@ def get_model(model_dir: Path, hf_config: Any, dtype: torch.dtype, device: torch
               weight_methods: WeightMethods | None = None) -> CausalLM:
     """Build the architecture's ``CausalLM`` on ``device`` in ``dtype`` and load its weights.
 
-    ``weight_methods`` picks each layer's weight format (None: all unquantized). After
+    ``weight_methods`` picks each layer's weight format (None: all unquantized); its
+    optional ``prepare_model(model)`` runs after the model is built, before the weights
+    load (to register tensors beyond the linears', such as per-layer KV scales). After
     loading, every layer's method prepares its weights once, for the device they are on.
     """
     model_cls = get_model_class(hf_config)
     files = find_safetensors_files(Path(model_dir))
     with torch.device(device):
         model = model_cls(hf_config, dtype=dtype, weight_methods=weight_methods)
+        prepare = getattr(weight_methods, "prepare_model", None)
+        if prepare is not None:   # a format's extra tensors (e.g. per-layer KV scales)
+            prepare(model)
     load_weights(model, files, Path(model_dir))
     process_weights_after_loading(model)
     return model.eval()

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ferry.checkpoint import check_checkpoint_unquantized, load_hf_config, resolve_max_model_len
+from ferry.checkpoint import load_hf_config, resolve_max_model_len
 from ferry.config import EngineConfig
 from ferry.outputs import ScheduledRequest
+from ferry.quant import resolve_quantization
 from ferry.platform import PeakMemory, Platform, apply_cpu_threads, detect_platform, empty_cache
 from ferry.runner import memory
 from ferry.runner.input_batch import ScheduledState, build_model_input
@@ -33,6 +34,7 @@ class LoadedModel:
     model: torch.nn.Module
     dtype: torch.dtype
     max_model_len: int
+    quant_type: str = "none"      # the resolved format, the metrics' label
 
     @property
     def device(self) -> torch.device:
@@ -50,18 +52,18 @@ def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
         # its engine thread), before the first parallel op gives this thread its team.
         apply_cpu_threads(config.parallel.cpu_threads)
     hf_config = load_hf_config(model_dir)
-    check_checkpoint_unquantized(hf_config, model_dir)
+    quant = resolve_quantization(hf_config, config.model.quant_type)
     dtype = resolve_dtype(config.model.dtype, hf_config, platform.torch_device)
     torch.manual_seed(config.model.seed)
-    model = get_model(model_dir, hf_config, dtype, platform.torch_device)
+    model = get_model(model_dir, hf_config, dtype, platform.torch_device,
+                      weight_methods=quant.weight_methods)
     max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
-    return LoadedModel(platform, model, dtype, max_model_len)
+    return LoadedModel(platform, model, dtype, max_model_len, quant.quant_type)
 
 
 # Config keys whose non-default values name features that are not built yet: refuse them
 # clearly rather than serve something other than what was asked for.
 _NOT_YET = {
-    "quant_type": ("auto", "none"),
     "kv_cache_dtype": ("auto",),
     "tensor_parallel_size": (1,),
     "lora_adapters_dir": (None,),

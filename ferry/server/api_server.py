@@ -79,7 +79,8 @@ def build_state(engine: Any, config: ServerConfig,
                        grammars=getattr(getattr(engine, "structured_output", None), "compiler",
                                         None),
                        tool_parser=make_parser(getattr(config, "tool_call_parser", "auto"),
-                                               getattr(tokenizer, "chat_template", None)))
+                                               getattr(tokenizer, "chat_template", None)),
+                       quant_type=getattr(engine, "quant_type", "none"))
 
 
 def _given_model_path(engine: Any) -> str | None:
@@ -166,7 +167,7 @@ def _v1_router(state: ServerState) -> APIRouter:
     def model_card() -> dict[str, Any]:
         return {"id": state.model_name, "object": "model", "created": state.created,
                 "owned_by": "ferry", "root": state.model_root,
-                "max_model_len": state.max_model_len}
+                "max_model_len": state.max_model_len, "quant_type": state.quant_type}
 
     @router.get("/models", response_model=None,
                 responses={**ok(ModelList), **error_responses(401)})

@@ -363,6 +363,7 @@ class ModelCard(BaseModel):
     owned_by: str
     root: str
     max_model_len: int
+    quant_type: str = "none"     # weight format (ferry extension): none, gptq_int4, fp8, ...
 
 
 class ModelList(BaseModel):

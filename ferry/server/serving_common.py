@@ -46,6 +46,7 @@ class ServerState:
     grammars: Any = None        # the engine's GrammarCompiler (structured output), if any
     tool_parser: Any = None     # the model family's tool-call parser
     created: int = field(default_factory=lambda: int(time.time()))
+    quant_type: str = "none"    # the engine's weight format (metrics label, /v1/models)
     _token_text: dict[int, str] = field(default_factory=dict)
 
     def token_text(self, token_id: int) -> str:

@@ -1,0 +1,36 @@
+"""Per-layer K/V cache scales from a checkpoint (compressed-tensors ``kv_cache_scheme``).
+
+The checkpoint stores ``model.layers.{i}.self_attn.k_scale`` and ``v_scale`` (one float
+each). ``attach_kv_scales`` registers them as parameters of each layer's ``self_attn`` so
+the loader fills them by name (a missing scale is then a load error); once loaded, each
+value is also set as ``k_scale`` / ``v_scale`` (Python floats) on that layer's ``Attention``
+module (``self_attn.attn``), where the FP8 KV cache reads them. Without a scheme the
+attention layers carry no such attributes (callers use 1.0).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ferry.layers.parameter import new_parameter
+
+
+def attach_kv_scales(model: nn.Module) -> None:
+    """Register ``k_scale`` / ``v_scale`` on every module that has an ``attn`` child."""
+    for module in model.modules():
+        attn = getattr(module, "attn", None)
+        if attn is None or not isinstance(attn, nn.Module):
+            continue
+        for name in ("k_scale", "v_scale"):
+            param = new_parameter((), torch.float32, output_dim=None, input_dim=None)
+            param.weight_loader = _loader(attn, name)
+            setattr(module, name, param)
+
+
+def _loader(attn: nn.Module, name: str):
+    def load(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
+        if loaded.numel() != 1:
+            raise ValueError(f"{name} must hold one value, got shape {tuple(loaded.shape)}")
+        param.data.copy_(loaded.reshape(()))
+        setattr(attn, name, float(loaded.reshape(())))
+    return load

@@ -1,0 +1,102 @@
+"""From a checkpoint's ``quantization_config`` (or a forced ``quant_type``) to ``WeightMethods``.
+
+``resolve_quantization(hf_config, quant_type)`` returns what the model loader needs (the
+``WeightMethods``, None for an unquantized model) and the ``quant_type`` label the
+metrics and ``/v1/models`` report. A format, bit width or layout ferry does not read is
+refused here, naming the key and its value, before any weight is loaded.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ferry.quant.awq import AWQConfig, AWQWeightMethods
+from ferry.quant.fp8 import FP8Config
+from ferry.quant.gptq import GPTQConfig, GPTQWeightMethods
+from ferry.quant.selection import FormatWeightMethods, one_choice
+
+logger = logging.getLogger(__name__)
+
+QUANT_TYPES = ("auto", "none", "gptq_int4", "gptq_int8", "awq_int4", "int4", "int8", "fp8")
+ON_LOAD_TYPES = ("int4", "int8", "fp8")   # quantized while loading an unquantized checkpoint
+
+
+@dataclass
+class ResolvedQuant:
+    """The weight methods to build the model with, and the label of what they are."""
+
+    weight_methods: Any | None       # a WeightMethods; None: every layer unquantized
+    quant_type: str                  # "none", "gptq_int4", ..., the metrics' label
+    kv_cache_fp8: bool = False       # the checkpoint declares an FP8 KV cache with scales
+
+
+class FP8WeightMethods(FormatWeightMethods):
+    label = "fp8"
+
+    def __init__(self, config: FP8Config):
+        self.config = config
+
+    def quantized_method(self, prefix, layer):
+        return self.config.method() if one_choice(prefix, self.config.quantizes) else None
+
+
+def _gptq(raw):
+    return GPTQWeightMethods(GPTQConfig(raw))
+
+
+def _awq(raw):
+    return AWQWeightMethods(AWQConfig(raw))
+
+
+def _compressed_tensors(raw):
+    from ferry.quant.compressed_tensors import CompressedTensorsConfig, CompressedTensorsWeightMethods
+    return CompressedTensorsWeightMethods(CompressedTensorsConfig(raw))
+
+
+def _fp8(raw):
+    return FP8WeightMethods(FP8Config(raw))
+
+
+# quant_method in config.json -> builder of its WeightMethods
+CHECKPOINT_FORMATS = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compressed_tensors,
+                      "fp8": _fp8}
+
+
+def on_load_methods(quant_type: str):
+    """WeightMethods that quantize an unquantized checkpoint while it loads."""
+    if quant_type == "fp8":
+        from ferry.quant.on_load_fp8 import OnLoadFP8WeightMethods
+        return OnLoadFP8WeightMethods()
+    from ferry.quant.on_load_rtn import RtnWeightMethods
+    return RtnWeightMethods(bits=8 if quant_type == "int8" else 4)
+
+
+def resolve_quantization(hf_config: Any, quant_type: str = "auto") -> ResolvedQuant:
+    """The checkpoint's format, checked against a forced ``quant_type``; ValueError if unsupported."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type={quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
+    raw = getattr(hf_config, "quantization_config", None)
+    if raw is not None and not isinstance(raw, dict):
+        raw = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
+    if not raw:
+        if quant_type in ("auto", "none"):
+            return ResolvedQuant(None, "none")
+        if quant_type in ON_LOAD_TYPES:
+            return ResolvedQuant(on_load_methods(quant_type), quant_type)
+        raise ValueError(f"quant_type={quant_type!r} needs a checkpoint quantized in that format "
+                         "(its config.json has no quantization_config); make one with "
+                         "`ferry quantize` or pick int8, int4 or fp8 to quantize on load")
+    method = str(raw.get("quant_method", "")).lower()
+    builder = CHECKPOINT_FORMATS.get(method)
+    if builder is None:
+        raise ValueError(f"quantization_config.quant_method={method!r} is not supported; ferry "
+                         f"loads {', '.join(CHECKPOINT_FORMATS)}")
+    methods = builder(raw)
+    if quant_type not in ("auto", methods.label):
+        raise ValueError(f"quant_type={quant_type!r} does not match the checkpoint, which is "
+                         f"{method} ({methods.label}); use quant_type auto")
+    kv_fp8 = getattr(getattr(methods, "config", None), "kv_cache_scheme", None) is not None
+    logger.info("quantized checkpoint: %s -> quant_type %s%s", method, methods.label,
+                ", FP8 KV scales" if kv_fp8 else "")
+    return ResolvedQuant(methods, methods.label, kv_fp8)
