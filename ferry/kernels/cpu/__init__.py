@@ -12,11 +12,13 @@ from ferry.kernels.cpu.build import load_library
 from ferry.kernels.cpu.attention import paged_attention
 from ferry.kernels.cpu.elementwise import (apply_rotary, fused_add_rms_norm, rms_norm,
                                            silu_and_mul, write_kv_cache)
+from ferry.kernels.cpu.lora import lora_expand, lora_shrink
 
 
 def available() -> bool:
     return load_library() is not None
 
 
-__all__ = ["apply_rotary", "available", "fused_add_rms_norm", "paged_attention", "rms_norm",
+__all__ = ["apply_rotary", "available", "fused_add_rms_norm", "lora_expand", "lora_shrink",
+           "paged_attention", "rms_norm",
            "silu_and_mul", "write_kv_cache"]

@@ -21,6 +21,8 @@ _SIGNATURES = {
     "ferry_apply_rotary": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _INT],
     "ferry_silu_and_mul": [_INT, _P, _I64, _I64, _I64, _P, _INT],
     "ferry_write_kv_cache": [_INT, _P, _I64, _P, _I64, _P, _I64, _I64, _P, _P],
+    "ferry_lora_shrink": [_INT, _P, _I64, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _INT],
+    "ferry_lora_expand": [_INT, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _INT],
 }
 
 

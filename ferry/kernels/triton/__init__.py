@@ -7,6 +7,7 @@ this package imports ``triton``: do it only where Triton is available.
 from __future__ import annotations
 
 from ferry.kernels.triton.fused_add_rms_norm import fused_add_rms_norm
+from ferry.kernels.triton.lora import lora_expand, lora_shrink
 from ferry.kernels.triton.paged_attention import paged_attention
 from ferry.kernels.triton.rms_norm import rms_norm
 from ferry.kernels.triton.rotary import apply_rotary
@@ -16,6 +17,8 @@ from ferry.kernels.triton.write_kv_cache import write_kv_cache
 __all__ = [
     "apply_rotary",
     "fused_add_rms_norm",
+    "lora_expand",
+    "lora_shrink",
     "paged_attention",
     "rms_norm",
     "silu_and_mul",
