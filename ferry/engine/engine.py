@@ -19,6 +19,7 @@ from typing import Any
 
 from ferry import checkpoint
 from ferry.config import EngineConfig, RuntimeConfig
+from ferry.engine.lora_adapters import LoRAAdapters
 from ferry.engine.output_processor import OutputProcessor
 from ferry.engine.scheduler import Scheduler
 from ferry.executor.base import Executor
@@ -83,6 +84,10 @@ class Engine:
                                    max_model_len=self.max_model_len, num_blocks=self.num_blocks,
                                    async_scheduling=self.async_scheduling)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.lora: LoRAAdapters | None = None
+        if config.lora.enabled:
+            self.lora = LoRAAdapters(config.lora, executor, self.scheduler,
+                                     {self.served_model_name, str(model.model_path)})
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -92,11 +97,12 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
                     *, priority: int | None = None, arrival_time: float | None = None,
-                    stream: bool = True) -> None:
+                    stream: bool = True, lora_name: str | None = None) -> None:
         """Queue a request. Raises ``ValueError`` with a user-facing message on bad input.
 
         ``step()`` reports a streamed request every step it advances, and one with
-        ``stream=False`` once, when it finishes.
+        ``stream=False`` once, when it finishes. ``lora_name`` runs it with that loaded
+        LoRA adapter (``ferry.lora``).
         """
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -114,6 +120,11 @@ class Engine:
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
             children.append(Request(child_id, token_ids, child_params, eos_token_ids=eos,
                                     arrival_time=arrival, priority=priority))
+        if lora_name is not None:
+            if self.lora is None:
+                raise ValueError(f"LoRA adapter {lora_name!r} requested but LoRA serving is off; "
+                                 "start with enable_lora (or lora_modules / lora_adapters_dir)")
+            self.lora.attach(children, lora_name)
         self.outputs.add(request_id, prompt_text, token_ids, params, children, stream)
         for child in children:
             self.scheduler.add_request(child)
@@ -124,6 +135,8 @@ class Engine:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         child_ids = list(itertools.chain.from_iterable(self.outputs.pop(i) for i in ids))
         self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        if self.lora is not None:
+            self.lora.sweep()
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
@@ -160,6 +173,8 @@ class Engine:
         stopped = self.outputs.process(updated, runner_out.logprobs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        if self.lora is not None:
+            self.lora.sweep()
         return self.outputs.collect()
 
     def get_num_unfinished_requests(self) -> int:

@@ -45,7 +45,7 @@ prompt and sampling parameters go out once (``new_requests``), later steps send 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ferry.config import CacheConfig, SchedulerConfig
 from ferry.engine.kv_cache_manager import KVCacheManager
@@ -87,6 +87,10 @@ class Scheduler:
         # ends with "length" just as one reaching max_model_len does.
         self._kv_capacity = num_blocks * block_size
         self._max_len = min(max_model_len, self._kv_capacity + 1)
+        # Optional admission predicate (request, running) -> bool: a waiting request it
+        # refuses is passed over this step without blocking the ones behind it (LoRA: its
+        # adapter needs a device slot that the running requests' adapters all hold).
+        self.admission_check: Callable[[Request, list[Request]], bool] | None = None
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, request: Request) -> None:
@@ -271,8 +275,12 @@ class Scheduler:
                           num_prefills: int) -> None:
         """Admit waiting requests in queue order while seats, budget and blocks allow."""
         kv = self.kv_cache_manager
+        passed_over: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting.peek()
+            if self.admission_check is not None and not self.admission_check(request, self.running):
+                passed_over.append(self.waiting.pop())
+                continue
             if request.num_output_placeholders:
                 break   # preempted while its last token was in flight: next step
             computed_blocks, num_hit = kv.get_computed_blocks(request)
@@ -291,6 +299,8 @@ class Scheduler:
             plan.append((request, num_new))
             budget -= num_new
             num_prefills += remaining > 1
+        for request in reversed(passed_over):
+            self.waiting.prepend(request)   # ahead of later arrivals, as before
 
     def _commit(self, request: Request, num_new: int, output: SchedulerOutput) -> ScheduledRequest:
         """Describe the request's share for the runner and advance it as if computed."""
@@ -303,7 +313,8 @@ class Scheduler:
         sample = start + num_known == request.num_tokens + request.num_output_placeholders
         if not request.sent_to_runner:
             output.new_requests.append(NewRequest(request.request_id, request.prompt_token_ids,
-                                                  request.sampling_params, request.eos_token_ids))
+                                                  request.sampling_params, request.eos_token_ids,
+                                                  lora_id=request.lora_id))
             request.sent_to_runner = True
         table = self.kv_cache_manager.get_block_ids(request.request_id)
         scheduled = ScheduledRequest(

@@ -64,7 +64,6 @@ _NOT_YET = {
     "quant_type": ("auto", "none"),
     "kv_cache_dtype": ("auto",),
     "tensor_parallel_size": (1,),
-    "lora_adapters_dir": (None,),
     "debug_trace": ("none",),
 }
 
