@@ -176,7 +176,8 @@ class AsyncEngine:
                 f"max_waiting_requests={self.max_waiting_requests}); retry shortly")
 
     async def add_request(self, request_id: str, prompt: PromptSource, params: SamplingParams,
-                          *, priority: int | None = None) -> AsyncGenerator[RequestOutput, None]:
+                          *, priority: int | None = None, lora_name: str | None = None,
+                          ) -> AsyncGenerator[RequestOutput, None]:
         """Add a request; once the engine accepted it, return the stream of its outputs.
 
         Raises what the engine raises (``ValueError`` for a bad or too long prompt) before
@@ -186,7 +187,7 @@ class AsyncEngine:
         (or losing it) aborts the request and frees its KV blocks, and so does running past
         ``request_timeout`` (the stream then raises ``RequestTimeoutError``).
         """
-        stream = self._stream(request_id, prompt, params, priority)
+        stream = self._stream(request_id, prompt, params, priority, lora_name)
         await stream.__anext__()  # runs up to "accepted"
         return stream
 
@@ -199,7 +200,8 @@ class AsyncEngine:
                 yield output
 
     async def _stream(self, request_id: str, prompt: PromptSource, params: SamplingParams,
-                      priority: int | None) -> AsyncGenerator[RequestOutput | None, None]:
+                      priority: int | None, lora_name: str | None = None,
+                      ) -> AsyncGenerator[RequestOutput | None, None]:
         self.check_capacity(params.n)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -207,8 +209,9 @@ class AsyncEngine:
 
         def add(engine: Any) -> None:
             source = prompt(engine) if callable(prompt) else prompt
+            extra = {"lora_name": lora_name} if lora_name is not None else {}
             engine.add_request(request_id, source, params, priority=priority,
-                               arrival_time=arrival)
+                               arrival_time=arrival, **extra)
 
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue

@@ -21,7 +21,7 @@ from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, D
 
 async def create_chat_completion(request: Request, state: ServerState):
     body = await parse_body(request, ChatCompletionRequest)
-    check_model(state, body.model)
+    lora_name = check_model(state, body.model)
     try:
         params = body.to_sampling_params()
     except ValueError as exc:
@@ -29,7 +29,8 @@ async def create_chat_completion(request: Request, state: ServerState):
     check_capacity(state, params.n)  # before templating: a full server wastes no work
     prompt_ids = await encode_chat(state, body.template_messages(), body.add_generation_prompt)
     request_id = new_request_id("chatcmpl")
-    stream = await add_or_raise(state, request_id, {"prompt_token_ids": prompt_ids}, params)
+    stream = await add_or_raise(state, request_id, {"prompt_token_ids": prompt_ids}, params,
+                                lora_name=lora_name)
     if body.stream:
         return StreamingResponse(_stream(state, body, request_id, stream),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
