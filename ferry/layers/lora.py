@@ -33,7 +33,7 @@ class LoRABatch:
 
 
 class LoRALayer:
-    """Slot stacks of one linear: A (S, n_sub, r, in) and B (S, out, r), zero-padded.
+    """Slot stacks of one linear: A (S, n_sub, r, in) and B^T (S, r, out), zero-padded.
 
     Sub-projection i covers output columns ``subs[i] = (offset, size)``; an adapter of
     rank k < r fills the first k rank entries, and the scale is folded into B.
@@ -45,7 +45,7 @@ class LoRALayer:
         self.batch = batch
         self.lora_a = torch.zeros((num_slots, len(subs), max_rank, layer.input_size),
                                   dtype=dtype, device=device)
-        self.lora_b = torch.zeros((num_slots, layer.output_size, max_rank), dtype=dtype,
+        self.lora_b = torch.zeros((num_slots, max_rank, layer.output_size), dtype=dtype,
                                   device=device)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ class LoRALayer:
         rank = mapping.max_rank
         for i, (offset, size) in enumerate(self.subs):
             v = kernels.lora_shrink(x, self.lora_a[:, i, :rank], mapping)        # (T, rank) fp32
-            kernels.lora_expand(v, self.lora_b[:, offset:offset + size, :rank],
+            kernels.lora_expand(v, self.lora_b[:, :rank, offset:offset + size],
                                 y[:, offset:offset + size], mapping)
         return y
 
@@ -69,7 +69,7 @@ class LoRALayer:
         offset, size = self.subs[sub]
         rank = a.shape[0]
         self.lora_a[slot, sub, :rank].copy_(a)
-        self.lora_b[slot, offset:offset + size, :rank].copy_(b.float() * scale)
+        self.lora_b[slot, :rank, offset:offset + size].copy_(b.t().float() * scale)
 
 
 @dataclass

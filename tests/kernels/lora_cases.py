@@ -19,9 +19,9 @@ def make_mapping(requests=REQUESTS, device="cpu", max_rank=8) -> LoRAMapping:
 
 
 def naive_delta(x, a, b, mapping):
-    """Per token, in float64: B[slot] @ (A[slot] @ x[t]) (zero for base tokens)."""
-    out = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float64)
+    """Per token, in float64: B^T[slot]^T @ (A[slot] @ x[t]) (zero for base tokens)."""
+    out = torch.zeros(x.shape[0], b.shape[2], dtype=torch.float64)
     for t, slot in enumerate(mapping.token_slots.tolist()):
         if slot >= 0:
-            out[t] = b[slot].double() @ (a[slot].double() @ x[t].double())
+            out[t] = (a[slot].double() @ x[t].double()) @ b[slot].double()
     return out

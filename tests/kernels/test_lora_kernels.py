@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 from ferry.kernels import lora_reference
 from lora_cases import make_mapping, naive_delta
 
-SLOTS, MAX_RANK, IN, OUT_TOTAL = 4, 16, 48, 72
+SLOTS, MAX_RANK, IN, OUT_TOTAL = 4, 16, 48, 1100   # > 2 column blocks of the C++ expand
 
 
 def _backends():
@@ -41,7 +41,7 @@ def _case(dtype, device):
     mapping = make_mapping(device=device)
     x = torch.randn(mapping.num_tokens, IN, generator=gen).to(dtype)
     a_stack = (torch.randn(SLOTS, MAX_RANK, IN, generator=gen) * 0.2).to(dtype)
-    b_stack = (torch.randn(SLOTS, OUT_TOTAL, MAX_RANK, generator=gen) * 0.2).to(dtype)
+    b_stack = (torch.randn(SLOTS, MAX_RANK, OUT_TOTAL, generator=gen) * 0.2).to(dtype)
     y = torch.randn(mapping.num_tokens, OUT_TOTAL, generator=gen).to(dtype)
     return [t.to(device) for t in (x, a_stack, b_stack, y)] + [mapping]
 
@@ -51,8 +51,8 @@ def _case(dtype, device):
 def test_shrink_expand_match_naive(name, ops, dtype):
     device = "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
     x, a_stack, b_stack, y, mapping = _case(dtype, device)
-    rank, cols = 8, slice(24, 64)                     # sliced rank, one sub-projection's columns
-    a, b = a_stack[:, :rank, :], b_stack[:, cols, :rank]
+    rank, cols = 8, slice(24, 1090)                     # sliced rank, one sub-projection's columns
+    a, b = a_stack[:, :rank, :], b_stack[:, :rank, cols]
     v = ops.lora_shrink(x, a, mapping)
     assert v.dtype == torch.float32 and v.shape == (mapping.num_tokens, rank)
     base = y.clone()
@@ -64,7 +64,7 @@ def test_shrink_expand_match_naive(name, ops, dtype):
     tol = 1e-4 if dtype == torch.float32 else 6e-2
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     # columns outside the slice and base-model rows are untouched
-    assert torch.equal(y[:, :24], base[:, :24]) and torch.equal(y[:, 64:], base[:, 64:])
+    assert torch.equal(y[:, :24], base[:, :24]) and torch.equal(y[:, 1090:], base[:, 1090:])
     base_rows = (mapping.token_slots < 0).nonzero().flatten()
     assert torch.equal(y[base_rows], base[base_rows])
 
@@ -74,7 +74,7 @@ def test_no_segments_is_a_no_op(name, ops):
     device = "cuda" if name == "triton" and torch.cuda.is_available() else "cpu"
     mapping = make_mapping([(3, -1), (2, -1)], device=device)
     x = torch.randn(5, IN, device=device)
-    a, b = torch.randn(SLOTS, 8, IN, device=device), torch.randn(SLOTS, OUT_TOTAL, 8, device=device)
+    a, b = torch.randn(SLOTS, 8, IN, device=device), torch.randn(SLOTS, 8, OUT_TOTAL, device=device)
     y = torch.randn(5, OUT_TOTAL, device=device)
     base = y.clone()
     ops.lora_expand(ops.lora_shrink(x, a, mapping), b, y, mapping)

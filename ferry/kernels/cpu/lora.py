@@ -37,7 +37,7 @@ def lora_expand(v: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor,
             or v.dtype != torch.float32 or not v.is_contiguous() or y.dim() != 2
             or not _rows_ok(y) or not _rows_ok(lora_b)):
         return reference.lora_expand(v, lora_b, y, mapping)
-    tokens, rank, out = y.shape[0], lora_b.shape[2], y.shape[1]
+    tokens, rank, out = y.shape[0], lora_b.shape[1], y.shape[1]
     check(functions().lora_expand(
         DTYPE_CODES[y.dtype], v.data_ptr(), lora_b.data_ptr(), lora_b.stride(0),
         lora_b.stride(1), mapping.token_slots.data_ptr(), tokens, rank, out, y.data_ptr(),

@@ -49,7 +49,7 @@ def lora_shrink_kernel(
 
 @triton.jit
 def lora_expand_kernel(
-    v_ptr, b_ptr, y_ptr, seg_ptr,       # v (T, r) fp32; b (S, out, r) view; y (T, out) view
+    v_ptr, b_ptr, y_ptr, seg_ptr,       # v (T, r) fp32; b = B^T (S, r, out) view; y (T, out) view
     rank, out_features, stride_v, stride_b_slot, stride_b_row, stride_y,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -68,10 +68,10 @@ def lora_expand_kernel(
             k_mask = offs_k < rank
             v = tl.load(v_ptr + offs_t[:, None] * stride_v + offs_k[None, :],
                         mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(b_ptr + slot * stride_b_slot + offs_n[:, None] * stride_b_row
-                        + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.dot(v, tl.trans(b), input_precision="ieee")      # (BT, BN)
+            b = tl.load(b_ptr + slot * stride_b_slot + offs_k[:, None] * stride_b_row
+                        + offs_n[None, :], mask=k_mask[:, None] & n_mask[None, :],
+                        other=0.0).to(tl.float32)                       # (BK, BN)
+            acc += tl.dot(v, b, input_precision="ieee")                 # (BT, BN)
         y_ptrs = y_ptr + offs_t[:, None] * stride_y + offs_n[None, :]
         mask = t_mask[:, None] & n_mask[None, :]
         y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -101,10 +101,10 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, mapping: LoRAMapping) -> 
 
 def lora_expand(v: torch.Tensor, lora_b: torch.Tensor, y: torch.Tensor,
                 mapping: LoRAMapping) -> None:
-    """y (T, out) += v (T, r) @ lora_b[slot] (out, r)^T per segment, in place."""
+    """y (T, out) += v (T, r) @ lora_b[slot] (r, out) per segment, in place."""
     check_same_device(v, lora_b, y, mapping.segment_table)
     lora_b, y = _rows(lora_b), _rows(y)
-    rank, out = lora_b.shape[2], y.shape[1]
+    rank, out = lora_b.shape[1], y.shape[1]
     if mapping.segments and rank:
         bt, bn, bk = EXPAND_CONFIG
         grid = (len(mapping.segments), cdiv(mapping.max_segment_len, bt), cdiv(out, bn))

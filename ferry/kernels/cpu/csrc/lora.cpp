@@ -3,9 +3,10 @@
 //
 // Each token t reads the adapter in slot token_slots[t] (-1: base model, skipped):
 //   shrink: v[t, k] = sum_i x[t, i] * A[slot, k, i]        (float32 accumulation)
-//   expand: y[t, o] = round(y[t, o] + sum_k v[t, k] * B[slot, o, k])
-// A and B are views into the preallocated slot stacks (their rank may be sliced), so
-// each comes with a slot stride and a row stride; rows themselves are contiguous.
+//   expand: y[t, o] = round(y[t, o] + sum_k v[t, k] * Bt[slot, k, o])
+// A (S, r, in) and Bt (S, r, out) are views into the preallocated slot stacks (rank and
+// output columns may be sliced), so each comes with a slot stride and a row stride; rows
+// are contiguous. Expand is a sum of r scaled rows of Bt: contiguous, vectorised.
 #include <omp.h>
 
 #include <cstdint>
@@ -44,19 +45,27 @@ void lora_expand(const float* v, const T* b, int64_t b_slot_stride, int64_t b_ro
                  const int32_t* token_slots, int64_t tokens, int64_t rank, int64_t out,
                  T* y, int64_t y_stride, int num_threads) {
   const bool parallel = tokens * rank * out >= kMinParallelWork;
-  parallel_for(tokens, parallel, num_threads, [&](int64_t t) {
+  // Columns in blocks, so one token's float accumulator stays in cache (and on the stack).
+  constexpr int64_t kBlock = 512;
+  const int64_t blocks = (out + kBlock - 1) / kBlock;
+  parallel_for(tokens * blocks, parallel, num_threads, [&](int64_t item) {
+    const int64_t t = item / blocks, o0 = (item % blocks) * kBlock;
+    const int64_t width = out - o0 < kBlock ? out - o0 : kBlock;
     const int32_t slot = token_slots[t];
     if (slot < 0) return;
     const float* vr = v + t * rank;
-    const T* bs = b + slot * b_slot_stride;
-    T* yr = y + t * y_stride;
-    for (int64_t o = 0; o < out; ++o) {
-      const T* br = bs + o * b_row_stride;
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < rank; ++k) acc += vr[k] * to_float(br[k]);
-      store(to_float(yr[o]) + acc, yr + o);
+    const T* bs = b + slot * b_slot_stride + o0;
+    T* yr = y + t * y_stride + o0;
+    float acc[kBlock];
+#pragma omp simd
+    for (int64_t o = 0; o < width; ++o) acc[o] = to_float(yr[o]);
+    for (int64_t k = 0; k < rank; ++k) {
+      const float vk = vr[k];
+      const T* br = bs + k * b_row_stride;
+#pragma omp simd
+      for (int64_t o = 0; o < width; ++o) acc[o] += vk * to_float(br[o]);
     }
+    for (int64_t o = 0; o < width; ++o) store(acc[o], yr + o);
   });
 }
 
