@@ -9,6 +9,7 @@ from ferry.openmp_env import set_wait_policy_defaults  # noqa: E402
 set_wait_policy_defaults()
 
 from ferry.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from ferry.lora.request import LoRARequest  # noqa: E402
 from ferry.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -21,4 +22,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ferry' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]

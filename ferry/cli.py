@@ -129,6 +129,33 @@ def serve(**kwargs: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- generate
+_LORA_HELP = ("Answer with this LoRA adapter: a --lora-modules name, or a subdirectory of "
+              "--lora-adapters-dir")
+
+
+def _select_lora(engine: Any, name: str | None) -> str | None:
+    """Make adapter ``name`` available (from lora_adapters_dir if not loaded yet)."""
+    if name is None:
+        return None
+    from pathlib import Path
+
+    from ferry.lora.adapter_config import LoRAError
+
+    lora = getattr(engine, "lora", None)
+    if lora is None:
+        _fail("--lora needs --lora-modules NAME=PATH or --lora-adapters-dir DIR", 2)
+    if name in lora.registry:
+        return name
+    root = engine.config.lora.lora_adapters_dir
+    if not root:
+        _fail(f"no LoRA adapter named {name!r}: give it with --lora-modules {name}=PATH", 2)
+    try:
+        lora.load(name, str(Path(root) / name), source="cli")
+    except LoRAError as exc:
+        _fail(str(exc), 2)
+    return name
+
+
 def _sampling(kwargs: dict[str, Any]):
     from ferry.sampling_params import SamplingParams
 
@@ -157,10 +184,12 @@ def read_piped_prompt(stream: Any) -> str:
     return stream.read().rstrip("\r\n")
 
 
-def stream_text(engine: Any, prompt: Any, params: Any) -> Iterator[str]:
+def stream_text(engine: Any, prompt: Any, params: Any,
+                lora_name: str | None = None) -> Iterator[str]:
     """Run one request on a synchronous engine, yielding its new text as it comes."""
     request_id = f"cli-{uuid.uuid4().hex}"
-    engine.add_request(request_id, prompt, params)
+    extra = {"lora_name": lora_name} if lora_name is not None else {}
+    engine.add_request(request_id, prompt, params, **extra)
     sent, finished = 0, False
     try:
         while not finished and engine.has_unfinished_requests():
@@ -185,10 +214,12 @@ def stream_text(engine: Any, prompt: Any, params: Any) -> Iterator[str]:
                   help="The prompt text"),
            *_sampling_parameters(128),
            _param("chat", bool, False, "--chat/--no-chat",
-                  help="Wrap the prompt in the model's chat template")])
+                  help="Wrap the prompt in the model's chat template"),
+           _param("lora", Optional[str], None, "--lora", help=_LORA_HELP)])
 def generate(**kwargs: Any) -> None:
     prompt = kwargs.pop("prompt", None)
     use_chat = kwargs.pop("chat")
+    lora_arg = kwargs.pop("lora")
     params = _sampling(kwargs)
     if prompt in (None, "-"):
         prompt = read_piped_prompt(sys.stdin)
@@ -196,11 +227,13 @@ def generate(**kwargs: Any) -> None:
         _fail("the prompt is empty: pass it as an argument or on standard input", 2)
     config = _config_or_exit(kwargs)
     engine = _load_engine(config)
+    lora_name = _select_lora(engine, lora_arg)
     try:
         # Token ids, so that max_tokens can be fitted to the context the prompt leaves.
         source = (engine.encode_chat([{"role": "user", "content": prompt}]) if use_chat
                   else list(engine.tokenizer.encode(prompt)))
-        for piece in stream_text(engine, source, fit_to_context(engine, source, params)):
+        for piece in stream_text(engine, source, fit_to_context(engine, source, params),
+                                 lora_name):
             sys.stdout.write(piece)
             sys.stdout.flush()
     except ValueError as exc:
@@ -214,12 +247,15 @@ def generate(**kwargs: Any) -> None:
 @with_config_flags(
     ENGINE_PARTS,
     extra=[*_sampling_parameters(512),
-           _param("system", Optional[str], None, "--system", help="A system message")])
+           _param("system", Optional[str], None, "--system", help="A system message"),
+           _param("lora", Optional[str], None, "--lora", help=_LORA_HELP)])
 def chat(**kwargs: Any) -> None:
     system = kwargs.pop("system")
+    lora_arg = kwargs.pop("lora")
     params = _sampling(kwargs)
     config = _config_or_exit(kwargs)
     engine = _load_engine(config)
+    lora_name = _select_lora(engine, lora_arg)
     initial = [{"role": "system", "content": system}] if system else []
     messages = list(initial)
     typer.echo(f"chatting with {engine.served_model_name} (/reset, /exit)")
@@ -236,20 +272,23 @@ def chat(**kwargs: Any) -> None:
             continue
         if not line.strip():
             continue
-        reply = _reply(engine, [*messages, {"role": "user", "content": line}], params)
+        reply = _reply(engine, [*messages, {"role": "user", "content": line}], params,
+                       lora_name)
         if reply is not None:   # a failed turn is not kept: the next one would fail too
             messages += [{"role": "user", "content": line},
                          {"role": "assistant", "content": reply}]
 
 
-def _reply(engine: Any, messages: list[dict], params: Any) -> str | None:
+def _reply(engine: Any, messages: list[dict], params: Any,
+           lora_name: str | None = None) -> str | None:
     """Stream the answer to ``messages``; its text, or None when the turn failed (an
     interrupted answer keeps what was shown)."""
     sys.stdout.write("assistant> ")
     pieces = []
     try:
         prompt_ids = engine.encode_chat(messages)
-        for piece in stream_text(engine, prompt_ids, fit_to_context(engine, prompt_ids, params)):
+        for piece in stream_text(engine, prompt_ids, fit_to_context(engine, prompt_ids, params),
+                                 lora_name):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

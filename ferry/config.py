@@ -157,10 +157,43 @@ class ParallelConfig(ConfigPart):
 class LoRAConfig(ConfigPart):
     """LoRA adapters served next to the base model."""
 
+    enable_lora: bool = Field(False, description="Serve LoRA adapters (implied by lora_modules "
+                                                 "or lora_adapters_dir; the Python API's "
+                                                 "lora_request needs it)")
+    lora_modules: dict[str, str] | None = Field(
+        None, description="Adapters to load at start, name=path[,name=path...]",
+        json_schema_extra=_cli(metavar="NAME=PATH,..."))
     lora_adapters_dir: str | None = Field(None, description="Directory of LoRA adapters to "
-                                                            "serve")
+                                                            "serve, watched while running (each "
+                                                            "subdirectory is one adapter)")
     max_loras: int = Field(8, ge=1, description="LoRA adapters resident at once")
-    max_lora_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted")
+    max_cpu_loras: int = Field(32, ge=1, description="LoRA adapters kept in host memory")
+    max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest LoRA rank accepted")
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _lora_modules(cls, value: Any) -> Any:
+        return parse_lora_modules(value)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.enable_lora or self.lora_modules or self.lora_adapters_dir)
+
+
+def parse_lora_modules(value: Any) -> Any:
+    """``a=/p,b=/q`` (the flag), a list of ``name=path`` or a mapping -> {name: path}."""
+    if value is None or isinstance(value, dict):
+        return value
+    items = value.replace(",", " ").split() if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError("lora_modules must be name=path pairs")
+    modules: dict[str, str] = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"lora_modules entry {item!r} is not name=path")
+        modules[name.strip()] = path.strip()
+    return modules or None
 
 
 class ObservabilityConfig(ConfigPart):

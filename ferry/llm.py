@@ -11,6 +11,7 @@ from ferry.checkpoint import resolve_model_dir
 from ferry.config import EngineConfig
 from ferry.engine.engine import Engine
 from ferry.executor.in_process import InProcessExecutor
+from ferry.lora.request import LoRARequest
 from ferry.outputs import RequestOutput
 from ferry.sampling_params import SamplingParams
 
@@ -55,16 +56,50 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
                  ) -> list[RequestOutput]:
         """Generate for each prompt; returns RequestOutputs in input order.
 
         A prompt is a string or ``{"prompt_token_ids": [...]}``. ``sampling_params`` is one
-        SamplingParams for all prompts or a list with one per prompt.
+        SamplingParams for all prompts or a list with one per prompt. ``lora_request`` runs
+        them with a LoRA adapter (one for all, or one per prompt, None = base model); an
+        adapter given with a path is loaded first (LoRA needs ``LLM(..., enable_lora=True)``).
         """
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
         priorities = _as_priority_list(priority, len(prompts))
-        return self._run(prompts, params, priorities, use_tqdm)
+        loras = self._lora_names(lora_request, len(prompts))
+        return self._run(prompts, params, priorities, use_tqdm, loras)
+
+    def load_lora(self, name: str, path: str, *, load_inplace: bool = False) -> None:
+        """Load (or with ``load_inplace``, replace) the LoRA adapter ``name`` from ``path``."""
+        self._lora().load(name, path, load_inplace=load_inplace, source="python")
+
+    def unload_lora(self, name: str) -> None:
+        self._lora().unload(name)
+
+    def _lora(self):
+        if self.engine.lora is None:
+            raise ValueError("LoRA serving is off: create LLM(..., enable_lora=True)")
+        return self.engine.lora
+
+    def _lora_names(self, lora_request: Any, n: int) -> list[str | None]:
+        requests = (list(lora_request) if isinstance(lora_request, (list, tuple))
+                    else [lora_request] * n)
+        if len(requests) != n:
+            raise ValueError(f"got {len(requests)} lora_requests for {n} prompts")
+        names: list[str | None] = []
+        for item in requests:
+            if item is None:
+                names.append(None)
+                continue
+            if not isinstance(item, LoRARequest):
+                raise ValueError(f"lora_request must be a LoRARequest, got {type(item).__name__}")
+            entry = self._lora().registry.get(item.lora_name)
+            if item.lora_path is not None and (entry is None or entry.path != str(item.lora_path)):
+                self.load_lora(item.lora_name, str(item.lora_path), load_inplace=True)
+            names.append(item.lora_name)
+        return names
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -81,14 +116,17 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, prompts: list[Prompt], params: list[SamplingParams],
-             priorities: list[int | None], use_tqdm: bool) -> list[RequestOutput]:
+             priorities: list[int | None], use_tqdm: bool,
+             loras: list[str | None] | None = None) -> list[RequestOutput]:
         order: dict[str, int] = {}
+        loras = loras or [None] * len(prompts)
         try:
-            for index, (prompt, p, prio) in enumerate(zip(prompts, params, priorities)):
+            for index, (prompt, p, prio, lora) in enumerate(zip(prompts, params, priorities, loras)):
                 request_id = f"llm-{next(self._ids)}"
                 if p.structured_outputs is not None:   # a bad constraint raises here
                     self.engine.structured_output.compile_now(p.structured_outputs)
-                self.engine.add_request(request_id, prompt, p, priority=prio, stream=False)
+                self.engine.add_request(request_id, prompt, p, priority=prio, stream=False,
+                                        lora_name=lora)
                 order[request_id] = index
         except ValueError as exc:
             self.engine.abort_request(list(order))

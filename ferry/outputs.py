@@ -23,6 +23,7 @@ class NewRequest:
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()   # masked while the request is below min_tokens
+    lora_id: int | None = None            # the LoRA adapter it runs with (None: base model)
 
 
 @dataclass

@@ -41,6 +41,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0
     lora_name: str | None = None
+    lora_id: int | None = None            # the adapter's load generation (new on each reload)
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -71,6 +72,12 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
+
+    @property
+    def cache_salt(self) -> str | None:
+        """What the prefix cache keys this request's KV by besides its tokens: the adapter
+        and its load generation, so an adapter reloaded in place never hits the old KV."""
+        return self.lora_name if self.lora_id is None else f"{self.lora_name}#{self.lora_id}"
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ferry import checkpoint
 from ferry.config import EngineConfig, RuntimeConfig
+from ferry.engine.lora_adapters import LoRAAdapters
 from ferry.engine.output_processor import OutputProcessor
 from ferry.engine.preemption import DEFAULT_COPY_BYTES_PER_SECOND, PreemptionCosts
 from ferry.engine.scheduler import Scheduler
@@ -103,6 +104,10 @@ class Engine:
         self.structured_output = StructuredOutputManager(
             None if grammar_compiler_factory is None else grammar_compiler_factory(
                 self.tokenizer, self.vocab_size, list(self.eos_token_ids)))
+        self.lora: LoRAAdapters | None = None
+        if config.lora.enabled:
+            self.lora = LoRAAdapters(config.lora, executor, self.scheduler,
+                                     {self.served_model_name, str(model.model_path)})
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -112,11 +117,12 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
                     *, priority: int | None = None, arrival_time: float | None = None,
-                    stream: bool = True) -> None:
+                    stream: bool = True, lora_name: str | None = None) -> None:
         """Queue a request. Raises ``ValueError`` with a user-facing message on bad input.
 
         ``step()`` reports a streamed request every step it advances, and one with
-        ``stream=False`` once, when it finishes.
+        ``stream=False`` once, when it finishes. ``lora_name`` runs it with that loaded
+        LoRA adapter (``ferry.lora``).
         """
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -136,6 +142,11 @@ class Engine:
                                     arrival_time=arrival, priority=priority))
         if params.structured_outputs is not None:
             self.structured_output.check_available()
+        if lora_name is not None:
+            if self.lora is None:
+                raise ValueError(f"LoRA adapter {lora_name!r} requested but LoRA serving is off; "
+                                 "start with enable_lora (or lora_modules / lora_adapters_dir)")
+            self.lora.attach(children, lora_name)
         self.outputs.add(request_id, prompt_text, token_ids, params, children, stream)
         for child in children:
             if params.structured_outputs is not None:
@@ -150,6 +161,8 @@ class Engine:
         child_ids = list(itertools.chain.from_iterable(self.outputs.pop(i) for i in ids))
         self.structured_output.drop(child_ids)
         self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        if self.lora is not None:
+            self.lora.sweep()
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> list[RequestOutput]:
@@ -220,6 +233,8 @@ class Engine:
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
             self.structured_output.drop(stopped)
+        if self.lora is not None:
+            self.lora.sweep()
         return self.outputs.collect()
 
     def get_num_unfinished_requests(self) -> int:

@@ -30,6 +30,9 @@ class _RequestLike(Protocol):
     lora_name: str | None
 
     @property
+    def cache_salt(self) -> str | None: ...
+
+    @property
     def num_tokens(self) -> int: ...
 
 
@@ -205,7 +208,7 @@ class KVCacheManager:
         while len(hashes) < num_blocks:
             start = len(hashes) * size
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, tokens[start:start + size], request.lora_name))
+            hashes.append(hash_block_tokens(parent, tokens[start:start + size], request.cache_salt))
         return hashes
 
     def _commit_lookup(self, request_id: str) -> None:

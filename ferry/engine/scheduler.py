@@ -318,7 +318,8 @@ class Scheduler(WaitingAdmission, Preemption):
         sample = start + num_known == request.num_tokens + request.num_output_placeholders
         if not request.sent_to_runner:
             output.new_requests.append(NewRequest(request.request_id, request.prompt_token_ids,
-                                                  request.sampling_params, request.eos_token_ids))
+                                                  request.sampling_params, request.eos_token_ids,
+                                                  lora_id=request.lora_id))
             request.sent_to_runner = True
         table = self.kv_cache_manager.get_block_ids(request.request_id)
         scheduled = ScheduledRequest(

@@ -40,5 +40,17 @@ class Executor(ABC):
     def collect(self, handle: Any) -> RunnerOutput:
         """Wait for a launched step's tokens."""
 
+    def add_lora(self, lora_id: int, path: str) -> None:
+        """Load and check the LoRA adapter at ``path`` as ``lora_id`` on every runner; raises
+        ``ferry.lora.adapter_config.LoRAError`` with the reason."""
+        raise NotImplementedError(f"{type(self).__name__} does not serve LoRA adapters")
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Forget adapter ``lora_id`` (no request uses it any more)."""
+
+    def lora_stats(self) -> dict[str, int]:
+        """Counters of the runners' adapter slots (swaps_in, swaps_out, host_loads)."""
+        return {}
+
     def shutdown(self) -> None:
         """Release workers and devices (nothing to do in-process)."""

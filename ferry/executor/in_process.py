@@ -6,6 +6,8 @@ from pathlib import Path
 from ferry.checkpoint import resolve_model_dir
 from ferry.config import EngineConfig, RuntimeConfig
 from ferry.executor.base import Executor
+from ferry.lora.adapter_config import LoRAError
+from ferry.lora.slots import LoRASlots, build_lora_slots
 from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.runner.drafts import DraftProposer
 from ferry.runner.memory import kv_block_bytes
@@ -25,6 +27,11 @@ class InProcessExecutor(Executor):
         self.platform = self._loaded.platform
         self._proposer = proposer
         self.runner: ModelRunner | None = None
+        lora, loaded = config.lora, self._loaded
+        # Slots before profiling: the KV cache is sized around them.
+        self._lora: LoRASlots | None = build_lora_slots(
+            loaded.model, lora.max_loras, lora.max_cpu_loras, lora.max_lora_rank, loaded.dtype,
+            loaded.device) if lora.enabled else None
 
     def profile(self) -> int:
         return count_kv_blocks(self.config, self._loaded)
@@ -37,7 +44,8 @@ class InProcessExecutor(Executor):
         self.runner = ModelRunner(loaded.model, num_blocks=num_blocks,
                                   block_size=config.cache.block_size, device=loaded.device,
                                   kv_dtype=loaded.dtype, proposer=self._proposer,
-                                  num_host_blocks=num_host_blocks)
+                                  num_host_blocks=num_host_blocks,
+                                  lora=self._lora)
         if self.platform.is_gpu and not config.model.enforce_eager:
             self.runner.capture_decode_graphs(max_num_seqs=config.scheduler.max_num_seqs,
                                               max_model_len=loaded.max_model_len)
@@ -59,3 +67,16 @@ class InProcessExecutor(Executor):
 
     def collect(self, handle: PendingOutput) -> RunnerOutput:
         return handle.result()
+
+    def add_lora(self, lora_id: int, path: str) -> None:
+        if self._lora is None:
+            raise LoRAError("LoRA serving is off; start with enable_lora (or lora_modules / "
+                            "lora_adapters_dir)")
+        self._lora.add(lora_id, path)
+
+    def remove_lora(self, lora_id: int) -> None:
+        if self._lora is not None:
+            self._lora.remove(lora_id)
+
+    def lora_stats(self) -> dict[str, int]:
+        return vars(self._lora.stats).copy() if self._lora is not None else {}

@@ -23,7 +23,8 @@ from ferry.platform import kernel_backend
 
 # The ops every backend implements (the tests reroute them all to one backend).
 OP_NAMES = ("write_kv_cache", "paged_attention", "rms_norm", "fused_add_rms_norm",
-            "apply_rotary", "silu_and_mul", "wna16_linear", "bf16_weight_linear")
+            "apply_rotary", "silu_and_mul", "wna16_linear", "bf16_weight_linear",
+            "lora_shrink", "lora_expand")
 
 # device type -> backend module. Dispatch runs per op per layer per step: after the first
 # call on a device type it is one dict lookup.
@@ -93,5 +94,14 @@ def bf16_weight_linear(x, weight, bias=None):
     return _ops_for(x).bf16_weight_linear(x, weight, bias)
 
 
-__all__ = ["OP_NAMES", "bf16_weight_linear", "apply_rotary", "fused_add_rms_norm", "paged_attention", "prepare",
-           "rms_norm", "silu_and_mul", "wna16_linear", "write_kv_cache"]
+def lora_shrink(x, lora_a, mapping):
+    return _ops_for(x).lora_shrink(x, lora_a, mapping)
+
+
+def lora_expand(v, lora_b, y, mapping):
+    return _ops_for(y).lora_expand(v, lora_b, y, mapping)
+
+
+__all__ = ["OP_NAMES", "apply_rotary", "bf16_weight_linear", "fused_add_rms_norm", "lora_expand",
+           "lora_shrink", "paged_attention", "prepare", "rms_norm", "silu_and_mul", "wna16_linear",
+           "write_kv_cache"]

@@ -209,3 +209,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """(T, 2I) -> silu(x[:, :I]) * x[:, I:], the SwiGLU gate."""
     inter = x.shape[-1] // 2
     return F.silu(x[..., :inter]) * x[..., inter:]
+
+
+from ferry.kernels.lora_reference import lora_expand, lora_shrink  # noqa: E402,F401  (LoRA ops)

@@ -27,9 +27,12 @@ class LinearBase(nn.Module):
         self.weight_method = (weight_methods or UNQUANTIZED).linear_method(prefix, self)
         self.weight_method.create_weights(self, input_size, list(output_sizes), dtype)
         self.bias = new_parameter((self.output_size,), dtype, output_dim=0, input_dim=None) if bias else None
+        # LoRA serving adds its delta to whatever the method computed (``ferry.layers.lora``).
+        self.lora = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight_method.apply(self, x, self.bias)          # (T, in) -> (T, out)
+        y = self.weight_method.apply(self, x, self.bias)             # (T, in) -> (T, out)
+        return y if self.lora is None else self.lora.apply(x, y)
 
 
 class Linear(LinearBase):

@@ -16,6 +16,7 @@ import torch
 
 from ferry import kernels
 from ferry.outputs import RunnerOutput, SchedulerOutput
+from ferry.lora.slots import LoRASlots
 from ferry.platform import DeviceGraphCapture, zeros_on_demand
 from ferry.runner.cuda_graphs import DecodeGraphs, GraphCapture
 from ferry.runner.drafts import DraftProposer
@@ -32,8 +33,10 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int,
                  device: torch.device, kv_dtype: torch.dtype,
-                 proposer: DraftProposer | None = None, num_host_blocks: int = 0) -> None:
+                 proposer: DraftProposer | None = None, num_host_blocks: int = 0,
+                 lora: LoRASlots | None = None) -> None:
         self.model = model
+        self.lora = lora   # LoRA serving: the adapters' slots (None: LoRA is off)
         self.block_size = block_size
         self.device = device
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype, device)
@@ -71,8 +74,8 @@ class ModelRunner:
         batch = build_model_input([ScheduledState(s, state) for s, state in
                                    zip(sched.scheduled, states)], self.block_size, self.device)
         self._fill_placeholders(batch)
-        hidden = None
-        if self.decode_graphs is not None:
+        hidden = self._forward_lora(batch) if self.lora is not None else None
+        if hidden is None and self.decode_graphs is not None:
             hidden = self.decode_graphs.try_run(batch.input_ids, batch.positions, batch.attn_metadata)
         if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_metadata)
@@ -85,6 +88,19 @@ class ModelRunner:
         token_ids, logprobs = self.sampler.sample(logits, rows, generators)
         self._last_sampled = (token_ids, _last_rows(sampled))
         return PendingOutput(sampled, token_ids, logprobs)
+
+    def _forward_lora(self, batch: ModelInput) -> torch.Tensor | None:
+        """The forward of a step with LoRA requests (eager: graphs hold no LoRA); None when
+        the step has none, so it runs as if LoRA were off."""
+        mapping = self.lora.prepare([r.state.lora_id for r in batch.requests],
+                                    [r.scheduled.num_tokens for r in batch.requests])
+        if mapping is None:
+            return None
+        self.lora.batch.mapping = mapping
+        try:
+            return self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_metadata)
+        finally:
+            self.lora.batch.mapping = None
 
     def _sampling_rows(self, requests: list[ScheduledState]
                        ) -> tuple[list[SamplingRow], list[torch.Generator | None], list[SampledRequest]]:

@@ -66,7 +66,6 @@ def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
 _NOT_YET = {
     "kv_cache_dtype": ("auto",),
     "tensor_parallel_size": (1,),
-    "lora_adapters_dir": (None,),
     "debug_trace": ("none",),
 }
 

@@ -30,6 +30,7 @@ class RequestState:
     eos_token_ids: tuple[int, ...]
     token_ids: list[int]
     block_ids: list[int] = field(default_factory=list)
+    lora_id: int | None = None
 
 
 class RequestStates:
@@ -80,4 +81,5 @@ class RequestStates:
 
 def _new_state(new: NewRequest) -> RequestState:
     return RequestState(new.request_id, len(new.prompt_token_ids), new.sampling_params,
-                        tuple(new.eos_token_ids), list(new.prompt_token_ids))
+                        tuple(new.eos_token_ids), list(new.prompt_token_ids),
+                        lora_id=new.lora_id)

@@ -24,12 +24,15 @@ from ferry.config import FerryConfig, ServerConfig
 from ferry.server.async_engine import AsyncEngine, engine_executor
 from ferry.server.body_limit import BodySizeLimit
 from ferry.server.errors import APIError, install_error_handlers
+from ferry.server.lora_routes import AdapterDirWatcher, adapter_cards, engine_lora, lora_router
+from ferry.server.lora_metrics import LoRACollector
 from ferry.server.metrics import ServerMetrics
 from ferry.server.openapi import error_responses, generated, install_openapi, json_body, ok
 from ferry.server.tool_calls.parsers import make_parser
 from ferry.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                   DetokenizeResponse, HealthResponse, ModelCard, ModelList,
-                                   TokenizeRequest, TokenizeResponse, VersionResponse)
+                                   DetokenizeResponse, HealthResponse, LoadLoRAAdapterRequest,
+                                   ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+                                   UnloadLoRAAdapterRequest, VersionResponse)
 from ferry.server.response_models import (STREAM_MODELS, ChatCompletionResponse,
                                           ChatCompletionStreamResponse, CompletionResponse,
                                           CompletionStreamResponse)
@@ -42,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 # The request bodies /openapi.json publishes (the handlers parse them themselves).
 REQUEST_MODELS = [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest,
+                  LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest,
                   *STREAM_MODELS]   # and the stream chunks, described in the SSE events
 _GENERATION_ERRORS = (400, 401, 404, 413, 503, 504)
 
@@ -64,6 +68,8 @@ def build_state(engine: Any, config: ServerConfig,
                 executor: ThreadPoolExecutor | None = None) -> ServerState:
     """Everything the handlers share, around ``engine``, limited by ``config``."""
     metrics = _server_metrics(engine)
+    if getattr(engine, "lora", None) is not None:
+        metrics.registry.register(LoRACollector(engine, metrics.common_labels))
     async_engine = AsyncEngine(engine, max_waiting_requests=config.max_waiting_requests,
                                metrics=metrics, executor=executor,
                                request_timeout=config.request_timeout_seconds)
@@ -118,9 +124,12 @@ def build_app(engine: Any, config: ServerConfig,
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await state.engine.start()
+        watcher = _start_lora_watcher(state)
         try:
             yield
         finally:
+            if watcher is not None:
+                await watcher.stop()
             await state.engine.shutdown(grace_seconds=config.shutdown_grace_seconds)
             state.prompts.shutdown()
 
@@ -140,6 +149,18 @@ def build_app(engine: Any, config: ServerConfig,
     app.include_router(_plain_router(state))
     install_openapi(app, REQUEST_MODELS)
     return app
+
+
+def _start_lora_watcher(state: ServerState) -> AdapterDirWatcher | None:
+    """Watch ``lora_adapters_dir`` while serving, when LoRA serving is on and it is set."""
+    if engine_lora(state) is None:
+        return None
+    root = state.engine.engine.config.lora.lora_adapters_dir
+    if not root:
+        return None
+    watcher = AdapterDirWatcher(state, root)
+    watcher.start()
+    return watcher
 
 
 def _count_error(state: ServerState, request: Request, error: APIError) -> None:
@@ -172,13 +193,15 @@ def _v1_router(state: ServerState) -> APIRouter:
     @router.get("/models", response_model=None,
                 responses={**ok(ModelList), **error_responses(401)})
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        base = model_card()
+        return {"object": "list", "data": [base, *adapter_cards(state, base)]}
 
     @router.get("/models/{model_id:path}", response_model=None,
                 responses={**ok(ModelCard), **error_responses(401, 404)})
     async def retrieve_model(model_id: str) -> dict[str, Any]:
-        check_model(state, model_id)
-        return model_card()
+        if check_model(state, model_id) is None:
+            return model_card()
+        return next(card for card in adapter_cards(state, model_card()) if card["id"] == model_id)
 
     @router.post("/completions", response_model=None, openapi_extra=json_body(CompletionRequest),
                  responses={**generated(CompletionResponse, CompletionStreamResponse),
@@ -193,6 +216,7 @@ def _v1_router(state: ServerState) -> APIRouter:
     async def chat_completions(request: Request):
         return await create_chat_completion(request, state)
 
+    router.include_router(lora_router(state, parse_body))
     return router
 
 

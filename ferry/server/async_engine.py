@@ -187,7 +187,7 @@ class AsyncEngine:
             "seconds (request_timeout_seconds) and was aborted")
 
     async def add_request(self, request_id: str, prompt: PromptSource, params: SamplingParams,
-                          *, priority: int | None = None,
+                          *, priority: int | None = None, lora_name: str | None = None,
                           deadline: float | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Add a request; once the engine accepted it, return the stream of its outputs.
 
@@ -199,7 +199,7 @@ class AsyncEngine:
         ``request_timeout`` (the stream then raises ``RequestTimeoutError``), counted from
         ``deadline`` (from :meth:`deadline` when the request arrived) when given.
         """
-        stream = self._stream(request_id, prompt, params, priority, deadline)
+        stream = self._stream(request_id, prompt, params, priority, lora_name, deadline)
         await stream.__anext__()  # runs up to "accepted"
         return stream
 
@@ -212,8 +212,8 @@ class AsyncEngine:
                 yield output
 
     async def _stream(self, request_id: str, prompt: PromptSource, params: SamplingParams,
-                      priority: int | None,
-                      deadline: float | None) -> AsyncGenerator[RequestOutput | None, None]:
+                      priority: int | None, lora_name: str | None = None,
+                      deadline: float | None = None) -> AsyncGenerator[RequestOutput | None, None]:
         self.check_capacity(params.n)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -221,8 +221,9 @@ class AsyncEngine:
 
         def add(engine: Any) -> None:
             source = prompt(engine) if callable(prompt) else prompt
+            extra = {"lora_name": lora_name} if lora_name is not None else {}
             engine.add_request(request_id, source, params, priority=priority,
-                               arrival_time=arrival)
+                               arrival_time=arrival, **extra)
 
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue

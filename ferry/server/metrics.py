@@ -68,6 +68,11 @@ class ServerMetrics:
         if self._energy_start is not None:
             self._define_energy_metrics()
 
+    @property
+    def common_labels(self) -> dict[str, str]:
+        """The labels every metric carries (model, quant_type, gpu_vendor)."""
+        return dict(self._labels)
+
     # ------------------------------------------------------------------ definitions
     def _metric(self, kind, name: str, doc: str, **kw):
         """A metric with the three common labels; returns its one child (labels bound)."""

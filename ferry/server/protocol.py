@@ -364,6 +364,7 @@ class ModelCard(BaseModel):
     root: str
     max_model_len: int
     quant_type: str = "none"     # weight format (ferry extension): none, gptq_int4, fp8, ...
+    parent: str | None = None      # a LoRA adapter's base model
 
 
 class ModelList(BaseModel):
@@ -388,3 +389,24 @@ class HealthResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+
+
+class LoadLoRAAdapterRequest(_Strict):
+    """``POST /v1/load_lora_adapter``: ``lora_path`` is inside ``lora_adapters_dir`` (or a
+    ``--lora-modules`` path); ``load_inplace`` replaces a loaded adapter of that name."""
+
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_path: str = Field(min_length=1, max_length=4096)
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_int_id: int | None = None    # accepted for vLLM clients; the name decides
+
+
+class LoRAAdapterResponse(BaseModel):
+    object: Literal["lora_adapter"] = "lora_adapter"
+    id: str
+    status: Literal["loaded", "reloaded", "unloaded"]
+    in_flight: int = 0             # unload: requests still finishing on it

@@ -25,7 +25,7 @@ from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, D
 async def create_chat_completion(request: Request, state: ServerState):
     deadline = state.engine.deadline()  # the time limit counts parsing and templating
     body = await parse_body(request, ChatCompletionRequest)
-    check_model(state, body.model)
+    lora_name = check_model(state, body.model)
     try:
         params = body.to_sampling_params()
         tools = body.template_tools()
@@ -37,7 +37,7 @@ async def create_chat_completion(request: Request, state: ServerState):
         state, body.template_messages(), body.add_generation_prompt, tools))
     request_id = new_request_id("chatcmpl")
     stream = await add_or_raise(state, request_id, {"prompt_token_ids": prompt_ids}, params,
-                                deadline=deadline)
+                                deadline=deadline, lora_name=lora_name)
     if body.stream:
         return StreamingResponse(_stream(state, body, request_id, stream),
                                  media_type="text/event-stream", headers=SSE_HEADERS)

@@ -16,7 +16,9 @@ from ferry.config import ServerConfig
 from ferry.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from ferry.server.async_engine import (AsyncEngine, EngineOverloadedError, EngineStepError,
                                        EngineStoppedError, RequestTimeoutError)
+from ferry.lora.adapter_config import LoRANotFoundError
 from ferry.server.errors import APIError, validation_error
+from ferry.server.lora_routes import adapter_of_model
 from ferry.server.metrics import ServerMetrics
 from ferry.server.protocol import UnsupportedFieldError
 from ferry.server.tokenization import PromptTokenizer
@@ -93,12 +95,10 @@ def validate_body(body: bytes, model_cls: type[Model]) -> Model:
     return parsed
 
 
-def check_model(state: ServerState, name: str | None) -> None:
-    """``name`` must be the served name; the model path as given at start is accepted too."""
-    if name is not None and name not in (state.model_name, state.model_path):
-        raise APIError(404, f"the model '{name}' does not exist; this server serves "
-                            f"'{state.model_name}' (see /v1/models)",
-                       param="model", code="model_not_found")
+def check_model(state: ServerState, name: str | None) -> str | None:
+    """``name`` must be the served name (the model path as given at start is accepted too)
+    or a loaded LoRA adapter's; returns the adapter's name, None for the base model."""
+    return adapter_of_model(state, name)
 
 
 def engine_error(exc: Exception) -> APIError:
@@ -183,11 +183,14 @@ async def check_constraint(state: ServerState, params: Any) -> None:
 
 
 async def add_or_raise(state: ServerState, request_id: str, prompt: Any, params: Any,
-                       priority: int | None = None, deadline: float | None = None):
+                       priority: int | None = None, deadline: float | None = None,
+                       lora_name: str | None = None):
     """``AsyncEngine.add_request`` with its errors turned into API errors."""
     try:
         return await state.engine.add_request(request_id, prompt, params, priority=priority,
-                                              deadline=deadline)
+                                              deadline=deadline, lora_name=lora_name)
+    except LoRANotFoundError as exc:   # unloaded between the check and the engine
+        raise APIError(404, str(exc), param="model", code="model_not_found") from None
     except (ValueError, RuntimeError) as exc:
         raise engine_error(exc) from None
 

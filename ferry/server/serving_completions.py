@@ -24,7 +24,7 @@ from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, D
 async def create_completion(request: Request, state: ServerState):
     deadline = state.engine.deadline()  # the time limit counts parsing and tokenizing
     body = await parse_body(request, CompletionRequest)
-    check_model(state, body.model)
+    lora_name = check_model(state, body.model)
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported (prompt logprobs)",
                        param="echo", code="unsupported_parameter")
@@ -38,7 +38,7 @@ async def create_completion(request: Request, state: ServerState):
     try:
         for index, prompt in enumerate(prompts):
             streams.append(await add_or_raise(state, f"{request_id}-{index}", prompt, params,
-                                              deadline=deadline))
+                                              deadline=deadline, lora_name=lora_name))
     except BaseException:
         await close_streams(streams)
         raise

@@ -26,6 +26,8 @@ _SIGNATURES = {
     "ferry_wna16_dequantize": [_INT, _P, _P, _P, _INT, _I64, _I64, _I64, _P, _INT],
     "ferry_wna16_has_simd": [],
     "ferry_bf16_gemm": [_INT, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _INT, _INT],
+    "ferry_lora_shrink": [_INT, _P, _I64, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _INT],
+    "ferry_lora_expand": [_INT, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _INT],
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 # A bf16 weight on a GPU: the vendor GEMM (torch) is the fast path, with float32 math.
 from ferry.kernels.quant_reference import bf16_weight_linear
 from ferry.kernels.triton.fused_add_rms_norm import fused_add_rms_norm
+from ferry.kernels.triton.lora import lora_expand, lora_shrink
 from ferry.kernels.triton.paged_attention import paged_attention
 from ferry.kernels.triton.rms_norm import rms_norm
 from ferry.kernels.triton.rotary import apply_rotary
@@ -20,6 +21,8 @@ __all__ = [
     "apply_rotary",
     "bf16_weight_linear",
     "fused_add_rms_norm",
+    "lora_expand",
+    "lora_shrink",
     "paged_attention",
     "rms_norm",
     "silu_and_mul",
