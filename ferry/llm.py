@@ -18,8 +18,14 @@ Prompt = str | dict | list[int]
 
 
 def build_engine(config: EngineConfig) -> Engine:
-    """An Engine over the executor the config asks for (one device, in this process)."""
+    """An Engine over the executor the config asks for: one device in this process, or
+    this process as rank 0 of several (tensor/pipeline parallel, ``MultiprocessExecutor``)."""
     model_dir = resolve_model_dir(config.model.model_path, config.model.revision)
+    parallel = config.parallel
+    if parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
+        from ferry.executor.multiprocess import MultiprocessExecutor
+
+        return Engine(config, MultiprocessExecutor(config, model_dir), model_dir)
     return Engine(config, InProcessExecutor(config, model_dir), model_dir)
 
 

@@ -77,7 +77,8 @@ class Engine:
             model.model_path)
         # Overlap pays where the device runs asynchronously; on the CPU it only delays outputs.
         mode = config.scheduler.async_scheduling
-        self.async_scheduling = mode == "on" or (mode == "auto" and self.runtime.is_gpu)
+        self.async_scheduling = (mode == "on" or (mode == "auto" and self.runtime.is_gpu)) and (
+            getattr(executor, "supports_async_scheduling", True))
         self._in_flight: tuple[SchedulerOutput, object] | None = None
         self.scheduler = Scheduler(config.scheduler, config.cache,
                                    max_model_len=self.max_model_len, num_blocks=self.num_blocks,
