@@ -17,8 +17,10 @@ and a remote worker learns within the timeout that rank 0 is gone.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -36,6 +38,12 @@ from ferry.executor.worker_process import spawn_workers
 from ferry.outputs import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+
+def free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def fatal(message: str) -> None:
@@ -58,6 +66,12 @@ class MultiprocessExecutor(Executor):
         self._on_failure = on_failure
         model_dir = model_dir or resolve_model_dir(config.model.model_path, config.model.revision)
         layouts = layouts_from_config(parallel)
+        if parallel.nnodes == 1 and "RANK" not in os.environ:
+            # One node: a free port of our own, so that servers side by side (or a group
+            # just torn down in this process) never meet at the default port.
+            port = free_local_port()
+            layouts = [dataclasses.replace(layout, master_addr="127.0.0.1", master_port=port)
+                       for layout in layouts]
         if layouts[0].rank != 0:
             raise ValueError(f"this process is rank {layouts[0].rank}, not rank 0: run it "
                              f"with `ferry serve` (ranks other than 0 follow rank 0)")
@@ -106,6 +120,11 @@ class MultiprocessExecutor(Executor):
         if self._closing:
             return
         self._closing = True
+        if not hasattr(self, "rank0"):   # start-up failed: the pipes end the workers
+            for process, writer in self._workers:
+                writer.close()
+                process.join(timeout=10)
+            return
         try:
             with self._lock:
                 broadcast(self.rank0.ctx, ("stop",))
