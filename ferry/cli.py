@@ -131,7 +131,9 @@ def serve(**kwargs: Any) -> None:
     try:
         run_server(config, engine, executor)
     finally:
-        engine.executor.shutdown()   # workers of a multi-rank model stop with the server
+        model_executor = getattr(engine, "executor", None)
+        if model_executor is not None:
+            model_executor.shutdown()   # workers of a multi-rank model stop with the server
 
 
 def _serves_other_ranks(config: FerryConfig) -> bool:

@@ -33,6 +33,7 @@ class RankLayout:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     timeout_seconds: float = 120.0
+    from_env: bool = False     # started by torchrun: join through its store (env://)
 
     @property
     def world_size(self) -> int:
@@ -67,7 +68,7 @@ def layouts_from_config(parallel: Any) -> list[RankLayout]:
                            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
                            master_addr=os.environ.get("MASTER_ADDR", parallel.master_addr),
                            master_port=int(os.environ.get("MASTER_PORT", parallel.master_port)),
-                           **common)]
+                           from_env=True, **common)]
     per_node = world // parallel.nnodes
     first = parallel.node_rank * per_node
     return [RankLayout(rank=first + i, local_rank=i, master_addr=parallel.master_addr,
@@ -140,7 +141,9 @@ def init_distributed(layout: RankLayout, device: torch.device) -> ParallelContex
     backend = backend_for(device)
     timeout = timedelta(seconds=layout.timeout_seconds)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method=f"tcp://{_host(layout)}",
+        # torchrun's agent already serves a store at MASTER_PORT: join it through env://
+        init_method = "env://" if layout.from_env else f"tcp://{_host(layout)}"
+        dist.init_process_group(backend=backend, init_method=init_method,
                                 rank=layout.rank, world_size=layout.world_size, timeout=timeout)
     tp, pp = layout.tp_size, layout.pp_size
     tp_group = pp_group = None
