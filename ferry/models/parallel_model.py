@@ -9,6 +9,7 @@ the embedding's table, loaded on the last stage too).
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,14 @@ import torch
 from torch import nn
 
 from ferry.distributed.state import ParallelContext
-from ferry.layers.weight_methods import WeightMethods, process_weights_after_loading
+from ferry.layers.weight_methods import UNQUANTIZED, WeightMethods, process_weights_after_loading
 from ferry.models.common import CausalLM
 from ferry.models.loader import find_safetensors_files
 from ferry.models.registry import get_model_class
 from ferry.models.sharded_loader import load_rank_weights, stage_name_map
 from ferry.models.tensor_parallel import local_hf_config, tensor_parallel_methods
+
+_LAYER_PREFIX = re.compile(r"^(model\.layers\.)(\d+)(\..*|)$")
 
 
 def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> tuple[int, int]:
@@ -43,6 +46,26 @@ def stage_hf_config(hf_config: Any, first: int, count: int) -> Any:
     if getattr(hf_config, "max_window_layers", None) is not None:
         local.max_window_layers = max(0, hf_config.max_window_layers - first)
     return local
+
+
+class StagePrefixMethods:
+    """Chooses methods by the checkpoint's layer numbers on a stage whose layers count from 0
+    (so a quantization config that names ``model.layers.17`` sees layer 17)."""
+
+    def __init__(self, inner: WeightMethods, first: int):
+        self.inner, self.first = inner, first
+
+    def _global(self, prefix: str) -> str:
+        match = _LAYER_PREFIX.match(prefix)
+        if match is None:
+            return prefix
+        return f"{match.group(1)}{int(match.group(2)) + self.first}{match.group(3)}"
+
+    def linear_method(self, prefix: str, layer: nn.Module):
+        return self.inner.linear_method(self._global(prefix), layer)
+
+    def embedding_method(self, prefix: str, layer: nn.Module):
+        return self.inner.embedding_method(self._global(prefix), layer)
 
 
 class PipelineStage(nn.Module):
@@ -97,6 +120,8 @@ def build_rank_model(model_dir: Path, hf_config: Any, dtype: torch.dtype, device
     model_cls = get_model_class(hf_config)
     first, count = stage_layers(hf_config.num_hidden_layers, ctx.pp_size, ctx.pp_rank)
     local = local_hf_config(stage_hf_config(hf_config, first, count), ctx.tp_size)
+    if first:
+        weight_methods = StagePrefixMethods(weight_methods or UNQUANTIZED, first)
     methods = tensor_parallel_methods(weight_methods, ctx, hf_config)
     with torch.device(device):
         lm = model_cls(local, dtype=dtype, weight_methods=methods)
