@@ -97,7 +97,9 @@ class RowParallelMethod(LinearMethod):
         self.inner, self.ctx = inner, ctx
 
     def __getattr__(self, name: str) -> Any:   # the inner method's own attributes
-        return getattr(self.__dict__["inner"], name)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     def create_weights(self, layer, input_size, output_sizes, params_dtype) -> None:
         group_size = getattr(self.inner, "group_size", None)
@@ -121,8 +123,10 @@ class VocabParallelMethod(EmbeddingMethod):
     def __init__(self, inner: EmbeddingMethod, ctx: ParallelContext, vocab_size: int):
         self.inner, self.ctx, self.vocab_size = inner, ctx, vocab_size
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["inner"], name)
+    def __getattr__(self, name: str) -> Any:   # the inner method's own attributes
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
     def create_weights(self, layer, num_embeddings, embedding_dim, params_dtype) -> None:
         self.inner.create_weights(layer, num_embeddings, embedding_dim, params_dtype)
