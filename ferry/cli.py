@@ -124,8 +124,40 @@ def serve(**kwargs: Any) -> None:
     except ImportError as exc:
         _fail(missing_extra_message("serve", exc, "server"), 1)
 
+    if _serves_other_ranks(config):
+        raise typer.Exit(_run_worker_node(config))
     executor = engine_executor()   # the engine is built on the thread that will run it
-    run_server(config, _load_engine(config, executor), executor)
+    engine = _load_engine(config, executor)
+    try:
+        run_server(config, engine, executor)
+    finally:
+        model_executor = getattr(engine, "executor", None)
+        if model_executor is not None:
+            model_executor.shutdown()   # workers of a multi-rank model stop with the server
+
+
+def _serves_other_ranks(config: FerryConfig) -> bool:
+    """True on a node (or torchrun rank) that does not hold rank 0: it runs model ranks
+    that follow rank 0, and no HTTP server."""
+    from ferry.distributed.state import layouts_from_config
+
+    parallel = config.engine.parallel
+    if parallel.tensor_parallel_size * parallel.pipeline_parallel_size == 1:
+        return False
+    try:
+        return layouts_from_config(parallel)[0].rank != 0
+    except ValueError as exc:
+        _fail(str(exc), 2)
+
+
+def _run_worker_node(config: FerryConfig) -> int:
+    from ferry.checkpoint import resolve_model_dir
+    from ferry.executor.worker_process import run_node
+
+    model = config.engine.model
+    typer.echo(f"ferry: node {config.engine.parallel.node_rank} runs model ranks for the "
+               f"server at {config.engine.parallel.master_addr}", err=True)
+    return run_node(config.engine, resolve_model_dir(model.model_path, model.revision))
 
 
 # ---------------------------------------------------------------------------- generate

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 from pydantic.fields import FieldInfo
 
 API_KEY_ENV = "FERRY_API_KEY"
@@ -141,12 +142,35 @@ class SchedulerConfig(ConfigPart):
 class ParallelConfig(ConfigPart):
     """How many devices one replica spans, and how many CPU threads it runs."""
 
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica")
+    tensor_parallel_size: int = Field(1, ge=1, description="Devices (ranks) each layer is "
+                                                         "split across (tensor parallelism)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Stages the layers are split "
+                                                           "into (pipeline parallelism)")
+    nnodes: int = Field(1, ge=1, description="Machines (nodes) the replica spans")
+    node_rank: int = Field(0, ge=0, description="This machine's index among the nodes (0 "
+                                                "serves HTTP and schedules)")
+    master_addr: str = Field("127.0.0.1", description="Address of node 0's rendezvous "
+                                                      "(torch.distributed MASTER_ADDR)")
+    master_port: int = Field(29500, ge=1, le=65535, description="Port of node 0's "
+                                                                "rendezvous (MASTER_PORT)")
+    distributed_timeout_seconds: float = Field(
+        120.0, gt=0, description="Seconds a collective may wait for the other ranks before "
+                                 "it fails naming the rank (a hang or a dead peer)")
     cpu_threads: int | None = Field(
         None, ge=1, description="CPU threads of the engine's matmuls and kernels (auto: the "
                                 "cores this process may use, from its CPU affinity and cgroup "
                                 "quota; CPU only)",
         json_schema_extra=_cli(metavar="N|auto", default="auto"))
+
+    @model_validator(mode="after")
+    def _check_world(self) -> "ParallelConfig":
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if world % self.nnodes:
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {world} ranks "
+                             f"do not split evenly over nnodes={self.nnodes}")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank={self.node_rank} must be below nnodes={self.nnodes}")
+        return self
 
     @field_validator("cpu_threads", mode="before")
     @classmethod

@@ -19,10 +19,18 @@ Prompt = str | dict | list[int]
 
 
 def build_engine(config: EngineConfig) -> Engine:
-    """An Engine over the executor the config asks for (one device, in this process)."""
+    """An Engine over the executor the config asks for: one device in this process, or
+    this process as rank 0 of several (tensor/pipeline parallel, ``MultiprocessExecutor``)."""
     model_dir = resolve_model_dir(config.model.model_path, config.model.revision)
+    parallel = config.parallel
+    factory = _grammar_compiler_factory(config)
+    if parallel.tensor_parallel_size * parallel.pipeline_parallel_size > 1:
+        from ferry.executor.multiprocess import MultiprocessExecutor
+
+        return Engine(config, MultiprocessExecutor(config, model_dir), model_dir,
+                      grammar_compiler_factory=factory)
     return Engine(config, InProcessExecutor(config, model_dir), model_dir,
-                  grammar_compiler_factory=_grammar_compiler_factory(config))
+                  grammar_compiler_factory=factory)
 
 
 def _grammar_compiler_factory(config: EngineConfig):

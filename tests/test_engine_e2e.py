@@ -156,8 +156,6 @@ def test_bad_arguments_raise_value_error(model_dirs):
 
 
 @pytest.mark.parametrize("setting", [dict(kv_cache_dtype="fp8"),
-                                     dict(tensor_parallel_size=2),
-                                     dict(lora_adapters_dir="/tmp"),
                                      dict(debug_trace="attention")])
 def test_features_not_built_yet_are_refused_clearly(model_dirs, setting):
     key = next(iter(setting))

@@ -86,7 +86,8 @@ class Engine:
             model.model_path)
         # Overlap pays where the device runs asynchronously; on the CPU it only delays outputs.
         mode = config.scheduler.async_scheduling
-        self.async_scheduling = mode == "on" or (mode == "auto" and self.runtime.is_gpu)
+        self.async_scheduling = (mode == "on" or (mode == "auto" and self.runtime.is_gpu)) and (
+            getattr(executor, "supports_async_scheduling", True))
         self._in_flight: tuple[SchedulerOutput, object] | None = None
         costs = PreemptionCosts(copy_bytes_per_second=self.runtime.kv_copy_bytes_per_second
                                 or DEFAULT_COPY_BYTES_PER_SECOND)

@@ -18,12 +18,13 @@ from ferry.platform.capabilities import (KernelBackend, cpu_kernels_enabled, cxx
                                          has_fp8_matmul, kernel_backend, triton_importable)
 from ferry.platform.detect import Platform, arch_family, detect_platform, device_arch
 from ferry.platform.device import (DeviceGraphCapture, PeakMemory, empty_cache, memory_info,
-                                   memory_reserved, record_event, synchronize)
+                                   memory_reserved, record_event, set_current_device,
+                                   synchronize)
 from ferry.platform.host import (apply_cpu_threads, empty_on_huge_pages, process_rss_bytes,
                                  usable_cpu_count, zeros_on_demand)
 
 __all__ = ["DeviceGraphCapture", "KernelBackend", "PeakMemory", "Platform", "apply_cpu_threads",
            "arch_family", "cpu_kernels_enabled", "cxx_compiler", "detect_platform", "device_arch",
            "empty_cache", "empty_on_huge_pages", "has_fp8_matmul", "kernel_backend", "memory_info",
-           "memory_reserved", "process_rss_bytes", "record_event", "synchronize",
+           "memory_reserved", "process_rss_bytes", "record_event", "set_current_device", "synchronize",
            "triton_importable", "usable_cpu_count", "zeros_on_demand"]

@@ -19,6 +19,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def set_current_device(device: torch.device) -> None:
+    """Make ``device`` the current GPU of this process (a rank's own; nothing on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def memory_info(device: torch.device) -> tuple[int, int]:
     """(free, total) bytes of the device: the driver's view on a GPU, MemAvailable on the CPU."""
     if device.type == "cuda":

@@ -14,6 +14,7 @@ import torch
 
 from ferry.checkpoint import load_hf_config, resolve_max_model_len
 from ferry.config import EngineConfig
+from ferry.distributed.state import ParallelContext
 from ferry.outputs import ScheduledRequest
 from ferry.quant import resolve_quantization
 from ferry.platform import PeakMemory, Platform, apply_cpu_threads, detect_platform, empty_cache
@@ -29,6 +30,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 @dataclass
+class RankSetup:
+    """One rank of a model spread over several: its process group, device, CPU threads."""
+
+    ctx: ParallelContext
+    platform: Platform
+    cpu_threads: int | None = None
+
+
+@dataclass
 class LoadedModel:
     platform: Platform
     model: torch.nn.Module
@@ -41,22 +51,33 @@ class LoadedModel:
         return self.platform.torch_device
 
 
-def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
-    """Detect the device, size the CPU thread team, and load the checkpoint's weights."""
+def load_model(config: EngineConfig, model_dir: Path,
+               rank: RankSetup | None = None) -> LoadedModel:
+    """Detect the device, size the CPU thread team, and load the checkpoint's weights.
+
+    ``rank``: this rank's device and process group when the model spans several ranks
+    (``ferry.executor.multiprocess``); it then holds its part of the weights only.
+    """
     from ferry.models.loader import get_model
 
     check_features_available(config)
-    platform = detect_platform(config.model.device)
+    platform = rank.platform if rank is not None else detect_platform(config.model.device)
     if not platform.is_gpu:
         # Here, on the thread that will run every step (the server builds the engine on
         # its engine thread), before the first parallel op gives this thread its team.
-        apply_cpu_threads(config.parallel.cpu_threads)
+        apply_cpu_threads(rank.cpu_threads if rank is not None else config.parallel.cpu_threads)
     hf_config = load_hf_config(model_dir)
     quant = resolve_quantization(hf_config, config.model.quant_type)
     dtype = resolve_dtype(config.model.dtype, hf_config, platform.torch_device)
     torch.manual_seed(config.model.seed)
-    model = get_model(model_dir, hf_config, dtype, platform.torch_device,
-                      weight_methods=quant.weight_methods)
+    if rank is not None and rank.ctx.layout.world_size > 1:
+        from ferry.models.parallel_model import build_rank_model
+
+        model = build_rank_model(model_dir, hf_config, dtype, platform.torch_device, rank.ctx,
+                                 weight_methods=quant.weight_methods)
+    else:
+        model = get_model(model_dir, hf_config, dtype, platform.torch_device,
+                          weight_methods=quant.weight_methods)
     max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
     return LoadedModel(platform, model, dtype, max_model_len, quant.quant_type)
 
@@ -65,7 +86,6 @@ def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
 # clearly rather than serve something other than what was asked for.
 _NOT_YET = {
     "kv_cache_dtype": ("auto",),
-    "tensor_parallel_size": (1,),
     "debug_trace": ("none",),
 }
 

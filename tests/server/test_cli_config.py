@@ -180,6 +180,7 @@ def _flags(values: dict) -> list[str]:
 
 def test_every_key_round_trips_through_yaml_and_flags(tmp_path, captured):
     values = {name: _other_value(name, field) for name, field in config_fields().items()}
+    values["node_rank"] = 0   # below nnodes, and node 0 serves (another node runs ranks only)
     from_yaml = FerryConfig.from_sources(_yaml(tmp_path, values))
     assert from_yaml.to_flat() == values                        # every key read, none lost
     result = _invoke("serve", *_flags(values))

@@ -1,0 +1,196 @@
+"""The executor of a model spread over several ranks (tensor and/or pipeline parallel).
+
+The engine's process is global rank 0 (tensor rank 0 of the first stage); it spawns this
+node's other ranks (``worker_process.py``), while other nodes start theirs themselves
+(``ferry serve --node-rank N`` or torchrun). Each call broadcasts a plain-data message
+that every rank handles the same way (``rank_worker.py``), so the collectives inside the
+forward pair up; rank 0 then returns its own runner's tokens (tensor parallel: every rank
+sampled the same ones) or those the last stage sends it (pipeline parallel).
+
+Failure is loud and bounded: a local worker that exits is seen at once (its process
+sentinel) and a collective that fails or waits longer than
+``distributed_timeout_seconds`` raises with the rank named; both end the engine's process
+with exit code 1 and a message, since a model missing a rank cannot answer. While idle,
+rank 0 pings the workers every quarter of the timeout, so an idle server never times out
+and a remote worker learns within the timeout that rank 0 is gone.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from multiprocessing.connection import wait as wait_for_sentinels
+from pathlib import Path
+from typing import Any
+
+from ferry.checkpoint import resolve_model_dir
+from ferry.config import EngineConfig, RuntimeConfig
+from ferry.distributed.collectives import CollectiveError
+from ferry.distributed.state import destroy_distributed, layouts_from_config
+from ferry.executor.base import Executor
+from ferry.executor.rank_worker import RankWorker, broadcast
+from ferry.executor.worker_process import spawn_workers
+from ferry.outputs import RunnerOutput, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+def free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fatal(message: str) -> None:
+    """End the engine's process: a model that lost a rank cannot answer any request."""
+    logger.critical("%s", message)
+    print(f"ferry: fatal: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+class MultiprocessExecutor(Executor):
+    """Rank 0's side: spawns the node's workers, joins the group, loads its part."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path | None = None,
+                 on_failure=fatal) -> None:
+        parallel = config.parallel
+        if parallel.pipeline_parallel_size > 1 and config.scheduler.async_scheduling == "on":
+            raise ValueError("async_scheduling=on does not work with pipeline_parallel_size > 1 "
+                             "(the first stage never sees the sampled tokens); use auto or off")
+        self.config = config
+        self._on_failure = on_failure
+        model_dir = model_dir or resolve_model_dir(config.model.model_path, config.model.revision)
+        layouts = layouts_from_config(parallel)
+        if parallel.nnodes == 1 and "RANK" not in os.environ:
+            # One node: a free port of our own, so that servers side by side (or a group
+            # just torn down in this process) never meet at the default port.
+            port = free_local_port()
+            layouts = [dataclasses.replace(layout, master_addr="127.0.0.1", master_port=port)
+                       for layout in layouts]
+        if layouts[0].rank != 0:
+            raise ValueError(f"this process is rank {layouts[0].rank}, not rank 0: run it "
+                             f"with `ferry serve` (ranks other than 0 follow rank 0)")
+        self._lock = threading.Lock()
+        self._closing = False
+        self._last_message = time.monotonic()
+        self._workers = spawn_workers(config, model_dir, layouts[1:], len(layouts))
+        atexit.register(self.shutdown)
+        threading.Thread(target=self._monitor, daemon=True, name="ferry-worker-monitor").start()
+        try:
+            self.rank0 = RankWorker(config, model_dir, layouts[0], len(layouts))
+        except CollectiveError as exc:
+            self._fail(str(exc))
+            raise
+        self.platform = self.rank0.platform
+        self.self_test = self.rank0.self_test
+        # Async scheduling needs the sampled tokens on rank 0's runner: pipelines lack them.
+        self.supports_async_scheduling = parallel.pipeline_parallel_size == 1
+        threading.Thread(target=self._heartbeat, daemon=True, name="ferry-heartbeat").start()
+
+    # ------------------------------------------------------------------ the interface
+    def profile(self) -> int:
+        with self._call("profile"):
+            return self.rank0.profile()
+
+    def initialize_cache(self, num_blocks: int) -> RuntimeConfig:
+        with self._call("init", num_blocks):
+            return self.rank0.initialize_cache(num_blocks)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.collect(self.launch(scheduler_output))
+
+    def launch(self, scheduler_output: SchedulerOutput) -> Any:
+        with self._call("step", scheduler_output):
+            return self.rank0.launch(scheduler_output)
+
+    def collect(self, handle: Any) -> RunnerOutput:
+        try:
+            return self.rank0.collect(handle)
+        except CollectiveError as exc:
+            self._fail(str(exc))
+            raise
+
+    def shutdown(self) -> None:
+        """Tell every rank to stop, wait for the local ones, leave the group."""
+        if self._closing:
+            return
+        self._closing = True
+        if not hasattr(self, "rank0"):   # start-up failed: the pipes end the workers
+            for process, writer in self._workers:
+                writer.close()
+                process.join(timeout=10)
+            return
+        try:
+            with self._lock:
+                broadcast(self.rank0.ctx, ("stop",))
+        except Exception as exc:  # noqa: BLE001 - a broken group: the workers die with us
+            logger.warning("could not tell the workers to stop: %s", exc)
+        for process, writer in self._workers:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+            writer.close()
+        destroy_distributed()
+
+    # ------------------------------------------------------------------ internals
+    class _Call:
+        def __init__(self, executor: "MultiprocessExecutor", message: tuple):
+            self.executor, self.message = executor, message
+
+        def __enter__(self):
+            executor = self.executor
+            executor._lock.acquire()
+            try:
+                broadcast(executor.rank0.ctx, self.message)
+            except CollectiveError as exc:
+                executor._lock.release()
+                executor._fail(str(exc))
+                raise
+            return self
+
+        def __exit__(self, exc_type, exc, tb):
+            self.executor._last_message = time.monotonic()
+            self.executor._lock.release()
+            if isinstance(exc, CollectiveError):
+                self.executor._fail(str(exc))
+            return False
+
+    def _call(self, *message: Any) -> "_Call":
+        return self._Call(self, tuple(message))
+
+    def _fail(self, message: str) -> None:
+        if not self._closing:
+            self._on_failure(message)
+
+    def _monitor(self) -> None:
+        """A local worker that exits while the engine runs ends the engine's process."""
+        sentinels = {process.sentinel: process for process, _ in self._workers}
+        while sentinels:
+            for sentinel in wait_for_sentinels(list(sentinels)):
+                process = sentinels.pop(sentinel)
+                if not self._closing:
+                    self._fail(f"worker process {process.name} (pid {process.pid}) exited with "
+                               f"code {process.exitcode}; the model is missing that rank")
+
+    def _heartbeat(self) -> None:
+        period = self.config.parallel.distributed_timeout_seconds / 4
+        while not self._closing:
+            time.sleep(min(period, 5.0) if period > 5.0 else period)
+            if self._closing or time.monotonic() - self._last_message < period:
+                continue
+            if not self._lock.acquire(timeout=period):
+                continue
+            try:
+                if not self._closing:
+                    broadcast(self.rank0.ctx, ("ping",))
+                    self._last_message = time.monotonic()
+            except CollectiveError as exc:
+                self._fail(str(exc))
+            finally:
+                self._lock.release()

@@ -1,0 +1,122 @@
+"""What every rank runs, the engine's rank 0 included: join, load its part, serve messages.
+
+``RankWorker`` owns one rank's model and runner. Rank 0 (in the engine's process) calls
+it directly; every other rank runs ``serve_messages``: it waits for the next message
+rank 0 broadcasts and does the same thing rank 0 does with it, so the collectives inside
+the forward pair up. The messages are plain data: ``("profile",)``,
+``("init", num_blocks)``, ``("step", SchedulerOutput)``, ``("ping",)`` (rank 0 is alive
+but idle) and ``("stop",)``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ferry.config import EngineConfig, RuntimeConfig
+from ferry.distributed.collectives import all_reduce_min, broadcast_object, recv_object, send_object
+from ferry.distributed.selftest import SelfTestResult, run_self_test
+from ferry.distributed.state import ParallelContext, RankLayout, init_distributed
+from ferry.models.tensor_parallel import rank_weight_bytes
+from ferry.outputs import RunnerOutput, SchedulerOutput
+from ferry.platform import detect_platform, usable_cpu_count
+from ferry.runner.model_runner import ModelRunner
+from ferry.runner.model_setup import LoadedModel, RankSetup, count_kv_blocks, dtype_name, load_model
+from ferry.runner.pending_output import PendingOutput
+from ferry.runner.pipeline_runner import PipelineStageRunner
+
+logger = logging.getLogger(__name__)
+
+
+def rank_platform(config: EngineConfig, layout: RankLayout):
+    """The device of a rank: GPU ``local_rank`` of its node, or the CPU."""
+    platform = detect_platform(config.model.device)
+    if platform.is_gpu and layout.local_rank:
+        platform = detect_platform(f"{platform.kind}:{layout.local_rank}")
+    return platform
+
+
+def rank_cpu_threads(config: EngineConfig, ranks_on_node: int) -> int:
+    """The node's cores shared by its ranks, unless ``cpu_threads`` is set."""
+    return config.parallel.cpu_threads or max(1, usable_cpu_count() // ranks_on_node)
+
+
+class RankWorker:
+    """One rank: its process group membership, its part of the model, its runner."""
+
+    def __init__(self, config: EngineConfig, model_dir: Path, layout: RankLayout,
+                 ranks_on_node: int) -> None:
+        self.config = config
+        self.platform = rank_platform(config, layout)
+        self.ctx: ParallelContext = init_distributed(layout, self.platform.torch_device)
+        self.self_test: SelfTestResult = run_self_test(self.ctx, self.platform.torch_device)
+        setup = RankSetup(self.ctx, self.platform, rank_cpu_threads(config, ranks_on_node))
+        self.loaded: LoadedModel = load_model(config, model_dir, setup)
+        self.weight_bytes = rank_weight_bytes(self.loaded.model)
+        logger.info("%s holds %.1f MiB of weights", layout.describe(), self.weight_bytes / 2**20)
+        self.runner: ModelRunner | None = None
+
+    # --------------------------------------------------------------- the messages
+    def profile(self) -> int:
+        """KV blocks this rank fits, then the minimum over all ranks."""
+        return all_reduce_min(self.ctx, count_kv_blocks(self.config, self.loaded))
+
+    def initialize_cache(self, num_blocks: int) -> RuntimeConfig:
+        loaded, config = self.loaded, self.config
+        kwargs = dict(num_blocks=num_blocks, block_size=config.cache.block_size,
+                      device=loaded.device, kv_dtype=loaded.dtype)
+        if self.ctx.pp_size > 1:
+            self.runner = PipelineStageRunner(loaded.model, ctx=self.ctx, **kwargs)
+        else:
+            self.runner = ModelRunner(loaded.model, **kwargs)
+        # Device graphs stay off across ranks: a capture that failed on one rank only
+        # would leave the ranks running different collectives (a hang).
+        return RuntimeConfig(
+            dtype=dtype_name(loaded.dtype), kv_cache_dtype=dtype_name(loaded.dtype),
+            max_model_len=loaded.max_model_len, num_blocks=num_blocks,
+            block_size=config.cache.block_size, device=str(loaded.device),
+            device_kind=self.platform.kind, gpu_vendor=self.platform.vendor,
+            vocab_size=loaded.model.vocab_size)
+
+    def launch(self, sched: SchedulerOutput) -> PendingOutput:
+        return self.runner.launch(sched)
+
+    @property
+    def output_rank(self) -> int:
+        """The rank whose sampled tokens rank 0 returns: tensor rank 0 of the last stage."""
+        return (self.ctx.pp_size - 1) * self.ctx.tp_size
+
+    def collect(self, pending: PendingOutput) -> RunnerOutput:
+        """Rank 0: the step's tokens, from the last stage when there are several."""
+        if self.ctx.pp_size == 1:
+            return pending.result()
+        return recv_object(self.ctx, self.output_rank)
+
+    def handle(self, message: tuple) -> bool:
+        """Do what rank 0 does with ``message`` (other ranks); False on ``stop``."""
+        kind = message[0]
+        if kind == "ping":
+            return True
+        if kind == "stop":
+            return False
+        if kind == "profile":
+            self.profile()
+        elif kind == "init":
+            self.initialize_cache(message[1])
+        elif kind == "step":
+            output = self.launch(message[1]).result()
+            if self.ctx.pp_size > 1 and self.ctx.rank == self.output_rank:
+                send_object(self.ctx, output, 0)
+        else:
+            raise RuntimeError(f"unknown message {kind!r} from rank 0")
+        return True
+
+    def serve_messages(self) -> None:
+        """Follow rank 0's messages until ``stop`` (ranks other than 0)."""
+        while self.handle(broadcast_object(self.ctx, None, src=0)):
+            pass
+
+
+def broadcast(ctx: ParallelContext, message: tuple) -> Any:
+    """Rank 0 sends ``message`` to every rank."""
+    return broadcast_object(ctx, message, src=0)
