@@ -33,6 +33,7 @@ from ferry.server.serving_chat import create_chat_completion
 from ferry.server.serving_common import ServerState, check_model, encode_chat, parse_body
 from ferry.server.serving_completions import create_completion
 from ferry.server.tokenization import PromptTokenizer
+from ferry.server.webui import webui_router
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ def build_app(engine: Any, config: ServerConfig,
                        on_error=on_error)
     app.include_router(_v1_router(state))
     app.include_router(_plain_router(state))
+    if config.web_ui:
+        app.include_router(webui_router())
     install_openapi(app, REQUEST_MODELS)
     return app
 
