@@ -162,6 +162,8 @@ class ServerConfig(ConfigPart):
     request_timeout_seconds: float = Field(
         0.0, ge=0, description="Abort a generation request still running after this many "
                                "seconds (504); 0: no limit")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the server process")
     web_ui: bool = Field(True, description="Serve the built-in chat UI at / (--no-web-ui: "
                                            "leave it out)")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry import checkpoint
-from ferry.config import EngineConfig, RuntimeConfig
+from ferry.config import EngineConfig, RuntimeConfig, SchedulerConfig
 from ferry.engine.output_processor import OutputProcessor
 from ferry.engine.scheduler import Scheduler
 from ferry.executor.base import Executor
@@ -88,6 +88,18 @@ class Engine:
         logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
                     self.model_dir, self.runtime.device, self.num_blocks, self.runtime.block_size,
                     self.max_model_len)
+
+    # ------------------------------------------------------------------ hot reload
+    def update_scheduling(self, scheduler: SchedulerConfig) -> None:
+        """Apply new batching limits between steps (config hot reload): the scheduler
+        reads ``max_num_seqs``, ``max_num_batched_tokens`` and ``prefill_parallelism``
+        afresh every step, so requests in flight keep running. The caller keeps the first
+        two at most their start values, which sized the KV cache, the activation profile
+        and the device graphs; the queue's ``scheduling_policy`` is not changed here."""
+        self.scheduler.max_num_seqs = scheduler.max_num_seqs
+        self.scheduler.max_num_batched_tokens = scheduler.max_num_batched_tokens
+        self.scheduler.prefill_parallelism = scheduler.prefill_parallelism
+        self.config = self.config.model_copy(update={"scheduler": scheduler})
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
