@@ -97,6 +97,9 @@ class RunnerOutput:
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Attention debug trace of traced requests: per traced position, per layer and head
+    # (runner/attention_tracing.py); empty in every step without one.
+    attention_traces: dict[str, list[dict]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- engine -> user
@@ -133,6 +136,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    debug_trace: dict | None = None   # the attention trace, on the finished output of a traced request
 
 
 @dataclass

@@ -157,8 +157,7 @@ def test_bad_arguments_raise_value_error(model_dirs):
 
 @pytest.mark.parametrize("setting", [dict(quant_type="gptq_int4"), dict(kv_cache_dtype="fp8"),
                                      dict(tensor_parallel_size=2),
-                                     dict(lora_adapters_dir="/tmp"),
-                                     dict(debug_trace="attention")])
+                                     dict(lora_adapters_dir="/tmp")])
 def test_features_not_built_yet_are_refused_clearly(model_dirs, setting):
     key = next(iter(setting))
     with pytest.raises(ValueError, match=f"{key}=.*not supported"):

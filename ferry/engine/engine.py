@@ -19,6 +19,7 @@ from typing import Any
 
 from ferry import checkpoint
 from ferry.config import EngineConfig, RuntimeConfig, SchedulerConfig
+from ferry.engine.debug_trace import TraceCollector
 from ferry.engine.output_processor import OutputProcessor
 from ferry.engine.scheduler import Scheduler
 from ferry.executor.base import Executor
@@ -83,6 +84,10 @@ class Engine:
                                    max_model_len=self.max_model_len, num_blocks=self.num_blocks,
                                    async_scheduling=self.async_scheduling)
         self.outputs = OutputProcessor(self.tokenizer)
+        obs = config.observability
+        self.traces = TraceCollector(max_tokens=obs.debug_trace_max_tokens,
+                                     entropy_jump=obs.debug_trace_entropy_jump,
+                                     trace_dir=obs.debug_trace_dir)
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -114,6 +119,9 @@ class Engine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if self.outputs.has(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.debug_trace and self.config.observability.debug_trace != "attention":
+            raise ValueError("debug_trace: this server does not trace attention; start it "
+                             "with --debug-trace attention (config debug_trace: attention)")
         prompt_text, token_ids = self._tokenize_prompt(prompt)
         params = self._with_max_tokens(params, len(token_ids))
         self._check_fits(len(token_ids), params.max_tokens)
@@ -135,6 +143,8 @@ class Engine:
         """Drop requests now and free their KV blocks; unknown ids are ignored."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         child_ids = list(itertools.chain.from_iterable(self.outputs.pop(i) for i in ids))
+        for request_id in ids:
+            self.traces.drop(request_id)
         self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
 
     # ------------------------------------------------------------------ the loop
@@ -172,7 +182,19 @@ class Engine:
         stopped = self.outputs.process(updated, runner_out.logprobs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        return self.outputs.collect()
+        outputs = self.outputs.collect()
+        if runner_out.attention_traces:
+            self.traces.add(runner_out.attention_traces)
+        for output in outputs:
+            if output.finished and output.outputs and output.outputs[0].finish_reason != "abort":
+                output.debug_trace = self.traces.finish(output.request_id, self._texts(output))
+        return outputs
+
+    def _texts(self, output: RequestOutput) -> list[list[str]]:
+        """Each completion's sequence as text per token (a trace shows its positions)."""
+        decode = self.tokenizer.convert_ids_to_tokens
+        prompt = list(decode(list(output.prompt_token_ids)))
+        return [prompt + list(decode(list(c.token_ids))) for c in output.outputs]
 
     def get_num_unfinished_requests(self) -> int:
         stats = self.scheduler.get_stats()

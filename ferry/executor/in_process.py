@@ -7,6 +7,7 @@ from ferry.checkpoint import resolve_model_dir
 from ferry.config import EngineConfig, RuntimeConfig
 from ferry.executor.base import Executor
 from ferry.outputs import RunnerOutput, SchedulerOutput
+from ferry.runner.attention_tracing import TraceSettings
 from ferry.runner.drafts import DraftProposer
 from ferry.runner.model_runner import ModelRunner
 from ferry.runner.model_setup import LoadedModel, count_kv_blocks, dtype_name, load_model
@@ -32,7 +33,8 @@ class InProcessExecutor(Executor):
         loaded, config = self._loaded, self.config
         self.runner = ModelRunner(loaded.model, num_blocks=num_blocks,
                                   block_size=config.cache.block_size, device=loaded.device,
-                                  kv_dtype=loaded.dtype, proposer=self._proposer)
+                                  kv_dtype=loaded.dtype, proposer=self._proposer,
+                                  trace=_trace_settings(config))
         if self.platform.is_gpu and not config.model.enforce_eager:
             self.runner.capture_decode_graphs(max_num_seqs=config.scheduler.max_num_seqs,
                                               max_model_len=loaded.max_model_len)
@@ -51,3 +53,12 @@ class InProcessExecutor(Executor):
 
     def collect(self, handle: PendingOutput) -> RunnerOutput:
         return handle.result()
+
+
+def _trace_settings(config: EngineConfig) -> TraceSettings | None:
+    """The attention trace's settings when ``debug_trace: attention`` (else off)."""
+    obs = config.observability
+    if obs.debug_trace != "attention":
+        return None
+    return TraceSettings(top_k=obs.debug_trace_top_k, include_prompt=obs.debug_trace_prompt,
+                         max_tokens=obs.debug_trace_max_tokens)

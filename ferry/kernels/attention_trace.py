@@ -7,8 +7,8 @@ and sliding-window visibility and the same scale, in float32; only for the rows 
 so a step with no traced row costs nothing. A device-agnostic PyTorch op: it runs beside
 any attention backend (reference, C++, Triton) on that backend's q and KV cache.
 
-Not yet wired into the runner: the ``debug_trace`` config key is still refused at start
-(see docs/parity.md). The C++ and Triton versions of this op are not written yet.
+The runner asks for it through ``AttentionMetadata.trace_rows`` (runner/attention_tracing.py).
+The C++ and Triton versions of this op are not written yet: this one runs on their q and K.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class TraceRows:
     rows: list[int]
     seqs: list[int]
     positions: list[int]
+    top_k: int = 8
 
 
 @dataclass
@@ -42,7 +43,7 @@ class AttentionTrace:
 
 
 def rows_of_sequences(meta: AttentionMetadata, seqs: list[int],
-                      include_prompt: bool = False) -> TraceRows:
+                      include_prompt: bool = False, top_k: int = 8) -> TraceRows:
     """The rows of sequences ``seqs`` (batch indices): every query row with
     ``include_prompt``, else only the last row of each sequence (the one whose output
     samples the next token)."""
@@ -57,7 +58,7 @@ def rows_of_sequences(meta: AttentionMetadata, seqs: list[int],
             rows.append(starts[seq] + i)
             trace_seqs.append(seq)
             positions.append(seq_len - query_len + i)
-    return TraceRows(rows, trace_seqs, positions)
+    return TraceRows(rows, trace_seqs, positions, top_k)
 
 
 def attention_trace(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
@@ -100,10 +101,3 @@ def _keys_of(kv_cache: torch.Tensor, meta: AttentionMetadata, seq: int, position
     keys = kv_cache[0].index_select(0, block_ids).flatten(0, 1)              # (nb*bs, Hkv, D)
     return (keys[first:position + 1],
             torch.arange(first, position + 1, device=kv_cache.device))
-
-
-def entropy_jumps(entropies: list[float], threshold: float) -> list[int]:
-    """Indices ``t`` where a head's entropy rose or fell by more than ``threshold`` from
-    token ``t - 1`` to ``t`` (the anomaly flag)."""
-    return [t for t in range(1, len(entropies))
-            if abs(entropies[t] - entropies[t - 1]) > threshold]

@@ -65,7 +65,6 @@ _NOT_YET = {
     "kv_cache_dtype": ("auto",),
     "tensor_parallel_size": (1,),
     "lora_adapters_dir": (None,),
-    "debug_trace": ("none",),
 }
 
 

@@ -36,6 +36,7 @@ from ferry.server.serving_chat import create_chat_completion
 from ferry.server.serving_common import ServerState, check_model, encode_chat, parse_body
 from ferry.server.serving_completions import create_completion
 from ferry.server.tokenization import PromptTokenizer
+from ferry.server.trace_store import RETENTION_SECONDS, TraceStore
 from ferry.server.webui import webui_router
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ def build_state(engine: Any, config: ServerConfig,
     vocab_size = getattr(engine, "vocab_size", None) or len(tokenizer)
     model_path = _given_model_path(engine)
     prompts = PromptTokenizer(tokenizer, engine.max_model_len, engine.served_model_name)
+    async_engine.traces = TraceStore()
     return ServerState(engine=async_engine, tokenizer=tokenizer,
                        model_name=engine.served_model_name, model_path=model_path,
                        model_root=str(getattr(engine, "model_dir", model_path)),
@@ -152,6 +154,7 @@ def build_app(engine: Any, config: ServerConfig,
     app.include_router(_v1_router(state))
     app.include_router(_plain_router(state))
     app.include_router(_admin_router(state, reloader))
+    app.include_router(_debug_router(state))
     if config.web_ui:
         app.include_router(webui_router())
     install_openapi(app, REQUEST_MODELS)
@@ -275,6 +278,26 @@ def _admin_router(state: ServerState, reloader: ConfigReloader) -> APIRouter:
         except ReloadError as exc:
             raise APIError(400, str(exc), code="invalid_config") from None
         return plan.to_json()
+
+    return router
+
+
+def _debug_router(state: ServerState) -> APIRouter:
+    router = APIRouter(prefix="/debug",
+                       dependencies=[Depends(_api_key_checker(state.config.api_key))])
+
+    @router.get("/trace/{request_id}", response_model=None, responses={
+        200: {"description": "The attention trace of a finished traced request",
+              "content": {"application/json": {"schema": {"type": "object"}}}},
+        **error_responses(401, 404)})
+    async def debug_trace(request_id: str) -> dict[str, Any]:
+        trace = state.engine.traces.get(request_id)
+        if trace is None:
+            raise APIError(404, f"no attention trace for request {request_id!r}: traces of "
+                                f"requests sent with \"debug_trace\": true are kept "
+                                f"{RETENTION_SECONDS:.0f} s after they finish",
+                           param="request_id", code="not_found")
+        return {"request_id": request_id, "debug_trace": trace}
 
     return router
 

@@ -87,7 +87,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("kv_cache:fp8", "FP8 (e4m3) KV cache"),
     Feature("lora", "LoRA adapters"),
     Feature("tensor_parallel", "Tensor parallelism"),
-    Feature("debug_trace:attention", "Attention debug trace"),
+    Feature("debug_trace:attention", "Attention debug trace (entropy, top-k per layer/head)",
+            ("tests/kernels/test_attention_trace.py", "tests/test_debug_trace_e2e.py"),
+            note="one PyTorch op on every backend's q and paged K; no C++/Triton trace kernel"),
     Feature("structured_output", "Structured output (JSON schema, grammars)"),
 )
 FEATURE_BY_ID = {f.id: f for f in FEATURES}
@@ -112,7 +114,7 @@ SETTING_KEYS = frozenset({
     "cpu_threads", "host", "port", "api_key", "max_waiting_requests", "shutdown_grace_seconds",
     "max_request_body_bytes", "request_timeout_seconds", "log_level", "web_ui",
     "debug_trace_dir", "debug_trace_max_tokens", "debug_trace_prompt",
-    "debug_trace_entropy_jump",
+    "debug_trace_entropy_jump", "debug_trace_top_k",
 })
 
 

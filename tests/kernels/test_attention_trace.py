@@ -18,7 +18,8 @@ import torch
 
 import ferry.kernels
 from ferry.kernels import reference
-from ferry.kernels.attention_trace import attention_trace, entropy_jumps, rows_of_sequences
+from ferry.engine.debug_trace import entropy_jumps
+from ferry.kernels.attention_trace import attention_trace, rows_of_sequences
 
 TOP_K = 4
 ATOL = 1e-4
