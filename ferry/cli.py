@@ -115,21 +115,26 @@ def serve(**kwargs: Any) -> None:
             _fail(f"the model is given twice: {model_arg!r} and --model "
                   f"{kwargs['model_path']!r}", 2)
         kwargs["model_path"] = model_arg
+    config_path = kwargs.get("config")
+    flags = {k: v for k, v in kwargs.items() if k != "config" and v is not None}
     config = _config_or_exit(kwargs, use_env_api_key=True)
-    logging.basicConfig(level=logging.INFO,
+    logging.basicConfig(level=config.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from ferry.server.api_server import run_server
         from ferry.server.async_engine import engine_executor
+        from ferry.server.reload import ConfigSource
     except ImportError as exc:
         _fail(missing_extra_message("serve", exc, "server"), 1)
 
     if _serves_other_ranks(config):
         raise typer.Exit(_run_worker_node(config))
     executor = engine_executor()   # the engine is built on the thread that will run it
+    # POST /admin/reload and SIGHUP read the file again, with the same flags on top.
+    source = ConfigSource(config_path, flags, use_env_api_key=True) if config_path else None
     engine = _load_engine(config, executor)
     try:
-        run_server(config, engine, executor)
+        run_server(config, engine, executor, config_source=source)
     finally:
         model_executor = getattr(engine, "executor", None)
         if model_executor is not None:

@@ -223,7 +223,20 @@ def parse_lora_modules(value: Any) -> Any:
 class ObservabilityConfig(ConfigPart):
     """Debugging aids."""
 
-    debug_trace: Literal["none", "attention"] = Field("none", description="Debug tracing")
+    debug_trace: Literal["none", "attention"] = Field(
+        "none", description="Debug tracing: 'attention' lets requests ask for an attention "
+                            "trace (extension field debug_trace: true)")
+    debug_trace_dir: str | None = Field(None, description="Directory for traces as JSON lines "
+                                                          "(one file per day)")
+    debug_trace_max_tokens: int = Field(256, ge=1, description="Most positions traced per "
+                                                               "request")
+    debug_trace_prompt: bool = Field(False, description="Trace the prompt's positions too, "
+                                                        "not only the generated tokens")
+    debug_trace_top_k: int = Field(8, ge=1, le=64, description="Attended positions kept per "
+                                                               "head and token")
+    debug_trace_entropy_jump: float = Field(1.0, gt=0, description="Flag a head whose entropy "
+                                                                   "changes by more than this "
+                                                                   "(nats) between tokens")
 
 
 class ServerConfig(ConfigPart):
@@ -249,6 +262,10 @@ class ServerConfig(ConfigPart):
     tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="How tool calls are read from the model's text (auto: from the "
                             "model family)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the server process")
+    web_ui: bool = Field(True, description="Serve the built-in chat UI at / (--no-web-ui: "
+                                           "leave it out)")
 
     @field_validator("max_request_body_bytes", mode="before")
     @classmethod

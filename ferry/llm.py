@@ -65,16 +65,20 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, use_tqdm: bool = True, priority: Sequence[int] | None = None,
                  lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
-                 ) -> list[RequestOutput]:
+                 debug_trace: bool = False) -> list[RequestOutput]:
         """Generate for each prompt; returns RequestOutputs in input order.
 
         A prompt is a string or ``{"prompt_token_ids": [...]}``. ``sampling_params`` is one
         SamplingParams for all prompts or a list with one per prompt. ``lora_request`` runs
         them with a LoRA adapter (one for all, or one per prompt, None = base model); an
         adapter given with a path is loaded first (LoRA needs ``LLM(..., enable_lora=True)``).
+        ``debug_trace``: each output's ``debug_trace`` holds its attention trace (needs
+        ``LLM(..., debug_trace="attention")``).
         """
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
+        if debug_trace:
+            params = [p.clone(debug_trace=True) for p in params]
         priorities = _as_priority_list(priority, len(prompts))
         loras = self._lora_names(lora_request, len(prompts))
         return self._run(prompts, params, priorities, use_tqdm, loras)

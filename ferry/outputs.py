@@ -116,6 +116,9 @@ class RunnerOutput:
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Attention debug trace of traced requests: per traced position, per layer and head
+    # (runner/attention_tracing.py); empty in every step without one.
+    attention_traces: dict[str, list[dict]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- engine -> user
@@ -155,6 +158,7 @@ class RequestOutput:
     # Joules spent on it so far (its share of each step's tokens, all n samples); None
     # where the hardware reports no energy.
     energy_joules: float | None = None
+    debug_trace: dict | None = None   # the attention trace, on the finished output of a traced request
 
 
 @dataclass

@@ -90,6 +90,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     priority: int = 0
+    debug_trace: bool = False   # an attention trace (needs the server's debug_trace: attention)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | dict | None = None
@@ -134,6 +135,8 @@ class SamplingParams:
             bad("stop_token_ids", "must be non-negative integers")
         if not isinstance(self.priority, int):
             bad("priority", "must be an integer")
+        if not isinstance(self.debug_trace, bool):
+            bad("debug_trace", "must be true or false")
 
     @property
     def greedy(self) -> bool:

@@ -155,8 +155,7 @@ def test_bad_arguments_raise_value_error(model_dirs):
     _assert_all_blocks_free(llm)
 
 
-@pytest.mark.parametrize("setting", [dict(kv_cache_dtype="fp8"),
-                                     dict(debug_trace="attention")])
+@pytest.mark.parametrize("setting", [dict(kv_cache_dtype="fp8")])
 def test_features_not_built_yet_are_refused_clearly(model_dirs, setting):
     key = next(iter(setting))
     with pytest.raises(ValueError, match=f"{key}=.*not supported"):

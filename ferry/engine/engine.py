@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ferry import checkpoint
-from ferry.config import EngineConfig, RuntimeConfig
+from ferry.config import EngineConfig, RuntimeConfig, SchedulerConfig
+from ferry.engine.debug_trace import TraceCollector
 from ferry.engine.lora_adapters import LoRAAdapters
 from ferry.engine.output_processor import OutputProcessor
 from ferry.engine.preemption import DEFAULT_COPY_BYTES_PER_SECOND, PreemptionCosts
@@ -109,11 +110,27 @@ class Engine:
         if config.lora.enabled:
             self.lora = LoRAAdapters(config.lora, executor, self.scheduler,
                                      {self.served_model_name, str(model.model_path)})
+        obs = config.observability
+        self.traces = TraceCollector(max_tokens=obs.debug_trace_max_tokens,
+                                     entropy_jump=obs.debug_trace_entropy_jump,
+                                     trace_dir=obs.debug_trace_dir)
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
                     self.model_dir, self.runtime.device, self.num_blocks, self.runtime.block_size,
                     self.max_model_len)
+
+    # ------------------------------------------------------------------ hot reload
+    def update_scheduling(self, scheduler: SchedulerConfig) -> None:
+        """Apply new batching limits between steps (config hot reload): the scheduler
+        reads ``max_num_seqs``, ``max_num_batched_tokens`` and ``prefill_parallelism``
+        afresh every step, so requests in flight keep running. The caller keeps the first
+        two at most their start values, which sized the KV cache, the activation profile
+        and the device graphs; the queue's ``scheduling_policy`` is not changed here."""
+        self.scheduler.max_num_seqs = scheduler.max_num_seqs
+        self.scheduler.max_num_batched_tokens = scheduler.max_num_batched_tokens
+        self.scheduler.prefill_parallelism = scheduler.prefill_parallelism
+        self.config = self.config.model_copy(update={"scheduler": scheduler})
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
@@ -129,6 +146,9 @@ class Engine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         if self.outputs.has(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.debug_trace and self.config.observability.debug_trace != "attention":
+            raise ValueError("debug_trace: this server does not trace attention; start it "
+                             "with --debug-trace attention (config debug_trace: attention)")
         prompt_text, token_ids = self._tokenize_prompt(prompt)
         params = self._with_max_tokens(params, len(token_ids))
         self._check_fits(len(token_ids), params.max_tokens)
@@ -161,6 +181,8 @@ class Engine:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         child_ids = list(itertools.chain.from_iterable(self.outputs.pop(i) for i in ids))
         self.structured_output.drop(child_ids)
+        for request_id in ids:
+            self.traces.drop(request_id)
         self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
         if self.lora is not None:
             self.lora.sweep()
@@ -236,7 +258,19 @@ class Engine:
             self.structured_output.drop(stopped)
         if self.lora is not None:
             self.lora.sweep()
-        return self.outputs.collect()
+        outputs = self.outputs.collect()
+        if runner_out.attention_traces:
+            self.traces.add(runner_out.attention_traces)
+        for output in outputs:
+            if output.finished and output.outputs and output.outputs[0].finish_reason != "abort":
+                output.debug_trace = self.traces.finish(output.request_id, self._texts(output))
+        return outputs
+
+    def _texts(self, output: RequestOutput) -> list[list[str]]:
+        """Each completion's sequence as text per token (a trace shows its positions)."""
+        decode = self.tokenizer.convert_ids_to_tokens
+        prompt = list(decode(list(output.prompt_token_ids)))
+        return [prompt + list(decode(list(c.token_ids))) for c in output.outputs]
 
     def get_num_unfinished_requests(self) -> int:
         return self.scheduler.num_unfinished_requests()

@@ -9,6 +9,7 @@ from ferry.executor.base import Executor
 from ferry.lora.adapter_config import LoRAError
 from ferry.lora.slots import LoRASlots, build_lora_slots
 from ferry.outputs import RunnerOutput, SchedulerOutput
+from ferry.runner.attention_tracing import TraceSettings
 from ferry.runner.drafts import DraftProposer
 from ferry.runner.memory import kv_block_bytes
 from ferry.runner.model_runner import ModelRunner
@@ -45,7 +46,7 @@ class InProcessExecutor(Executor):
                                   block_size=config.cache.block_size, device=loaded.device,
                                   kv_dtype=loaded.dtype, proposer=self._proposer,
                                   num_host_blocks=num_host_blocks,
-                                  lora=self._lora)
+                                  lora=self._lora, trace=_trace_settings(config))
         if self.platform.is_gpu and not config.model.enforce_eager:
             self.runner.capture_decode_graphs(max_num_seqs=config.scheduler.max_num_seqs,
                                               max_model_len=loaded.max_model_len)
@@ -80,3 +81,11 @@ class InProcessExecutor(Executor):
 
     def lora_stats(self) -> dict[str, int]:
         return vars(self._lora.stats).copy() if self._lora is not None else {}
+
+def _trace_settings(config: EngineConfig) -> TraceSettings | None:
+    """The attention trace's settings when ``debug_trace: attention`` (else off)."""
+    obs = config.observability
+    if obs.debug_trace != "attention":
+        return None
+    return TraceSettings(top_k=obs.debug_trace_top_k, include_prompt=obs.debug_trace_prompt,
+                         max_tokens=obs.debug_trace_max_tokens)

@@ -18,6 +18,7 @@ from types import ModuleType
 
 import torch
 
+from ferry.kernels import attention_trace as _trace
 from ferry.kernels import reference
 from ferry.platform import kernel_backend
 
@@ -68,6 +69,12 @@ def paged_attention(query, kv_cache, meta, scale, sliding_window=None):
     return _ops_for(query).paged_attention(query, kv_cache, meta, scale, sliding_window)
 
 
+def attention_trace(query, kv_cache, meta, scale, rows, sliding_window=None):
+    """The attention debug trace of ``rows`` (entropy, top-k). One PyTorch op for every
+    backend: it reads the q and the paged K the backend's attention read."""
+    return _trace.attention_trace(query, kv_cache, meta, scale, rows, rows.top_k, sliding_window)
+
+
 def rms_norm(x, weight, eps):
     return _ops_for(x).rms_norm(x, weight, eps)
 
@@ -102,6 +109,6 @@ def lora_expand(v, lora_b, y, mapping):
     return _ops_for(y).lora_expand(v, lora_b, y, mapping)
 
 
-__all__ = ["OP_NAMES", "apply_rotary", "bf16_weight_linear", "fused_add_rms_norm", "lora_expand",
+__all__ = ["OP_NAMES", "apply_rotary", "attention_trace", "bf16_weight_linear", "fused_add_rms_norm", "lora_expand",
            "lora_shrink", "paged_attention", "prepare", "rms_norm", "silu_and_mul", "wna16_linear",
            "write_kv_cache"]

@@ -6,6 +6,7 @@ Passed as an argument through the model (never global state). Every attention ba
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +32,10 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     num_decodes: int
     block_size: int
+    # Attention debug trace: the rows to trace (a ``TraceRows``) and the list each layer
+    # appends its ``AttentionTrace`` to; None in every step without a traced request.
+    trace_rows: Any = None
+    trace_out: list | None = None
 
     @property
     def num_seqs(self) -> int:

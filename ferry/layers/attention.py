@@ -35,4 +35,8 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)    # (T, Hkv, D)
         kernels.write_kv_cache(k, v, kv_cache, attn_metadata.slot_mapping)
         out = kernels.paged_attention(q, kv_cache, attn_metadata, self.scale, self.sliding_window)
+        if attn_metadata.trace_rows is not None:   # only steps with a traced request
+            attn_metadata.trace_out.append(kernels.attention_trace(
+                q, kv_cache, attn_metadata, self.scale, attn_metadata.trace_rows,
+                self.sliding_window))
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

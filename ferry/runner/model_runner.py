@@ -18,6 +18,8 @@ from ferry import kernels
 from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.lora.slots import LoRASlots
 from ferry.platform import DeviceGraphCapture, zeros_on_demand
+from ferry.runner.attention_tracing import AttentionTracer, StepTrace, TraceSettings
+from ferry.runner.attention_tracing import records as trace_records
 from ferry.runner.cuda_graphs import DecodeGraphs, GraphCapture
 from ferry.runner.drafts import DraftProposer
 from ferry.runner.input_batch import ModelInput, ScheduledState, build_model_input, device_tensor
@@ -34,9 +36,11 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int,
                  device: torch.device, kv_dtype: torch.dtype,
                  proposer: DraftProposer | None = None, num_host_blocks: int = 0,
-                 lora: LoRASlots | None = None) -> None:
+                 lora: LoRASlots | None = None, trace: TraceSettings | None = None) -> None:
+        """``trace``: the attention debug trace's settings when it is on (None: off)."""
         self.model = model
         self.lora = lora   # LoRA serving: the adapters' slots (None: LoRA is off)
+        self.tracer = AttentionTracer(trace) if trace is not None else None
         self.block_size = block_size
         self.device = device
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype, device)
@@ -67,6 +71,8 @@ class ModelRunner:
         """Queue one step; on a GPU this returns while the device still runs it."""
         for request_id in sched.finished_request_ids:
             self._generators.pop(request_id, None)
+            if self.tracer is not None:
+                self.tracer.forget(request_id)
         states = self.requests.update(sched)
         self.host_kv.apply(sched)          # before the forward, which may reuse freed blocks
         if sched.is_empty:
@@ -74,20 +80,31 @@ class ModelRunner:
         batch = build_model_input([ScheduledState(s, state) for s, state in
                                    zip(sched.scheduled, states)], self.block_size, self.device)
         self._fill_placeholders(batch)
+        traced = self._plan_trace(batch)
         hidden = self._forward_lora(batch) if self.lora is not None else None
-        if hidden is None and self.decode_graphs is not None:
+        if hidden is None and self.decode_graphs is not None and traced is None:   # a graph runs no trace
             hidden = self.decode_graphs.try_run(batch.input_ids, batch.positions, batch.attn_metadata)
         if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn_metadata)
         if not batch.sampling_requests:
             self._last_sampled = None
-            return PendingOutput()
+            return _with_trace(PendingOutput(), traced)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # (R, V) float32
         rows, generators, sampled = self._sampling_rows(batch.sampling_requests)
         attach_bitmasks(rows, sampled, sched.grammar_bitmask)
         token_ids, logprobs = self.sampler.sample(logits, rows, generators)
         self._last_sampled = (token_ids, _last_rows(sampled))
-        return PendingOutput(sampled, token_ids, logprobs)
+        return _with_trace(PendingOutput(sampled, token_ids, logprobs), traced)
+
+    def _plan_trace(self, batch: ModelInput) -> StepTrace | None:
+        """The step's traced rows, handed to every attention layer through the metadata."""
+        if self.tracer is None:
+            return None
+        traced = self.tracer.plan(batch.requests, batch.attn_metadata)
+        if traced is not None:
+            batch.attn_metadata.trace_rows = traced.rows
+            batch.attn_metadata.trace_out = traced.out
+        return traced
 
     def _forward_lora(self, batch: ModelInput) -> torch.Tensor | None:
         """The forward of a step with LoRA requests (eager: graphs hold no LoRA); None when
@@ -169,6 +186,12 @@ class ModelRunner:
             gen = torch.Generator(device=self.device).manual_seed(seed)
             self._generators[request_id] = gen
         return gen
+
+
+def _with_trace(pending: PendingOutput, traced: StepTrace | None) -> PendingOutput:
+    if traced is not None:
+        pending.attention_traces = trace_records(traced)
+    return pending
 
 
 def _last_rows(sampled: list[SampledRequest]) -> dict[str, int]:

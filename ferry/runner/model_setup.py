@@ -86,7 +86,6 @@ def load_model(config: EngineConfig, model_dir: Path,
 # clearly rather than serve something other than what was asked for.
 _NOT_YET = {
     "kv_cache_dtype": ("auto",),
-    "debug_trace": ("none",),
 }
 
 

@@ -35,6 +35,7 @@ class PendingOutput:
         """``tokens``: (R,) int64, the requests' rows in order; None for a step that sampled
         nothing. The copy to the host starts now, behind the step's kernels."""
         self._requests = requests or []
+        self.attention_traces: dict[str, list[dict]] = {}   # set by the runner when traced
         self._logprobs = logprobs or [None] * sum(r.num_rows for r in self._requests)
         self._host_tokens = tokens
         self._copied = None
@@ -46,7 +47,7 @@ class PendingOutput:
 
     def result(self) -> RunnerOutput:
         """Wait for the step's tokens (if it still runs) and return them."""
-        out = RunnerOutput()
+        out = RunnerOutput(attention_traces=self.attention_traces)
         if self._host_tokens is None:
             return out
         if self._copied is not None:

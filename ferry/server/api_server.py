@@ -8,9 +8,11 @@ limits); only the engine reads ``EngineConfig``.
 """
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import secrets
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ferry.config import FerryConfig, ServerConfig
+from ferry.config import EngineConfig, FerryConfig, ServerConfig
 from ferry.server.async_engine import AsyncEngine, engine_executor
 from ferry.server.body_limit import BodySizeLimit
 from ferry.server.errors import APIError, install_error_handlers
@@ -29,6 +31,7 @@ from ferry.server.lora_metrics import LoRACollector
 from ferry.server.metrics import ServerMetrics
 from ferry.server.openapi import error_responses, generated, install_openapi, json_body, ok
 from ferry.server.tool_calls.parsers import make_parser
+from ferry.server.reload import ConfigReloader, ConfigSource, ReloadError
 from ferry.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    DetokenizeResponse, HealthResponse, LoadLoRAAdapterRequest,
                                    ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
@@ -40,6 +43,8 @@ from ferry.server.serving_chat import create_chat_completion
 from ferry.server.serving_common import ServerState, check_model, encode_chat, parse_body
 from ferry.server.serving_completions import create_completion
 from ferry.server.tokenization import PromptTokenizer
+from ferry.server.trace_store import RETENTION_SECONDS, TraceStore
+from ferry.server.webui import webui_router
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,7 @@ def build_state(engine: Any, config: ServerConfig,
     vocab_size = getattr(engine, "vocab_size", None) or len(tokenizer)
     model_path = _given_model_path(engine)
     prompts = PromptTokenizer(tokenizer, engine.max_model_len, engine.served_model_name)
+    async_engine.traces = TraceStore()
     return ServerState(engine=async_engine, tokenizer=tokenizer,
                        model_name=engine.served_model_name, model_path=model_path,
                        model_root=str(getattr(engine, "model_dir", model_path)),
@@ -116,18 +122,27 @@ def _own_tokenizer(tokenizer: Any) -> Any:
 
 
 def build_app(engine: Any, config: ServerConfig,
-              executor: ThreadPoolExecutor | None = None) -> FastAPI:
+              executor: ThreadPoolExecutor | None = None,
+              config_source: ConfigSource | None = None) -> FastAPI:
     """The app serving ``engine``; its lifespan starts and drains the engine loop.
-    ``executor``: the engine's own thread (``async_engine.engine_executor``), if it has one."""
+    ``executor``: the engine's own thread (``async_engine.engine_executor``), if it has one.
+    ``config_source``: the config file and flags it was started with, which
+    ``POST /admin/reload`` and SIGHUP read again (none: nothing to reload)."""
     state = build_state(engine, config, executor)
+    reloader = ConfigReloader(config_source or ConfigSource(None),
+                              FerryConfig(engine=getattr(engine, "config", None) or EngineConfig(),
+                                          server=config), state)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         await state.engine.start()
         watcher = _start_lora_watcher(state)
+        hangup = _install_sighup(reloader) if config_source is not None else False
         try:
             yield
         finally:
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             if watcher is not None:
                 await watcher.stop()
             await state.engine.shutdown(grace_seconds=config.shutdown_grace_seconds)
@@ -143,10 +158,14 @@ def build_app(engine: Any, config: ServerConfig,
     install_error_handlers(app, on_error=on_error)
     # Outermost but for Starlette's own error middleware: a body too large is refused
     # before routing, authentication or parsing see it.
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes,
+    app.add_middleware(BodySizeLimit, max_bytes=lambda: state.config.max_request_body_bytes,
                        on_error=on_error)
     app.include_router(_v1_router(state))
     app.include_router(_plain_router(state))
+    app.include_router(_admin_router(state, reloader))
+    app.include_router(_debug_router(state))
+    if config.web_ui:
+        app.include_router(webui_router())
     install_openapi(app, REQUEST_MODELS)
     return app
 
@@ -271,6 +290,56 @@ def _plain_router(state: ServerState) -> APIRouter:
     return router
 
 
+def _admin_router(state: ServerState, reloader: ConfigReloader) -> APIRouter:
+    router = APIRouter(prefix="/admin",
+                       dependencies=[Depends(_api_key_checker(state.config.api_key))])
+
+    @router.post("/reload", response_model=None, responses={
+        200: {"description": "What was applied and which changed keys need a restart",
+              "content": {"application/json": {"schema": {"type": "object"}}}},
+        **error_responses(400, 401)})
+    async def reload_config() -> dict[str, Any]:
+        try:
+            plan = await reloader.reload()
+        except ReloadError as exc:
+            raise APIError(400, str(exc), code="invalid_config") from None
+        return plan.to_json()
+
+    return router
+
+
+def _debug_router(state: ServerState) -> APIRouter:
+    router = APIRouter(prefix="/debug",
+                       dependencies=[Depends(_api_key_checker(state.config.api_key))])
+
+    @router.get("/trace/{request_id}", response_model=None, responses={
+        200: {"description": "The attention trace of a finished traced request",
+              "content": {"application/json": {"schema": {"type": "object"}}}},
+        **error_responses(401, 404)})
+    async def debug_trace(request_id: str) -> dict[str, Any]:
+        trace = state.engine.traces.get(request_id)
+        if trace is None:
+            raise APIError(404, f"no attention trace for request {request_id!r}: traces of "
+                                f"requests sent with \"debug_trace\": true are kept "
+                                f"{RETENTION_SECONDS:.0f} s after they finish",
+                           param="request_id", code="not_found")
+        return {"request_id": request_id, "debug_trace": trace}
+
+    return router
+
+
+def _install_sighup(reloader: ConfigReloader) -> bool:
+    """SIGHUP reloads the config file (where the loop may handle signals: the main
+    thread on a POSIX system)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP,
+                                lambda: loop.create_task(reloader.reload_logged()))
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+        return False
+    return True
+
+
 async def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
     """Tokenize on the tokenizer pool, exactly as a completion or chat request would (and
     refused by length the same way)."""
@@ -308,7 +377,8 @@ class _DrainingServer(uvicorn.Server):
 
 
 def run_server(config: FerryConfig, engine: Any | None = None,
-               executor: ThreadPoolExecutor | None = None) -> None:
+               executor: ThreadPoolExecutor | None = None,
+               config_source: ConfigSource | None = None) -> None:
     """Load the model of ``config.engine`` (unless ``engine`` is given, built on
     ``executor``'s thread) and serve by ``config.server`` until SIGTERM; then drain: refuse
     new requests, let requests in flight finish for ``shutdown_grace_seconds``, abort the
@@ -319,7 +389,7 @@ def run_server(config: FerryConfig, engine: Any | None = None,
         executor = engine_executor()
         engine = executor.submit(Engine, config.engine).result()   # built where it will run
     settings = config.server
-    app = build_app(engine, settings, executor)
+    app = build_app(engine, settings, executor, config_source)
     uv_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                                # a backstop: the engine's drain ends streams before it
                                timeout_graceful_shutdown=settings.shutdown_grace_seconds + 10,

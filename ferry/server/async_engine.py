@@ -103,6 +103,7 @@ class AsyncEngine:
         self._stopping = False
         self.stats: Any = None
         self.dead_reason: str | None = None
+        self.traces: Any = None   # a TraceStore: finished attention traces, by request id
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -357,6 +358,8 @@ class AsyncEngine:
         queue = self._queues.get(output.request_id)
         if queue is None:  # the client left; its abort is already queued
             return
+        if output.finished and output.debug_trace is not None and self.traces is not None:
+            self.traces.put(output.request_id, output.debug_trace)   # before the client sees it
         queue.put_nowait(output)
         if output.finished and self.metrics is not None:
             aborted = any(c.finish_reason == "abort" for c in output.outputs)

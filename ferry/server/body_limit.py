@@ -36,10 +36,17 @@ class BodySizeLimit:
     ``on_error`` sees each refusal made here (the server counts it in its metrics).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, on_error: ErrorHook | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int | Callable[[], int],
+                 on_error: ErrorHook | None = None) -> None:
+        """``max_bytes``: the limit, or a function giving it per request (a config hot
+        reload changes it)."""
         self.app = app
-        self.max_bytes = max_bytes
+        self._max_bytes = max_bytes
         self.on_error = on_error
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes() if callable(self._max_bytes) else self._max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -60,6 +60,7 @@ class _SamplingFields(_Strict):
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool = False
+    debug_trace: bool = False   # ferry: an attention trace (server started with --debug-trace attention)
     stop_token_ids: list[int] | None = None
     min_tokens: int = Field(0, ge=0)
     priority: int = 0
@@ -108,7 +109,8 @@ class _SamplingFields(_Strict):
             ignore_eos=self.ignore_eos, max_tokens=max_tokens, logprobs=logprobs,
             min_tokens=self.min_tokens, priority=self.priority,
             skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            debug_trace=self.debug_trace)
         optional = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                         min_p=self.min_p, presence_penalty=self.presence_penalty,
                         frequency_penalty=self.frequency_penalty,

@@ -13,6 +13,7 @@ from ferry.server.errors import APIError, sse_error_event
 from ferry.server.protocol import ChatCompletionRequest
 from ferry.server.tool_calls.extract import calls_of, new_call_id, tool_call_dicts
 from ferry.server.tool_calls.stream import ToolCallStream
+from ferry.server.trace_store import completion_trace
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
                                          ServerState, add_or_raise, before_deadline,
                                          chat_logprobs, check_capacity, check_constraint,
@@ -57,6 +58,9 @@ def _response(state: ServerState, body: ChatCompletionRequest, request_id: str,
     response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": state.model_name, "choices": choices, "system_fingerprint": None,
                 "usage": usage(len(final.prompt_token_ids), completion_tokens([final]), [final])}
+    if final.debug_trace is not None:   # ferry's extension
+        for choice, completion in zip(choices, final.outputs):
+            choice["debug_trace"] = completion_trace(final.debug_trace, completion.index)
     if body.return_token_ids:
         response["prompt_token_ids"] = final.prompt_token_ids
         for choice, completion in zip(choices, final.outputs):

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ferry.outputs import CompletionOutput, RequestOutput
 from ferry.server.errors import APIError, sse_error_event
+from ferry.server.trace_store import completion_trace
 from ferry.server.protocol import CompletionRequest
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
                                          ServerState, add_or_raise, before_deadline,
@@ -80,6 +81,8 @@ def _choice(state: ServerState, body: CompletionRequest, index: int, output: Req
     if body.return_token_ids:
         choice.update(prompt_token_ids=output.prompt_token_ids,
                       token_ids=list(completion.token_ids))
+    if output.debug_trace is not None:   # ferry's extension
+        choice["debug_trace"] = completion_trace(output.debug_trace, completion.index)
     return choice
 
 

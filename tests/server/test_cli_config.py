@@ -24,8 +24,9 @@ def captured(monkeypatch) -> dict:
 
     seen: dict = {}
     monkeypatch.setattr(cli, "_load_engine", lambda config, executor=None: "engine")
-    monkeypatch.setattr(api_server, "run_server", lambda config, engine, executor=None:
-                        seen.update(config=config, engine=engine))
+    monkeypatch.setattr(api_server, "run_server",
+                        lambda config, engine, executor=None, config_source=None:
+                        seen.update(config=config, engine=engine, source=config_source))
     monkeypatch.delenv("FERRY_API_KEY", raising=False)
     return seen
 

@@ -1,0 +1,182 @@
+"""The engine features the parity matrix (docs/parity.md) has a row for, and which exist.
+
+"What exists" is read from the code, not written down: the kernel dispatch table
+(``ferry.kernels.OP_NAMES``), and every config key, each either a feature (its values, for
+an enum such as ``quant_type``, are features of their own) or a plain setting. A new op,
+a new enum value or a new config key therefore fails ``tests/test_parity_matrix.py``
+until it is classified here, and a feature row with tests.
+
+Whether a feature is built is read from the code too: the runner's start-up check refuses
+the config values of features that are not built (``runner.model_setup``).
+"""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+
+from ferry.config import EngineConfig, config_fields
+
+CPP_ONLY = "tests/kernels/test_cpu_kernels.py"   # the C++ kernels' own tests: not reference proof
+K = CPP_ONLY + "::"
+MODELS = ("tests/test_models.py::test_full_prefill_matches_hf",
+          "tests/test_models.py::test_batched_chunks_and_decodes_match_hf")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One row. ``tests``: pytest node ids (or prefixes) whose results prove it on a CPU;
+    the same tests run on a GPU machine (they pick the device). ``triton_kernels``: the
+    kernels it runs on a GPU, as named in the AOT kernel matrix (docs/kernels.md).
+    ``cpu``: False where the feature only acts on a GPU (its CPU tests use a stand-in).
+    ``gpu_tests`` count for the GPU columns only (on the CPU they run through Triton's
+    interpreter, which proves the kernels' arithmetic, not a CPU path)."""
+
+    id: str
+    title: str
+    tests: tuple[str, ...] = ()
+    triton_kernels: tuple[str, ...] = ()
+    cpu: bool = True
+    note: str = ""
+    gpu_tests: tuple[str, ...] = ()   # the Triton kernels' tests: GPU columns only
+
+
+_ATTN = ("paged_decode_kernel", "paged_decode_reduce_kernel", "paged_prefill_kernel")
+TA, TE = "tests/kernels/test_triton_attention.py", "tests/kernels/test_triton_elementwise.py::"
+TRITON_MODEL = ("tests/kernels/test_triton_model.py",)
+FEATURES: tuple[Feature, ...] = (
+    Feature("kernel:paged_attention", "Paged attention (prefill, decode, mixed; sliding window)",
+            (K + "test_mixed_batch_matches_naive", K + "test_sliding_window",
+             K + "test_random_ragged_batches_match_reference",
+             "tests/test_reference_attention.py", *MODELS), _ATTN, gpu_tests=(TA, *TRITON_MODEL)),
+    Feature("kernel:write_kv_cache", "KV cache write (paged slots)",
+            (K + "test_write_kv_cache_matches_reference", "tests/test_reference_attention.py"),
+            ("write_kv_cache_kernel",),
+            gpu_tests=(TA + "::test_write_kv_cache_scatters_rows_and_skips_padding",)),
+    Feature("kernel:rms_norm", "RMSNorm", (K + "test_norms_match_reference", *MODELS),
+            ("rms_norm_kernel",), gpu_tests=(TE + "test_rms_norm", *TRITON_MODEL)),
+    Feature("kernel:fused_add_rms_norm", "Residual add + RMSNorm",
+            (K + "test_norms_match_reference", *MODELS), ("fused_add_rms_norm_kernel",),
+            gpu_tests=(TE + "test_fused_add_rms_norm", *TRITON_MODEL)),
+    Feature("kernel:apply_rotary", "Rotary embedding (incl. llama3 scaling)",
+            (K + "test_rotary_matches_reference_on_views", *MODELS), ("rotary_kernel",),
+            gpu_tests=(TE + "test_apply_rotary", *TRITON_MODEL)),
+    Feature("kernel:silu_and_mul", "SiLU and multiply (gated MLP)",
+            (K + "test_silu_and_mul_matches_reference", *MODELS), ("silu_and_mul_kernel",),
+            gpu_tests=(TE + "test_silu_and_mul", *TRITON_MODEL)),
+    Feature("model:greedy_vs_hf", "Whole model: greedy tokens equal HF transformers",
+            (K + "test_engine_greedy_matches_hf_on_both_cpu_paths", *MODELS),
+            ("write_kv_cache_kernel", *_ATTN, "rms_norm_kernel", "fused_add_rms_norm_kernel",
+             "rotary_kernel", "silu_and_mul_kernel"), gpu_tests=TRITON_MODEL),
+    Feature("prefix_caching", "Automatic prefix caching",
+            ("tests/engine/test_kv_cache_manager.py", "tests/test_engine_e2e.py")),
+    Feature("scheduling:fcfs", "FCFS scheduling", ("tests/engine/test_scheduler.py",)),
+    Feature("scheduling:priority", "Priority scheduling", ("tests/engine/test_scheduler.py",)),
+    Feature("async_scheduling", "Async scheduling (host overlaps the device)",
+            ("tests/engine/test_async_scheduling.py", "tests/test_async_scheduling_e2e.py")),
+    Feature("device_graphs", "CUDA/HIP graphs of decode steps",
+            ("tests/runner/test_decode_graphs.py",), cpu=False,
+            note="GPU only; on the CPU a stand-in replays the recorded forward"),
+    Feature("spec_decoding:seam", "Draft tokens: scheduling, verification, rollback",
+            ("tests/runner/test_draft_tokens.py", "tests/engine/test_scheduler_drafts.py"),
+            note="the seam, with a test drafter"),
+    Feature("spec_decoding", "Speculative decoding proposers (n-gram, draft model)"),
+    Feature("quant:gptq_int4", "GPTQ int4 weights"),
+    Feature("quant:awq_int4", "AWQ int4 weights"),
+    Feature("quant:int8", "int8 weights"),
+    Feature("quant:fp8", "FP8 weights"),
+    Feature("kv_cache:fp8", "FP8 (e4m3) KV cache"),
+    Feature("lora", "LoRA adapters"),
+    Feature("tensor_parallel", "Tensor parallelism"),
+    Feature("debug_trace:attention", "Attention debug trace (entropy, top-k per layer/head)",
+            ("tests/kernels/test_attention_trace.py", "tests/test_debug_trace_e2e.py"),
+            note="one PyTorch op on every backend's q and paged K; no C++/Triton trace kernel"),
+    Feature("structured_output", "Structured output (JSON schema, grammars)"),
+)
+FEATURE_BY_ID = {f.id: f for f in FEATURES}
+
+# Config keys that name a feature: key -> feature id, or a prefix "name:" whose values
+# (but the listed defaults) are features each.
+FEATURE_KEYS: dict[str, str] = {
+    "enable_prefix_caching": "prefix_caching", "async_scheduling": "async_scheduling",
+    "enforce_eager": "device_graphs", "tensor_parallel_size": "tensor_parallel",
+    "lora_adapters_dir": "lora", "max_loras": "lora", "max_lora_rank": "lora",
+    "quant_type": "quant:", "kv_cache_dtype": "kv_cache:", "debug_trace": "debug_trace:",
+    "scheduling_policy": "scheduling:", "structured_output_backend": "structured_output",
+    "speculative_config": "spec_decoding",
+}
+ENUM_DEFAULTS = {"quant_type": {"auto", "none"}, "kv_cache_dtype": {"auto"},
+                 "debug_trace": {"none"}}
+# Plain settings: sizes, limits, addresses, names.
+SETTING_KEYS = frozenset({
+    "model_path", "served_model_name", "tokenizer", "revision", "trust_remote_code", "dtype",
+    "device", "seed", "max_model_len", "block_size", "gpu_memory_utilization",
+    "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "prefill_parallelism",
+    "cpu_threads", "host", "port", "api_key", "max_waiting_requests", "shutdown_grace_seconds",
+    "max_request_body_bytes", "request_timeout_seconds", "log_level", "web_ui",
+    "debug_trace_dir", "debug_trace_max_tokens", "debug_trace_prompt",
+    "debug_trace_entropy_jump", "debug_trace_top_k",
+})
+
+
+class UnclassifiedKey(ValueError):
+    """A config key that is neither a feature nor a plain setting here."""
+
+
+def existing_features() -> dict[str, str]:
+    """``{feature id: where it was found}`` from the dispatch table and the config keys."""
+    from ferry.kernels import OP_NAMES
+
+    found = {f"kernel:{op}": "ferry.kernels.OP_NAMES" for op in OP_NAMES}
+    found["model:greedy_vs_hf"] = "ferry.models"
+    from ferry.runner.drafts import DraftProposer
+
+    found["spec_decoding:seam"] = f"ferry.runner.drafts.{DraftProposer.__name__}"
+    unclassified = []
+    for key, field in config_fields().items():
+        target = FEATURE_KEYS.get(key)
+        if target is None:
+            if key not in SETTING_KEYS:
+                unclassified.append(key)
+            continue
+        if target.endswith(":"):
+            for value in _enum_values(field.annotation):
+                if value not in ENUM_DEFAULTS.get(key, ()):
+                    found[f"{target}{value}"] = f"config key {key}"
+        else:
+            found[target] = f"config key {key}"
+    if unclassified:
+        raise UnclassifiedKey(f"config keys neither a feature nor a setting in "
+                              f"ferry/tools/parity_features.py: {unclassified}")
+    return found
+
+
+def _enum_values(annotation) -> list[str]:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(a) for a in args]
+    return [v for a in args for v in _enum_values(a)]
+
+
+# A feature's config value, to ask the runner's start-up check whether it is built.
+def _probe(feature_id: str) -> dict | None:
+    kind, _, value = feature_id.partition(":")
+    probes = {"quant": {"quant_type": value}, "kv_cache": {"kv_cache_dtype": value},
+              "debug_trace": {"debug_trace": value}, "lora": {"lora_adapters_dir": "/x"},
+              "tensor_parallel": {"tensor_parallel_size": 2}}
+    return probes.get(kind)
+
+
+def is_built(feature: Feature, existing: dict[str, str]) -> bool:
+    """False when the feature has no config key yet, or its value is refused at start."""
+    if feature.id not in existing:
+        return False
+    probe = _probe(feature.id)
+    if probe is None:
+        return True
+    from ferry.runner.model_setup import check_features_available
+
+    try:
+        check_features_available(EngineConfig.from_flat(**probe))
+    except ValueError:
+        return False
+    return True
