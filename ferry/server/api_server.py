@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ferry.config import FerryConfig, ServerConfig
 from ferry.server.async_engine import AsyncEngine, engine_executor
 from ferry.server.body_limit import BodySizeLimit
+from ferry.server.body_parsing import LargeBodyCheck
 from ferry.server.errors import APIError, install_error_handlers
 from ferry.server.metrics import ServerMetrics
 from ferry.server.openapi import error_responses, generated, install_openapi, json_body, ok
@@ -74,7 +75,8 @@ def build_state(engine: Any, config: ServerConfig,
                        model_name=engine.served_model_name, model_path=model_path,
                        model_root=str(getattr(engine, "model_dir", model_path)),
                        max_model_len=engine.max_model_len,
-                       vocab_size=vocab_size, metrics=metrics, config=config, prompts=prompts)
+                       vocab_size=vocab_size, metrics=metrics, config=config, prompts=prompts,
+                       large_bodies=LargeBodyCheck(engine.max_model_len, prompts.max_prompt_chars))
 
 
 def _given_model_path(engine: Any) -> str | None:
@@ -117,6 +119,7 @@ def build_app(engine: Any, config: ServerConfig,
         finally:
             await state.engine.shutdown(grace_seconds=config.shutdown_grace_seconds)
             state.prompts.shutdown()
+            state.large_bodies.shutdown()
 
     app = FastAPI(title="ferry", version=ferry_version(), lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -221,7 +224,7 @@ def _plain_router(state: ServerState) -> APIRouter:
                  openapi_extra=json_body(TokenizeRequest),
                  responses={**ok(TokenizeResponse), **error_responses(400, 401, 404, 413)})
     async def tokenize(request: Request) -> dict[str, Any]:
-        body = await parse_body(request, TokenizeRequest)
+        body = await parse_body(request, TokenizeRequest, state)
         check_model(state, body.model)
         tokens = await _tokenize(state, body)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
@@ -230,7 +233,7 @@ def _plain_router(state: ServerState) -> APIRouter:
                  openapi_extra=json_body(DetokenizeRequest),
                  responses={**ok(DetokenizeResponse), **error_responses(400, 401, 404, 413)})
     async def detokenize(request: Request) -> dict[str, Any]:
-        body = await parse_body(request, DetokenizeRequest)
+        body = await parse_body(request, DetokenizeRequest, state)
         check_model(state, body.model)
         bad = [t for t in body.tokens if not 0 <= t < state.vocab_size]
         if bad:
