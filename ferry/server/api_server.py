@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ferry.config import EngineConfig, FerryConfig, ServerConfig
 from ferry.server.async_engine import AsyncEngine, engine_executor
 from ferry.server.body_limit import BodySizeLimit
+from ferry.server.body_parsing import LargeBodyCheck
 from ferry.server.errors import APIError, install_error_handlers
 from ferry.server.lora_routes import AdapterDirWatcher, adapter_cards, engine_lora, lora_router
 from ferry.server.lora_metrics import LoRACollector
@@ -92,7 +93,8 @@ def build_state(engine: Any, config: ServerConfig,
                                         None),
                        tool_parser=make_parser(getattr(config, "tool_call_parser", "auto"),
                                                getattr(tokenizer, "chat_template", None)),
-                       quant_type=getattr(engine, "quant_type", "none"))
+                       quant_type=getattr(engine, "quant_type", "none"),
+                       large_bodies=LargeBodyCheck(engine.max_model_len, prompts.max_prompt_chars))
 
 
 def _given_model_path(engine: Any) -> str | None:
@@ -147,6 +149,7 @@ def build_app(engine: Any, config: ServerConfig,
                 await watcher.stop()
             await state.engine.shutdown(grace_seconds=config.shutdown_grace_seconds)
             state.prompts.shutdown()
+            state.large_bodies.shutdown()
 
     app = FastAPI(title="ferry", version=ferry_version(), lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -270,7 +273,7 @@ def _plain_router(state: ServerState) -> APIRouter:
                  openapi_extra=json_body(TokenizeRequest),
                  responses={**ok(TokenizeResponse), **error_responses(400, 401, 404, 413)})
     async def tokenize(request: Request) -> dict[str, Any]:
-        body = await parse_body(request, TokenizeRequest)
+        body = await parse_body(request, TokenizeRequest, state)
         check_model(state, body.model)
         tokens = await _tokenize(state, body)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len}
@@ -279,7 +282,7 @@ def _plain_router(state: ServerState) -> APIRouter:
                  openapi_extra=json_body(DetokenizeRequest),
                  responses={**ok(DetokenizeResponse), **error_responses(400, 401, 404, 413)})
     async def detokenize(request: Request) -> dict[str, Any]:
-        body = await parse_body(request, DetokenizeRequest)
+        body = await parse_body(request, DetokenizeRequest, state)
         check_model(state, body.model)
         bad = [t for t in body.tokens if not 0 <= t < state.vocab_size]
         if bad:

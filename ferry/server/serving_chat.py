@@ -25,7 +25,7 @@ from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, D
 
 async def create_chat_completion(request: Request, state: ServerState):
     deadline = state.engine.deadline()  # the time limit counts parsing and templating
-    body = await parse_body(request, ChatCompletionRequest)
+    body = await parse_body(request, ChatCompletionRequest, state)
     lora_name = check_model(state, body.model)
     try:
         params = body.to_sampling_params()

@@ -10,17 +10,18 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from ferry.config import ServerConfig
 from ferry.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from ferry.server.async_engine import (AsyncEngine, EngineOverloadedError, EngineStepError,
                                        EngineStoppedError, RequestTimeoutError)
 from ferry.lora.adapter_config import LoRANotFoundError
-from ferry.server.errors import APIError, validation_error
+from ferry.server.body_parsing import (PARSE_OFF_LOOP_BYTES, LargeBodyCheck, parse_large_body,
+                                       validate_body)
+from ferry.server.errors import APIError
 from ferry.server.lora_routes import adapter_of_model
 from ferry.server.metrics import ServerMetrics
-from ferry.server.protocol import UnsupportedFieldError
 from ferry.server.tokenization import PromptTokenizer
 
 RETRY_AFTER_SECONDS = 1
@@ -47,6 +48,7 @@ class ServerState:
     prompts: PromptTokenizer    # tokenization and chat templates, off the engine thread
     grammars: Any = None        # the engine's GrammarCompiler (structured output), if any
     tool_parser: Any = None     # the model family's tool-call parser
+    large_bodies: LargeBodyCheck | None = None   # large bodies checked in another process
     created: int = field(default_factory=lambda: int(time.time()))
     quant_type: str = "none"    # the engine's weight format (metrics label, /v1/models)
     _token_text: dict[int, str] = field(default_factory=dict)
@@ -65,34 +67,17 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-# Bodies above this are validated on a worker thread: a long message list or many prompts
-# can take seconds of validation, which on the event loop would stall every other request.
-PARSE_OFF_LOOP_BYTES = 256 * 1024
-
-
-async def parse_body(request: Request, model_cls: type[Model]) -> Model:
+async def parse_body(request: Request, model_cls: type[Model],
+                     state: ServerState | None = None) -> Model:
     """Read and validate a JSON body; every problem becomes a 400 (the size limit is the
-    ``BodySizeLimit`` middleware's: 413 while the body is read). A large body is validated
-    on a worker thread, so the event loop keeps serving meanwhile."""
+    ``BodySizeLimit`` middleware's: 413 while the body is read). A large body is checked
+    in ``state.large_bodies``'s process, then validated on a worker thread, so the event
+    loop keeps serving meanwhile (see ``body_parsing``)."""
     body = await request.body()
     if len(body) > PARSE_OFF_LOOP_BYTES:
-        return await asyncio.to_thread(validate_body, body, model_cls)
+        check = state.large_bodies if state is not None else None
+        return await parse_large_body(body, model_cls, check)
     return validate_body(body, model_cls)
-
-
-def validate_body(body: bytes, model_cls: type[Model]) -> Model:
-    """The body as ``model_cls``, checked for unsupported fields; ``APIError`` 400 if not."""
-    try:
-        parsed = model_cls.model_validate_json(body)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-    check = getattr(parsed, "check_supported", None)
-    if check is not None:
-        try:
-            check()
-        except UnsupportedFieldError as exc:
-            raise APIError(400, str(exc), param=exc.field, code="unsupported_parameter") from None
-    return parsed
 
 
 def check_model(state: ServerState, name: str | None) -> str | None:

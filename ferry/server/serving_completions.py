@@ -24,7 +24,7 @@ from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, D
 
 async def create_completion(request: Request, state: ServerState):
     deadline = state.engine.deadline()  # the time limit counts parsing and tokenizing
-    body = await parse_body(request, CompletionRequest)
+    body = await parse_body(request, CompletionRequest, state)
     lora_name = check_model(state, body.model)
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported (prompt logprobs)",

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ferry.engine.engine import apply_chat_template
-from ferry.server.errors import APIError
+from ferry.server.body_parsing import context_length_error
 
 T = TypeVar("T")
 DEFAULT_WORKERS = 2
@@ -61,12 +61,9 @@ class PromptTokenizer:
 
     def check_length(self, num_chars: int, param: str) -> None:
         """400 when ``num_chars`` of text cannot fit in the context, whatever its tokens."""
-        if self.max_prompt_chars and num_chars > self.max_prompt_chars:
-            raise APIError(
-                400, f"this model's maximum context length is {self.max_model_len} tokens, and "
-                     f"no prompt of more than {self.max_prompt_chars} characters fits in it "
-                     f"(this one has {num_chars}); shorten the prompt",
-                param=param, code="context_length_exceeded")
+        error = context_length_error(self.max_model_len, self.max_prompt_chars, num_chars, param)
+        if error is not None:
+            raise error
 
     async def encode(self, text: str) -> list[int]:
         """``text``'s token ids (as the engine would encode it), after the length check."""

@@ -1,4 +1,4 @@
-"""BlockPool: ref counts, free queues (warm LIFO, fresh, cached LRU), prefix hash map and eviction (pure Python)."""
+"""BlockPool: ref counts, free queues (warm uncached LIFO, never used, cached LRU), hash map."""
 import pytest
 
 from ferry.engine.block_pool import BlockPool, hash_block_tokens
