@@ -28,13 +28,14 @@ from multiprocessing.connection import wait as wait_for_sentinels
 from pathlib import Path
 from typing import Any
 
-from ferry.checkpoint import resolve_model_dir
+from ferry.checkpoint import load_hf_config, resolve_model_dir
 from ferry.config import EngineConfig, RuntimeConfig
 from ferry.distributed.collectives import CollectiveError
 from ferry.distributed.state import destroy_distributed, layouts_from_config
 from ferry.executor.base import Executor
 from ferry.executor.rank_worker import RankWorker, broadcast
 from ferry.executor.worker_process import spawn_workers
+from ferry.models.parallel_model import check_parallel_fit
 from ferry.outputs import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class MultiprocessExecutor(Executor):
         self.config = config
         self._on_failure = on_failure
         model_dir = model_dir or resolve_model_dir(config.model.model_path, config.model.revision)
+        check_parallel_fit(load_hf_config(model_dir), parallel.tensor_parallel_size,
+                           parallel.pipeline_parallel_size)
         layouts = layouts_from_config(parallel)
         if parallel.nnodes == 1 and "RANK" not in os.environ:
             # One node: a free port of our own, so that servers side by side (or a group
@@ -102,7 +105,10 @@ class MultiprocessExecutor(Executor):
             return self.rank0.initialize_cache(num_blocks)
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        return self.collect(self.launch(scheduler_output))
+        # One hold of the lock for the whole step: no ping between the broadcast and the
+        # last stage's reply on the same group.
+        with self._call("step", scheduler_output):
+            return self.rank0.collect(self.rank0.launch(scheduler_output))
 
     def launch(self, scheduler_output: SchedulerOutput) -> Any:
         with self._call("step", scheduler_output):

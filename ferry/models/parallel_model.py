@@ -48,6 +48,14 @@ def stage_hf_config(hf_config: Any, first: int, count: int) -> Any:
     return local
 
 
+def check_parallel_fit(hf_config: Any, tp_size: int, pp_size: int) -> None:
+    """ValueError naming the setting when the model cannot be split this way (every rank
+    would fail the same way: say it before starting any)."""
+    for pp_rank in range(pp_size):
+        first, count = stage_layers(hf_config.num_hidden_layers, pp_size, pp_rank)
+        local_hf_config(stage_hf_config(hf_config, first, count), tp_size)
+
+
 class StagePrefixMethods:
     """Chooses methods by the checkpoint's layer numbers on a stage whose layers count from 0
     (so a quantization config that names ``model.layers.17`` sees layer 17)."""

@@ -78,3 +78,28 @@ def test_local_config_and_kv_rules():
         local_kv_heads(3, 4)
     with pytest.raises(ValueError, match="num_attention_heads=8 does not divide"):
         local_hf_config(config, 3)
+
+
+def test_micro_batches_split_a_step_by_tokens():
+    from ferry.runner.pipeline_runner import split_micro_batches
+
+    def item(n):
+        return SimpleNamespace(scheduled=SimpleNamespace(num_tokens=n))
+
+    items = [item(n) for n in (1, 1, 1, 1, 30, 2)]
+    groups = split_micro_batches(items, 2)
+    assert len(groups) == 2 and sum(len(g) for g in groups) == 6
+    assert [i for g in groups for i in g] == items          # order kept
+    assert split_micro_batches(items[:1], 4) == [items[:1]]  # never more groups than requests
+    assert len(split_micro_batches([item(1) for _ in range(8)], 4)) == 4
+
+
+def test_a_split_that_does_not_fit_is_refused_before_any_worker_starts(tiny_model_dir):
+    from ferry import LLM
+
+    path = str(tiny_model_dir("llama"))          # 4 heads, 2 KV heads, 2 layers
+    with pytest.raises(ValueError, match="num_attention_heads=4 does not divide by "
+                                         "tensor_parallel_size=3"):
+        LLM(path, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="more than the model's 2 layers"):
+        LLM(path, pipeline_parallel_size=3)
