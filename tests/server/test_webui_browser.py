@@ -224,3 +224,44 @@ def test_with_an_api_key_the_page_asks_for_it_and_stop_works(page, server):
         assert time.monotonic() < deadline, "the server never saw the stop"
         time.sleep(0.2)
     assert metric(scrape(server.url), "llm_requests_running") == 0
+
+
+@pytest.fixture(scope="module")
+def trace_server():
+    proc = start_server(["--kv-cache-memory", "64MiB", "--debug-trace", "attention"])
+    yield proc
+    proc.stop()
+
+
+def test_a_traced_message_shows_its_heatmap(page, trace_server):
+    page.goto(trace_server.url)
+    page.check("#debug-trace")
+    with page.expect_request("**/v1/chat/completions") as info:
+        _ask(page, "Reverse: stone")
+    _wait_idle(page)
+    assert json.loads(info.value.post_data)["debug_trace"] is True
+    assert _answers(page) == ["enots"]
+    _wait(page, "document.querySelectorAll('.message.assistant .heatmap td').length > 0")
+    trace = _fetched_trace(trace_server, page)
+    cells = page.locator(".heatmap td")
+    assert cells.count() == trace["num_layers"] * trace["num_heads"]
+    assert page.locator(".heatmap td.flagged").count() == len(
+        {(a["layer"], a["head"]) for a in trace["anomalies"]})
+    cells.first.click()
+    items = page.locator(".heatmap .details li")
+    assert items.count() == len(trace["positions"])
+    assert "%" in items.first.inner_text()           # the attended tokens and their weights
+    _screenshot(page, "webui-heatmap.png")
+
+
+def _fetched_trace(server, page) -> dict:
+    """The trace the page fetched, read again from the server."""
+    import httpx
+
+    last = page.evaluate("JSON.parse(localStorage.getItem('ferry.conversations'))[0]")
+    assert last["messages"][-1]["role"] == "assistant"
+    # The page asked GET /debug/trace/{id}; the newest trace on the server is that one.
+    ids = page.evaluate("performance.getEntriesByType('resource').map(e => e.name)"
+                        ".filter(n => n.includes('/debug/trace/'))")
+    assert len(ids) == 1
+    return httpx.get(ids[0], timeout=10).json()["debug_trace"]

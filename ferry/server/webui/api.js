@@ -90,3 +90,11 @@ export async function fetchMetrics() {
   if (!response.ok) throw await errorOf(response);
   return response.text();
 }
+
+/** The attention trace of a finished request: GET /debug/trace/{id}. */
+export async function fetchTrace(requestId) {
+  const response = await fetch(`/debug/trace/${encodeURIComponent(requestId)}`,
+                               { headers: headers() });
+  if (!response.ok) throw await errorOf(response);
+  return (await response.json()).debug_trace;
+}

@@ -1,6 +1,7 @@
 // The chat page: conversations, streaming, stop, regenerate, edit and resend, settings,
 // the model/adapter selector, the API key prompt and the live metrics panel.
-import { AuthError, apiKey, fetchMetrics, listModels, setApiKey, streamChat } from "./api.js";
+import { AuthError, apiKey, fetchMetrics, fetchTrace, listModels, setApiKey, streamChat } from "./api.js";
+import { renderHeatmap } from "./heatmap.js";
 import { renderMarkdown } from "./markdown.js";
 import { startMetrics } from "./metrics.js";
 import { Store, loadSettings, saveSettings } from "./store.js";
@@ -8,15 +9,21 @@ import { Store, loadSettings, saveSettings } from "./store.js";
 const $ = (id) => document.getElementById(id);
 const store = new Store();
 let controller = null;  // the AbortController of the generation in flight
+const traces = new WeakMap();  // message -> its attention trace (kept in memory only: large)
 
 // ------------------------------------------------------------------ settings
 const SETTING_INPUTS = { system: "system-prompt", temperature: "temperature", top_p: "top-p",
                          max_tokens: "max-tokens", seed: "seed" };
+const CHECKBOXES = { trace: "debug-trace" };
 
 function restoreSettings() {
   const settings = loadSettings();
   for (const [key, id] of Object.entries(SETTING_INPUTS)) {
     if (settings[key] !== undefined) $(id).value = settings[key];
+    $(id).addEventListener("change", storeSettings);
+  }
+  for (const [key, id] of Object.entries(CHECKBOXES)) {
+    $(id).checked = Boolean(settings[key]);
     $(id).addEventListener("change", storeSettings);
   }
   $("model").addEventListener("change", storeSettings);
@@ -25,6 +32,7 @@ function restoreSettings() {
 function storeSettings() {
   const settings = { model: $("model").value };
   for (const [key, id] of Object.entries(SETTING_INPUTS)) settings[key] = $(id).value;
+  for (const [key, id] of Object.entries(CHECKBOXES)) settings[key] = $(id).checked;
   saveSettings(settings);
 }
 
@@ -131,9 +139,10 @@ function fillMessage(node, message) {
   const content = node.querySelector(".content");
   if (message.role === "assistant") renderMarkdown(content, message.content);
   else content.textContent = message.content;
-  node.querySelectorAll(".error, .stopped").forEach((n) => n.remove());
+  node.querySelectorAll(".error, .stopped, .heatmap").forEach((n) => n.remove());
   if (message.error) node.append(note("error", message.error));
   if (message.stopped) node.append(note("stopped", "stopped"));
+  if (traces.has(message)) node.append(renderHeatmap(traces.get(message)));
 }
 
 function note(cls, text) {
@@ -179,6 +188,7 @@ async function generate() {
   const conversation = store.current();
   const body = { model: $("model").value || undefined, messages: requestMessages(conversation),
                  ...samplingFields() };
+  if ($("debug-trace").checked) body.debug_trace = true;
   const message = { role: "assistant", content: "" };
   conversation.messages.push(message);
   const node = messageNode(message, conversation.messages.length - 1);
@@ -198,6 +208,7 @@ async function generate() {
     });
     message.finishReason = result.finishReason;
     setStatus(result.usage ? `${result.usage.completion_tokens} tokens` : "");
+    if (body.debug_trace && result.id) traces.set(message, await fetchTrace(result.id));
   } catch (error) {
     if (error.name === "AbortError") {
       message.stopped = true;
