@@ -134,6 +134,9 @@ class SamplingParams:
             bad("stop_token_ids", "must be non-negative integers")
         if not isinstance(self.priority, int):
             bad("priority", "must be an integer")
+        if self.structured_outputs is not None and self.ignore_eos:
+            # The grammar ends the output with EOS; nothing may follow it.
+            bad("ignore_eos", "cannot be combined with structured_outputs")
 
     @property
     def greedy(self) -> bool:
