@@ -92,12 +92,20 @@ class GrammarCompiler:
     def _compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         with self._lock:
             if self._backend is None:
-                self._backend = make_backend(self.backend_name, *self._args)
+                try:
+                    self._backend = make_backend(self.backend_name, *self._args)
+                except ImportError as exc:
+                    raise GrammarError(f"structured output is not available: {exc}") from None
             backend = self._backend
-        return backend.compile(spec)
+        try:
+            return backend.compile(spec)
+        except GrammarError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a library's own complaint about the input
+            raise GrammarError(f"invalid {spec.kind} constraint: {exc}") from None
 
     def _forget_failure(self, key: tuple, future: Future) -> None:
-        # A failure is cheap to recompute and must not pin an import error forever.
+        # Only a user's bad constraint is remembered; anything else is tried again.
         if future.exception() is not None and not isinstance(future.exception(), GrammarError):
             with self._lock:
                 self._cache.pop(key, None)
