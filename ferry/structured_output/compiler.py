@@ -110,6 +110,16 @@ class GrammarCompiler:
             with self._lock:
                 self._cache.pop(key, None)
 
+    def fill_bitmasks(self, matchers: list, bitmask: Any) -> None:
+        """Row ``i`` of ``bitmask`` (K, W) for ``matchers[i]``: in one batched call where
+        the backend has one (llguidance), else one matcher at a time."""
+        fill_batch = getattr(self._backend, "fill_batch", None)
+        if fill_batch is not None and len(matchers) > 1:
+            fill_batch(matchers, bitmask)
+            return
+        for index, matcher in enumerate(matchers):
+            matcher.fill_bitmask(bitmask, index)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
