@@ -208,11 +208,13 @@ class Engine:
         return self.outputs.collect()
 
     def get_num_unfinished_requests(self) -> int:
-        stats = self.scheduler.get_stats()
+        stats = self.get_stats()
         return stats.num_running + stats.num_waiting
 
     def get_stats(self) -> EngineStats:
+        """Scheduler stats; requests waiting for their grammar count as waiting."""
         stats = self.scheduler.get_stats()
+        stats.num_waiting += self.structured_output.num_pending
         return EngineStats(**vars(stats), num_prompt_tokens_total=self._prompt_tokens_total,
                            num_generation_tokens_total=self._generation_tokens_total)
 

@@ -98,6 +98,7 @@ def test_a_request_waiting_for_its_grammar_does_not_block_others(llm):
             if "free" in finished:
                 break
         assert "free" in finished and "constrained" not in finished
+        assert engine.get_stats().num_waiting == 1   # waiting for its grammar
         slow.release.set()
         while engine.has_unfinished_requests():
             for out in engine.step():
