@@ -137,6 +137,9 @@ class SamplingParams:
             bad("priority", "must be an integer")
         if not isinstance(self.debug_trace, bool):
             bad("debug_trace", "must be true or false")
+        if self.structured_outputs is not None and self.ignore_eos:
+            # The grammar ends the output with EOS; nothing may follow it.
+            bad("ignore_eos", "cannot be combined with structured_outputs")
 
     @property
     def greedy(self) -> bool:

@@ -273,13 +273,15 @@ class Engine:
         return [prompt + list(decode(list(c.token_ids))) for c in output.outputs]
 
     def get_num_unfinished_requests(self) -> int:
-        return self.scheduler.num_unfinished_requests()
+        return self.scheduler.num_unfinished_requests() + self.structured_output.num_pending
 
     def get_stats(self) -> EngineStats:
+        """Scheduler stats; requests waiting for their grammar count as waiting."""
         stats = self.scheduler.get_stats()
         stats.energy_joules = self.meter.energy_joules
         stats.thermal_throttles = self.thermal.num_throttles
         stats.device_temperature_c = self.thermal.temperature_c
+        stats.num_waiting += self.structured_output.num_pending
         return EngineStats(**vars(stats), num_prompt_tokens_total=self._prompt_tokens_total,
                            num_generation_tokens_total=self._generation_tokens_total)
 

@@ -121,6 +121,11 @@ class StructuredOutputManager:
             return None
         words = (vocab_size + 31) // 32
         rows = np.zeros((len(ids), words), dtype=np.int32)  # (K, W)
-        for index, request_id in enumerate(ids):
-            self._matchers[request_id].fill_bitmask(rows, index)
+        matchers = [self._matchers[request_id] for request_id in ids]
+        fill = getattr(self.compiler, "fill_bitmasks", None)
+        if fill is not None:
+            fill(matchers, rows)
+        else:
+            for index, matcher in enumerate(matchers):
+                matcher.fill_bitmask(rows, index)
         return GrammarBitmask(ids, rows)

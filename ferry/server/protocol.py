@@ -230,7 +230,9 @@ def _template_call(call: dict[str, Any]) -> dict[str, Any]:
     """A tool call as chat templates read it: most (Qwen, Llama) render ``arguments`` with
     ``tojson`` and expect an object, so a JSON-text argument is parsed (as vLLM does)."""
     import json
-    function = dict(call.get("function") or {})
+    if not isinstance(call.get("function"), dict):
+        return call   # the template decides (its error is a 400)
+    function = dict(call["function"])
     if isinstance(function.get("arguments"), str):
         try:
             function["arguments"] = json.loads(function["arguments"])

@@ -92,15 +92,33 @@ class GrammarCompiler:
     def _compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         with self._lock:
             if self._backend is None:
-                self._backend = make_backend(self.backend_name, *self._args)
+                try:
+                    self._backend = make_backend(self.backend_name, *self._args)
+                except ImportError as exc:
+                    raise GrammarError(f"structured output is not available: {exc}") from None
             backend = self._backend
-        return backend.compile(spec)
+        try:
+            return backend.compile(spec)
+        except GrammarError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a library's own complaint about the input
+            raise GrammarError(f"invalid {spec.kind} constraint: {exc}") from None
 
     def _forget_failure(self, key: tuple, future: Future) -> None:
-        # A failure is cheap to recompute and must not pin an import error forever.
+        # Only a user's bad constraint is remembered; anything else is tried again.
         if future.exception() is not None and not isinstance(future.exception(), GrammarError):
             with self._lock:
                 self._cache.pop(key, None)
+
+    def fill_bitmasks(self, matchers: list, bitmask: Any) -> None:
+        """Row ``i`` of ``bitmask`` (K, W) for ``matchers[i]``: in one batched call where
+        the backend has one (llguidance), else one matcher at a time."""
+        fill_batch = getattr(self._backend, "fill_batch", None)
+        if fill_batch is not None and len(matchers) > 1:
+            fill_batch(matchers, bitmask)
+            return
+        for index, matcher in enumerate(matchers):
+            matcher.fill_bitmask(bitmask, index)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -169,3 +169,18 @@ def _byte_char(byte: int) -> str:
     if byte in printable:
         return chr(byte)
     return chr(256 + [b for b in range(256) if b not in printable].index(byte))
+
+
+def test_batched_fill_equals_one_at_a_time(tokenizer):
+    compiler = GrammarCompiler("guidance", tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    specs = [StructuredOutputsParams(choice=["ab", "cd"]), StructuredOutputsParams(regex="[0-9]+"),
+             StructuredOutputsParams(json_object=True)]
+    matchers = [compiler.compile(spec).matcher() for spec in specs]
+    assert matchers[1].accept_token(tokenizer.encode("7")[0])
+    width = bitmask_width(len(tokenizer))
+    batched, single = np.zeros((3, width), np.int32), np.zeros((3, width), np.int32)
+    compiler.fill_bitmasks(matchers, batched)
+    for index, matcher in enumerate(matchers):
+        matcher.fill_bitmask(single, index)
+    assert np.array_equal(batched, single) and batched.any(axis=1).all()
+    compiler.shutdown()

@@ -98,6 +98,7 @@ def test_a_request_waiting_for_its_grammar_does_not_block_others(llm):
             if "free" in finished:
                 break
         assert "free" in finished and "constrained" not in finished
+        assert engine.get_stats().num_waiting == 1   # waiting for its grammar
         slow.release.set()
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -116,3 +117,35 @@ def test_async_scheduling_keeps_constraints(tiny_model_dir):
     for out in outs[:3]:
         jsonschema.validate(json.loads(out.outputs[0].text), SCHEMA)
     assert len(outs[3].outputs[0].token_ids) == 8
+
+
+class _FailingCompiler:
+    def submit(self, spec):
+        from concurrent.futures import Future
+        from ferry.structured_output.backend import GrammarError
+        future = Future()
+        future.set_exception(GrammarError("no"))
+        return future
+
+
+def test_a_grammar_that_fails_in_the_engine_ends_its_request_only(llm):
+    engine = llm.engine
+    manager = engine.structured_output
+    real, manager.compiler = manager.compiler, _FailingCompiler()
+    try:
+        engine.add_request("bad", "Hello", _json(1), stream=False)
+        engine.add_request("good", "Hello", SamplingParams(max_tokens=3), stream=False)
+        finished = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                finished[out.request_id] = out
+        assert finished["bad"].outputs[0].finish_reason == "abort"
+        assert len(finished["good"].outputs[0].token_ids) == 3
+        assert engine.scheduler.kv_cache_manager.usage == 0
+    finally:
+        manager.compiler = real
+
+
+def test_ignore_eos_cannot_be_combined_with_a_constraint():
+    with pytest.raises(ValueError, match="ignore_eos"):
+        SamplingParams(ignore_eos=True, structured_outputs={"regex": "a+"})
