@@ -113,9 +113,10 @@ def main(argv=None) -> dict:
         timed(llm, warm, 4, None if picks is None else picks[:4])
     results: dict[str, list[float]] = {name: [] for name in configs}
     load = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()]
-    for _ in range(args.rounds):
+    for round_index in range(args.rounds):
         for name, (llm, picks) in configs.items():
             results[name].append(timed(llm, prompts, args.output_len, picks))
+            print(f"round {round_index}: {name}: {results[name][-1]:.1f} tok/s", flush=True)
     load.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     medians = {name: statistics.median(v) for name, v in results.items()}
     report = {"tokens_per_s": medians, "ratio_to_base": {n: m / medians["base"]

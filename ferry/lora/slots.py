@@ -84,14 +84,6 @@ class LoRASlots:
             segment_table=torch.tensor(segments, dtype=torch.int32).reshape(-1, 3).to(self.device),
             max_rank=max_rank, max_segment_len=max(e - s for s, e, _ in segments))
 
-    def offload_idle(self, busy: set[int]) -> int:
-        """Evict resident adapters not in ``busy`` (memory pressure); returns how many."""
-        idle = [i for i in self._resident if i not in busy]
-        for lora_id in idle:
-            self._slot_ids[self._resident.pop(lora_id)] = None
-            self.stats.swaps_out += 1
-        return len(idle)
-
     # ------------------------------------------------------------------ internals
     def _make_resident(self, lora_id: int, needed: set[int]) -> None:
         if lora_id in self._resident:

@@ -160,6 +160,8 @@ def _other_value(name: str, field):
         return next(c for c in reversed(choices) if c != field.default)
     if field.annotation is bool:
         return not field.default
+    if any(typing.get_origin(c) is dict for c in choices):   # name=path pairs (lora_modules)
+        return {"a": f"/some-{name}"}
     kind = next((t for t in (int, float, str) if field.annotation is t or t in choices), None)
     if kind is str:
         return f"some-{name}"
@@ -174,6 +176,8 @@ def _flags(values: dict) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             out.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, dict):
+            out += [flag, ",".join(f"{k}={v}" for k, v in value.items())]
         else:
             out += [flag, str(value)]
     return out
