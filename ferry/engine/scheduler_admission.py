@@ -15,14 +15,17 @@ from ferry.request import Request, RequestStatus
 class WaitingAdmission:
     """Admits waiting requests into a :class:`StepPlan` (mixed into ``Scheduler``)."""
 
-    def _long_chunk_cap(self, request: Request) -> int:
-        """Largest chunk of a long prompt: ``short_prompt_threshold`` tokens while other
-        requests run or wait (a short prompt then waits behind no more than a short
-        prompt's worth of work), the whole budget when it is alone or the lane is off."""
+    def _long_chunk_cap(self, request: Request, plan: StepPlan) -> int:
+        """Largest chunk of a long prompt this step. While other requests run or wait, all
+        long prefills of a step share ``short_prompt_threshold`` tokens (one chunk), so a
+        short prompt waits behind no more than a short prompt's worth of prefill; the
+        whole budget when the request is alone or the lane is off."""
         threshold = self.admission.short_prompt_threshold
         alone = not self.waiting or (len(self.waiting) == 1 and request in self.waiting)
         alone = alone and all(r is request for r in self.running)
-        return self.max_num_batched_tokens if threshold == 0 or alone else threshold
+        if threshold == 0 or alone:
+            return self.max_num_batched_tokens
+        return max(0, threshold - plan.long_prefill_tokens)
 
     def _admit_fast_lane(self, plan: StepPlan) -> None:
         """Admit short prompts first; keep one prefill slot for a running long prefill."""
@@ -64,8 +67,9 @@ class WaitingAdmission:
                 or (is_prefill and not plan.can_prefill())):
             return False
         num_new = plan.tokens_for(remaining, is_prefill)
-        if not self.admission.in_fast_lane(remaining):
-            num_new = min(num_new, self._long_chunk_cap(request))
+        is_long = not self.admission.in_fast_lane(remaining)
+        if is_long:
+            num_new = min(num_new, self._long_chunk_cap(request, plan))
         if num_new <= 0 or not self._make_room(request, num_new, computed, plan):
             return False
         if not kv.allocate_slots(request, num_new, computed):
@@ -80,7 +84,7 @@ class WaitingAdmission:
         request.status = RequestStatus.RUNNING
         request.num_bypasses = 0
         self.running.append(request)
-        plan.add(request, num_new, is_prefill)
+        plan.add(request, num_new, is_prefill, is_long)
         return True
 
     def _make_room(self, request: Request, num_new: int, computed: list[int],

@@ -173,3 +173,21 @@ def test_admission_predicate_refusal_lets_others_pass():
     assert "blocked" in step(scheduler, runner)
     run(scheduler, runner)
     assert_all_blocks_free(scheduler)
+
+
+def test_long_prefills_of_a_step_share_one_chunk_while_others_run():
+    scheduler = make_scheduler(max_num_batched_tokens=64, prefill_parallelism=4,
+                               short_prompt_threshold=8, num_blocks=200)
+    runner = FakeRunner(scheduler)
+    for i in range(3):
+        scheduler.add_request(make_request(f"long{i}", prompt_of(40, i), max_tokens=2))
+    for _ in range(12):
+        output = scheduler.schedule()
+        # Chunks that leave more than a fast-lane share of the prompt (the final <= 8
+        # tokens ride the fast lane) add up to one chunk per step.
+        long_tokens = sum(s.num_tokens for s in output.scheduled
+                          if 40 - (s.start_pos + s.num_tokens) > 0 and 40 - s.start_pos > 8)
+        assert long_tokens <= 8
+        scheduler.update_from_output(output, runner.execute(output))
+    run(scheduler, runner)
+    assert_all_blocks_free(scheduler)
