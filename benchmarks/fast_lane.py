@@ -71,8 +71,8 @@ def main() -> None:
                 short = summary["by_tag"]["short"]["ttft_ms"]
                 results[name].append({
                     "round": round_index, "short_ttft_p99_ms": short["p99"],
-                    "short_ttft_p50_ms": short["p50"],
-                    "long_ttft_p50_ms": summary["by_tag"]["long"]["ttft_ms"]["p50"],
+                    "short_ttft_p50_ms": short["median"],
+                    "long_ttft_p50_ms": summary["by_tag"]["long"]["ttft_ms"]["median"],
                     "total_token_throughput": summary["total_token_throughput"],
                     "output_throughput": summary["output_throughput"],
                     "completed": summary["completed"], "failed": summary["failed"]})

@@ -291,9 +291,9 @@ class Scheduler(WaitingAdmission, Preemption):
                 continue
             num_new = plan.tokens_for(remaining + self._num_drafts(request, remaining), is_prefill)
             if is_long:
-                num_new = min(num_new, self._long_chunk_cap(request))
+                num_new = min(num_new, self._long_chunk_cap(request, plan))
             if num_new > 0 and self._allocate_or_preempt(request, num_new, plan):
-                plan.add(request, num_new, is_prefill)
+                plan.add(request, num_new, is_prefill, is_long)
 
     def _num_drafts(self, request: Request, remaining: int) -> int:
         """Draft tokens to verify this step: only for a decode, synchronously, and no more

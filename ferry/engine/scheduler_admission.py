@@ -15,20 +15,27 @@ from ferry.request import Request, RequestStatus
 class WaitingAdmission:
     """Admits waiting requests into a :class:`StepPlan` (mixed into ``Scheduler``)."""
 
-    def _long_chunk_cap(self, request: Request) -> int:
-        """Largest chunk of a long prompt: ``short_prompt_threshold`` tokens while other
-        requests run or wait (a short prompt then waits behind no more than a short
-        prompt's worth of work), the whole budget when it is alone or the lane is off."""
+    def _long_chunk_cap(self, request: Request, plan: StepPlan) -> int:
+        """Largest chunk of a long prompt this step. While other requests run or wait, all
+        long prefills of a step share ``short_prompt_threshold`` tokens (one chunk), so a
+        short prompt waits behind no more than a short prompt's worth of prefill; the
+        whole budget when the request is alone or the lane is off."""
         threshold = self.admission.short_prompt_threshold
         alone = not self.waiting or (len(self.waiting) == 1 and request in self.waiting)
         alone = alone and all(r is request for r in self.running)
-        return self.max_num_batched_tokens if threshold == 0 or alone else threshold
+        if threshold == 0 or alone:
+            return self.max_num_batched_tokens
+        return max(0, threshold - plan.long_prefill_tokens)
 
     def _admit_fast_lane(self, plan: StepPlan) -> None:
-        """Admit short prompts first; keep one prefill slot for a running long prefill."""
-        keep_slot = plan.prefill_parallelism > 1 and any(
-            r.num_tokens - r.num_computed_tokens > max(self.admission.short_prompt_threshold, 1)
-            for r in self.running if r not in plan)
+        """Admit short prompts first; keep one prefill slot for a running long prefill or
+        for a waiting request the age bound protects (it is tried in the later pass)."""
+        threshold = max(self.admission.short_prompt_threshold, 1)
+        keep_slot = plan.prefill_parallelism > 1 and (
+            any(r.num_tokens - r.num_computed_tokens > threshold
+                for r in self.running if r not in plan)
+            or any(self.admission.blocks_behind(r)
+                   for _, r in zip(range(MAX_CANDIDATES_PER_PASS), self.waiting)))
         plan.prefill_parallelism -= keep_slot
         self._admit_waiting(plan, fast_lane_only=True)
         plan.prefill_parallelism += keep_slot
@@ -40,17 +47,25 @@ class WaitingAdmission:
             if (plan.budget <= 0 or len(self.running) >= self.max_num_seqs
                     or looked >= MAX_CANDIDATES_PER_PASS):
                 break
-            if self._try_admit(request, plan, fast_lane_only):
+            refusal = self._try_admit(request, plan, fast_lane_only)
+            if refusal is None:
                 self.admission.admitted(request)
+            elif refusal == "by design":
+                continue   # its chunk share is used: it is not passed over, it takes turns
+            elif refusal == "long":
+                self.admission.passed_over(request)   # ages, but an aged one gets a kept
+                continue                              # slot instead of blocking the lane
             elif self.admission.blocks_behind(request):
                 break
             else:
                 self.admission.passed_over(request)
         self.admission.end_pass()
 
-    def _try_admit(self, request: Request, plan: StepPlan, fast_lane_only: bool) -> bool:
+    def _try_admit(self, request: Request, plan: StepPlan, fast_lane_only: bool) -> str | None:
+        """Admit ``request`` into the plan: None when it starts, else why not ("by design"
+        when the fast lane holds it back on purpose: it does not age then)."""
         if request.num_output_placeholders or not self.admission.allows(request):
-            return False   # its last token is still in flight, or a predicate refuses
+            return "waits"   # its last token is still in flight, or a predicate refuses
         kv = self.kv_cache_manager
         swapped = self.swap.is_swapped(request.request_id)
         computed, num_hit = (([], request.num_computed_tokens) if swapped
@@ -60,16 +75,21 @@ class WaitingAdmission:
             computed, num_hit = computed[:keep], keep * kv.block_size
         remaining = request.num_tokens - num_hit
         is_prefill = remaining > 1
-        if ((fast_lane_only and not self.admission.in_fast_lane(remaining))
-                or (is_prefill and not plan.can_prefill())):
-            return False
+        is_long = not self.admission.in_fast_lane(remaining)
+        if fast_lane_only and is_long:
+            return "long"
+        if is_prefill and not plan.can_prefill():
+            return "no prefill slot"
         num_new = plan.tokens_for(remaining, is_prefill)
-        if not self.admission.in_fast_lane(remaining):
-            num_new = min(num_new, self._long_chunk_cap(request))
-        if num_new <= 0 or not self._make_room(request, num_new, computed, plan):
-            return False
-        if not kv.allocate_slots(request, num_new, computed):
-            return False
+        if is_long:
+            num_new = min(num_new, self._long_chunk_cap(request, plan))
+            if num_new <= 0:
+                return "by design"   # the step's long-prefill chunk is taken
+        if num_new <= 0:
+            return "no budget"
+        if (not self._make_room(request, num_new, computed, plan)
+                or not kv.allocate_slots(request, num_new, computed)):
+            return "no blocks"
         self.waiting.remove(request)
         if swapped:
             k = self.swap.num_swapped_blocks(request.request_id)
@@ -80,8 +100,8 @@ class WaitingAdmission:
         request.status = RequestStatus.RUNNING
         request.num_bypasses = 0
         self.running.append(request)
-        plan.add(request, num_new, is_prefill)
-        return True
+        plan.add(request, num_new, is_prefill, is_long)
+        return None
 
     def _make_room(self, request: Request, num_new: int, computed: list[int],
                    plan: StepPlan) -> bool:

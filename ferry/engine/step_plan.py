@@ -20,7 +20,8 @@ class StepPlan:
         # Tokens prefills may take in all (the thermal guard lowers it); decodes are exempt.
         self.prefill_budget = budget if prefill_budget is None else prefill_budget
         self.num_prefills = 0
-        self._entries: dict[Request, tuple[int, bool]] = {}
+        self.long_prefill_tokens = 0   # tokens of long (beyond the fast lane) prefills
+        self._entries: dict[Request, tuple[int, bool, bool]] = {}
 
     def __contains__(self, request: Request) -> bool:
         return request in self._entries
@@ -29,7 +30,7 @@ class StepPlan:
         return len(self._entries)
 
     def items(self) -> list[tuple[Request, int]]:
-        return [(request, n) for request, (n, _) in self._entries.items()]
+        return [(request, n) for request, (n, _, _) in self._entries.items()]
 
     def can_prefill(self) -> bool:
         return self.num_prefills < self.prefill_parallelism and self.prefill_budget > 0
@@ -39,17 +40,20 @@ class StepPlan:
         cap = min(self.budget, self.prefill_budget) if is_prefill else self.budget
         return max(0, min(remaining, cap))
 
-    def add(self, request: Request, num_tokens: int, is_prefill: bool) -> None:
-        self._entries[request] = (num_tokens, is_prefill)
+    def add(self, request: Request, num_tokens: int, is_prefill: bool,
+            is_long: bool = False) -> None:
+        self._entries[request] = (num_tokens, is_prefill, is_long)
         self.budget -= num_tokens
+        self.long_prefill_tokens += num_tokens if is_long else 0
         if is_prefill:
             self.num_prefills += 1
             self.prefill_budget -= num_tokens
 
     def remove(self, request: Request) -> None:
         """Take a planned request back out (it was preempted); its share returns."""
-        num_tokens, is_prefill = self._entries.pop(request)
+        num_tokens, is_prefill, is_long = self._entries.pop(request)
         self.budget += num_tokens
+        self.long_prefill_tokens -= num_tokens if is_long else 0
         if is_prefill:
             self.num_prefills -= 1
             self.prefill_budget += num_tokens

@@ -173,3 +173,41 @@ def test_admission_predicate_refusal_lets_others_pass():
     assert "blocked" in step(scheduler, runner)
     run(scheduler, runner)
     assert_all_blocks_free(scheduler)
+
+
+def test_long_prefills_of_a_step_share_one_chunk_while_others_run():
+    scheduler = make_scheduler(max_num_batched_tokens=64, prefill_parallelism=4,
+                               short_prompt_threshold=8, num_blocks=200)
+    runner = FakeRunner(scheduler)
+    for i in range(3):
+        scheduler.add_request(make_request(f"long{i}", prompt_of(40, i), max_tokens=2))
+    for _ in range(12):
+        output = scheduler.schedule()
+        # Chunks that leave more than a fast-lane share of the prompt (the final <= 8
+        # tokens ride the fast lane) add up to one chunk per step.
+        long_tokens = sum(s.num_tokens for s in output.scheduled
+                          if 40 - (s.start_pos + s.num_tokens) > 0 and 40 - s.start_pos > 8)
+        assert long_tokens <= 8
+        scheduler.update_from_output(output, runner.execute(output))
+    run(scheduler, runner)
+    assert_all_blocks_free(scheduler)
+
+
+def test_long_prompts_taking_turns_at_the_chunk_never_block_the_fast_lane():
+    """Waiting long prompts wait for the one long-prefill chunk per step by design: they
+    do not age into a head-of-line block, so every short prompt starts the step after it
+    arrives; the long ones still all finish."""
+    scheduler = make_scheduler(max_num_batched_tokens=64, prefill_parallelism=4,
+                               short_prompt_threshold=8, max_queue_bypasses=2,
+                               num_blocks=400, max_num_seqs=64)
+    runner = FakeRunner(scheduler)
+    longs = [make_request(f"long{i}", prompt_of(48, i), max_tokens=2) for i in range(3)]
+    for request in longs:
+        scheduler.add_request(request)
+    for i in range(30):
+        scheduler.add_request(make_request(f"s{i}", prompt_of(4, 50 + i), max_tokens=2))
+        assert f"s{i}" in step(scheduler, runner)
+    run(scheduler, runner)
+    for request in longs:
+        assert request.output_token_ids == reference_generate(request.prompt_token_ids, 2)
+    assert_all_blocks_free(scheduler)

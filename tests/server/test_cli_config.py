@@ -166,7 +166,7 @@ def _other_value(name: str, field):
     if kind is str:
         return f"some-{name}"
     if kind is float:
-        return field.default / 2
+        return (field.default or 2.0) / 2   # None (e.g. power_limit_w): 1.0
     return (field.default or 1) + 1
 
 
