@@ -155,7 +155,7 @@ def test_bad_arguments_raise_value_error(model_dirs):
     _assert_all_blocks_free(llm)
 
 
-@pytest.mark.parametrize("setting", [dict(quant_type="gptq_int4"), dict(kv_cache_dtype="fp8"),
+@pytest.mark.parametrize("setting", [dict(quant_type="gptq_int4"),
                                      dict(tensor_parallel_size=2),
                                      dict(lora_adapters_dir="/tmp"),
                                      dict(debug_trace="attention")])
