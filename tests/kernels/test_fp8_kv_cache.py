@@ -152,3 +152,22 @@ def test_checkpoint_kv_scheme_selects_fp8_under_auto(tiny_model_dir, tmp_path, m
     assert llm.engine.executor.runner.kv_caches[0].dtype == FP8
     llm = LLM(str(path), dtype="float32", kv_cache_memory="4MiB", kv_cache_dtype="auto")
     assert llm.engine.executor.runner.kv_caches[0].dtype == FP8
+
+
+@pytest.mark.parametrize("backend", [name for name, _ in _backends()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_write_is_torchs_saturating_cast_bit_for_bit(backend, dtype):
+    """Round to nearest even, saturating at 448, across the whole range (subnormals,
+    binade edges, huge values)."""
+    ops = dict(_backends())[backend]
+    gen = torch.Generator().manual_seed(3)
+    edges = torch.tensor([448., 460., 464., 500., -1e9, 2 ** -10, 3 * 2 ** -10, 1.9999, 0.0, -0.0,
+                          2 ** -9 * 0.5, 2 ** -9 * 1.5, 15.5, -240.0])
+    x = torch.cat([edges, torch.randn(4000, generator=gen) * 100,
+                   torch.randn(2000, generator=gen) * 1e-3]).to(dtype)
+    x = x[: x.numel() // 64 * 64].view(-1, 1, 64)
+    cache = torch.zeros(2, x.shape[0], 1, 1, 64, dtype=FP8)
+    ops.write_kv_cache(x, -x, cache, torch.arange(x.shape[0]))
+    expected = x.float().clamp(-448, 448).to(FP8).view(torch.uint8)
+    assert torch.equal(cache[0].view(torch.uint8).view_as(expected), expected)
+    assert torch.equal(cache[1].float().view_as(x), (-x).float().clamp(-448, 448).to(FP8).float())
