@@ -61,7 +61,8 @@ def load_model(config: EngineConfig, model_dir: Path) -> LoadedModel:
     torch.manual_seed(config.model.seed)
     model = get_model(model_dir, hf_config, dtype, platform.torch_device)
     max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
-    kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, hf_config, dtype)
+    kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, hf_config, dtype,
+                                      platform.torch_device)
     return LoadedModel(platform, model, dtype, max_model_len, kv_dtype)
 
 

@@ -171,3 +171,20 @@ def test_fp8_write_is_torchs_saturating_cast_bit_for_bit(backend, dtype):
     expected = x.float().clamp(-448, 448).to(FP8).view(torch.uint8)
     assert torch.equal(cache[0].view(torch.uint8).view_as(expected), expected)
     assert torch.equal(cache[1].float().view_as(x), (-x).float().clamp(-448, 448).to(FP8).float())
+
+
+def test_fp8_is_refused_on_a_gpu_without_float8(monkeypatch):
+    monkeypatch.setattr("ferry.platform.has_fp8_matmul", lambda device: False)
+    with pytest.raises(ValueError, match="kv_cache_dtype=fp8 needs a GPU with float8"):
+        resolve_kv_cache_dtype("fp8", SimpleNamespace(), torch.bfloat16, torch.device("cuda"))
+    assert resolve_kv_cache_dtype("fp8", SimpleNamespace(), torch.float32, torch.device("cpu")) == FP8
+
+
+def test_fp8_cache_kernels_are_in_the_aot_matrix_where_triton_has_e4m3():
+    pytest.importorskip("triton")
+    from ferry.tools import aot
+    for target in aot.TARGETS:
+        fp8 = {v.kernel_name for v in aot.all_variants(target, ["bf16"]) if "kv=fp8" in v.config}
+        expected = ({"write_kv_cache_kernel", "paged_decode_kernel", "paged_prefill_kernel"}
+                    if target in ("sm_90", "gfx942") else set())
+        assert fp8 == expected, target

@@ -12,11 +12,15 @@ import dataclasses
 from ferry.kernels.triton._common import KernelVariant
 
 FP8_AOT_HEAD_DIM = 128   # one head dim per kernel: the cast on load does not depend on it
+# Targets with Triton's fp8e4nv (float8_e4m3fn): Hopper and MI300. sm_80 (A100), gfx90a
+# (MI250) and gfx1100 have no such type ("fp8e4nv not supported in this architecture"):
+# there the engine refuses kv_cache_dtype fp8 at start (ferry/runner/kv_dtype.py).
+FP8_KV_TARGETS = ("sm_90", "gfx942")
 
 
-def fp8_cache_variants(variants: list[KernelVariant], dtype: str) -> list[KernelVariant]:
+def fp8_cache_variants(variants: list[KernelVariant], dtype: str, arch: str) -> list[KernelVariant]:
     """Copies of the 16-bit variants at FP8_AOT_HEAD_DIM with an fp8 cache."""
-    if dtype == "fp32":
+    if dtype == "fp32" or arch not in FP8_KV_TARGETS:
         return []
     return [dataclasses.replace(v, types={**v.types, "kv_cache_ptr": "*fp8e4nv"},
                                 config=f"{v.config} kv=fp8")

@@ -193,7 +193,7 @@ def aot_variants(dtype: str, arch: str) -> list[KernelVariant]:
             variants.append(KernelVariant(paged_decode_kernel, types, constexprs, config.num_warps,
                                           config.num_stages, label, dtype, unaligned=("stride_bt",),
                                           head_dim=head_dim))
-    return variants + fp8_cache_variants(variants, dtype)
+    return variants + fp8_cache_variants(variants, dtype, arch)
 
 
 def aot_reduce_variants(dtype: str, arch: str) -> list[KernelVariant]:

@@ -124,4 +124,4 @@ def aot_variants(dtype: str, arch: str) -> list[KernelVariant]:
             variants.append(KernelVariant(paged_prefill_kernel, types, constexprs, config.num_warps,
                                           config.num_stages, label, dtype, unaligned=("stride_bt",),
                                           head_dim=head_dim))
-    return variants + fp8_cache_variants(variants, dtype)
+    return variants + fp8_cache_variants(variants, dtype, arch)

@@ -5,12 +5,14 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = 448.0   # largest finite float8 e4m3fn
-
 from ferry.kernels.triton._common import (
     AOT_HEAD_DIMS, AOT_PAGE_SIZE, KernelVariant, check_same_device, launch, last_dim_contiguous,
     next_power_of_2,
 )
+from ferry.kernels.triton.attention_fp8 import FP8_KV_TARGETS
+
+FP8_MAX = 448.0   # largest finite float8 e4m3fn
+_FP8_MAX = tl.constexpr(FP8_MAX)   # the same, readable inside @triton.jit
 
 
 @triton.jit
@@ -38,8 +40,8 @@ def write_kv_cache_kernel(
     value = tl.load(value_ptr + token * stride_vt + head * stride_vh + offs_d, mask=d_mask)
     cache_type = kv_cache_ptr.dtype.element_ty
     if SATURATE:   # an out-of-range cast to fp8 is NaN on some targets
-        key = tl.minimum(tl.maximum(key.to(tl.float32), -FP8_MAX), FP8_MAX)
-        value = tl.minimum(tl.maximum(value.to(tl.float32), -FP8_MAX), FP8_MAX)
+        key = tl.minimum(tl.maximum(key.to(tl.float32), -_FP8_MAX), _FP8_MAX)
+        value = tl.minimum(tl.maximum(value.to(tl.float32), -_FP8_MAX), _FP8_MAX)
     tl.store(kv_cache_ptr + dest + offs_d, key.to(cache_type), mask=d_mask)
     tl.store(kv_cache_ptr + stride_cache_kv + dest + offs_d, value.to(cache_type), mask=d_mask)
 
@@ -96,12 +98,12 @@ def aot_variants(dtype: str, arch: str) -> list[KernelVariant]:
     return [KernelVariant(write_kv_cache_kernel, types,
                           {"HEAD_DIM": d, "BLOCK_D": next_power_of_2(d), "PAGE_SIZE": AOT_PAGE_SIZE},
                           num_warps=1, config=f"D={d}", dtype=dtype, head_dim=d)
-            for d in AOT_HEAD_DIMS] + _fp8_variants(dtype)
+            for d in AOT_HEAD_DIMS] + _fp8_variants(dtype, arch)
 
 
-def _fp8_variants(dtype: str) -> list[KernelVariant]:
+def _fp8_variants(dtype: str, arch: str) -> list[KernelVariant]:
     """16-bit activations into an fp8 (e4m3) cache, with the saturating cast."""
-    if dtype == "fp32":
+    if dtype == "fp32" or arch not in FP8_KV_TARGETS:
         return []
     types = {"key_ptr": f"*{dtype}", "value_ptr": f"*{dtype}", "kv_cache_ptr": "*fp8e4nv",
              "slot_mapping_ptr": "*i64"}
