@@ -161,3 +161,19 @@ def test_fp8_linear_dequantize_fallback(per_channel):
     expected = x @ (w8.float() * (scale[:, None] if per_channel else scale)).t() + bias
     torch.testing.assert_close(quant_linear.fp8_linear(x, w8, scale, bias), expected)
     assert (w8.float() * (scale[:, None] if per_channel else scale) - weight).abs().max() < 0.07 * weight.abs().max()
+
+
+@needs_cpp
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_weight_kernel_matches_float32_math(simd, x_dtype):
+    gen = torch.Generator().manual_seed(7)
+    for t, k, n in [(1, 64, 40), (3, 96, 33), (5, 40, 17), (33, 64, 8)]:   # K=40: portable
+        weight = torch.randn(n, k, generator=gen).bfloat16()
+        bias = torch.randn(n, generator=gen).bfloat16()
+        x = torch.randn(t, k, generator=gen).to(x_dtype)
+        out = cpu_quant.bf16_weight_linear(x, weight, bias, allow_simd=simd)
+        expected = ref.bf16_weight_linear(x, weight, bias)
+        assert out.dtype == x_dtype
+        tol = 1e-4 if x_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
