@@ -96,7 +96,8 @@ def aot_variants(dtype: str, arch: str) -> list[KernelVariant]:
     types = {"key_ptr": f"*{dtype}", "value_ptr": f"*{dtype}", "kv_cache_ptr": f"*{dtype}",
              "slot_mapping_ptr": "*i64"}
     return [KernelVariant(write_kv_cache_kernel, types,
-                          {"HEAD_DIM": d, "BLOCK_D": next_power_of_2(d), "PAGE_SIZE": AOT_PAGE_SIZE},
+                          {"HEAD_DIM": d, "BLOCK_D": next_power_of_2(d), "PAGE_SIZE": AOT_PAGE_SIZE,
+                           "SATURATE": False},
                           num_warps=1, config=f"D={d}", dtype=dtype, head_dim=d)
             for d in AOT_HEAD_DIMS] + _fp8_variants(dtype, arch)
 
