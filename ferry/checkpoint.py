@@ -79,6 +79,19 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
         raise ValueError(f"could not load a tokenizer from {source}: {exc}") from None
 
 
+def checkpoint_has_fp8_kv_cache(hf_config: Any) -> bool:
+    """True when the checkpoint's ``quantization_config`` declares an FP8 KV cache: a
+    compressed-tensors ``kv_cache_scheme`` of 8-bit floats, or vLLM's ``kv_cache_dtype:
+    fp8*``."""
+    quant = getattr(hf_config, "quantization_config", None)
+    if not isinstance(quant, dict):
+        quant = getattr(quant, "to_dict", lambda: {})() if quant is not None else {}
+    scheme = quant.get("kv_cache_scheme") or {}
+    if isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8:
+        return True
+    return str(quant.get("kv_cache_dtype", "")).startswith("fp8")
+
+
 def resolve_max_model_len(requested: int | None, hf_config: Any) -> int:
     """``requested`` when it fits the model's positions; the model's own length when None.
 

@@ -155,11 +155,12 @@ def test_bad_arguments_raise_value_error(model_dirs):
     _assert_all_blocks_free(llm)
 
 
-@pytest.mark.parametrize("setting", [dict(kv_cache_dtype="fp8")])
-def test_features_not_built_yet_are_refused_clearly(model_dirs, setting):
-    key = next(iter(setting))
-    with pytest.raises(ValueError, match=f"{key}=.*not supported"):
-        LLM(model_dirs["llama"], **setting)
+def test_a_feature_not_built_yet_is_refused_clearly(model_dirs, monkeypatch):
+    """Every feature key is built today; the refusal itself still works for the next one."""
+    from ferry.runner import model_setup
+    monkeypatch.setattr(model_setup, "_NOT_YET", {"kv_cache_dtype": ("auto",)})
+    with pytest.raises(ValueError, match="kv_cache_dtype=.*not supported"):
+        LLM(model_dirs["llama"], kv_cache_dtype="fp8")
 
 
 def test_quantized_checkpoint_is_refused_clearly(model_dirs, tmp_path):

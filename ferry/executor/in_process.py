@@ -44,14 +44,14 @@ class InProcessExecutor(Executor):
         num_host_blocks = int(config.cache.swap_space * 2**30) // block_bytes
         self.runner = ModelRunner(loaded.model, num_blocks=num_blocks,
                                   block_size=config.cache.block_size, device=loaded.device,
-                                  kv_dtype=loaded.dtype, proposer=self._proposer,
+                                  kv_dtype=loaded.kv_cache_dtype, proposer=self._proposer,
                                   num_host_blocks=num_host_blocks,
                                   lora=self._lora, trace=_trace_settings(config))
         if self.platform.is_gpu and not config.model.enforce_eager:
             self.runner.capture_decode_graphs(max_num_seqs=config.scheduler.max_num_seqs,
                                               max_model_len=loaded.max_model_len)
         return RuntimeConfig(
-            dtype=dtype_name(loaded.dtype), kv_cache_dtype=dtype_name(loaded.dtype),
+            dtype=dtype_name(loaded.dtype), kv_cache_dtype=dtype_name(loaded.kv_cache_dtype),
             max_model_len=loaded.max_model_len, num_blocks=num_blocks,
             block_size=config.cache.block_size, device=str(loaded.device),
             device_kind=self.platform.kind, gpu_vendor=self.platform.vendor,

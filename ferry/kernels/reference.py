@@ -27,8 +27,17 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     flat_values = kv_cache[1].view(-1, num_kv_heads, head_dim)    # (num_slots, Hkv, D)
     valid = slot_mapping >= 0                                       # (T,)
     slots = slot_mapping[valid]
-    flat_keys[slots] = key[valid].to(kv_cache.dtype)
-    flat_values[slots] = value[valid].to(kv_cache.dtype)
+    flat_keys[slots] = _to_cache_dtype(key[valid], kv_cache.dtype)
+    flat_values[slots] = _to_cache_dtype(value[valid], kv_cache.dtype)
+
+
+def _to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's dtype; into float8 saturating at its largest finite value (an
+    out-of-range cast would be NaN on some devices)."""
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        fmax = torch.finfo(dtype).max
+        return x.float().clamp(-fmax, fmax).to(dtype)
+    return x.to(dtype)
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,

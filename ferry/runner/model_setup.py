@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ferry.checkpoint import load_hf_config, resolve_max_model_len
+from ferry.runner.kv_dtype import resolve_kv_cache_dtype
 from ferry.config import EngineConfig
 from ferry.distributed.state import ParallelContext
 from ferry.outputs import ScheduledRequest
@@ -45,6 +46,11 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     quant_type: str = "none"      # the resolved format, the metrics' label
+    kv_dtype: torch.dtype | None = None   # None: the model dtype
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        return self.kv_dtype or self.dtype
 
     @property
     def device(self) -> torch.device:
@@ -79,14 +85,14 @@ def load_model(config: EngineConfig, model_dir: Path,
         model = get_model(model_dir, hf_config, dtype, platform.torch_device,
                           weight_methods=quant.weight_methods)
     max_model_len = resolve_max_model_len(config.model.max_model_len, hf_config)
-    return LoadedModel(platform, model, dtype, max_model_len, quant.quant_type)
+    kv_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, hf_config, dtype,
+                                      platform.torch_device)
+    return LoadedModel(platform, model, dtype, max_model_len, quant.quant_type, kv_dtype)
 
 
 # Config keys whose non-default values name features that are not built yet: refuse them
 # clearly rather than serve something other than what was asked for.
-_NOT_YET = {
-    "kv_cache_dtype": ("auto",),
-}
+_NOT_YET: dict[str, tuple] = {}
 
 
 def check_features_available(config: EngineConfig) -> None:
@@ -116,11 +122,11 @@ def count_kv_blocks(config: EngineConfig, loaded: LoadedModel) -> int:
     model, device = loaded.model, loaded.device
     block_size = config.cache.block_size
     block_bytes = memory.kv_block_bytes(model.num_layers, model.num_kv_heads, model.head_dim,
-                                        block_size, loaded.dtype)
+                                        block_size, loaded.kv_cache_dtype)
     if device.type == "cpu":
         budget = config.cache.kv_cache_memory
     else:
-        peak = profile_peak_activation(model, config, device)
+        peak = profile_peak_activation(model, config, device, loaded.kv_cache_dtype)
         budget = memory.gpu_kv_budget(device, config.cache.gpu_memory_utilization, peak)
     num_blocks = memory.num_kv_blocks_for_budget(budget, block_bytes,
                                                  max_num_seqs=config.scheduler.max_num_seqs,
@@ -142,7 +148,8 @@ def log_kv_cache_size(num_blocks: int, block_bytes: int, budget: int,
 
 
 @torch.inference_mode()
-def profile_peak_activation(model, config: EngineConfig, device: torch.device) -> int:
+def profile_peak_activation(model, config: EngineConfig, device: torch.device,
+                            kv_dtype: torch.dtype | None = None) -> int:
     """Activation memory of the largest step: one forward of max_num_batched_tokens tokens
     (as one prefill over a scratch cache), the logits of max_num_seqs rows, and sampling
     them with every filter on (top-k/top-p sort the whole vocabulary: the sampler's peak)."""
@@ -151,7 +158,8 @@ def profile_peak_activation(model, config: EngineConfig, device: torch.device) -
     tokens = config.scheduler.max_num_batched_tokens
     block_size = config.cache.block_size
     num_blocks = -(-tokens // block_size)
-    caches = allocate_kv_caches(model, num_blocks, block_size, model_dtype(model), device)
+    caches = allocate_kv_caches(model, num_blocks, block_size, kv_dtype or model_dtype(model),
+                                device)
     state = RequestState("profile", tokens, SamplingParams(), (), [0] * tokens,
                          list(range(num_blocks)))
     step = ScheduledState(ScheduledRequest("profile", [0] * tokens, 0, True), state)

@@ -148,3 +148,32 @@ def test_dispatch_and_prepared_weights_use_the_cpu_kernel(monkeypatch):
     torch.testing.assert_close(quant_linear.wna16_linear(x, q, s, z, 8, 64), expected,
                                rtol=1e-4, atol=1e-4)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fp8_linear_dequantize_fallback(per_channel):
+    """Off FP8 hardware: the float8 weight times its scale (per tensor or per output)."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(24, 32, generator=gen)
+    scale = weight.abs().amax(dim=1) / 448 if per_channel else weight.abs().amax() / 448
+    w8 = ref.quantize_fp8(weight, scale[:, None] if per_channel else scale)
+    x, bias = torch.randn(3, 32, generator=gen), torch.randn(24, generator=gen)
+    expected = x @ (w8.float() * (scale[:, None] if per_channel else scale)).t() + bias
+    torch.testing.assert_close(quant_linear.fp8_linear(x, w8, scale, bias), expected)
+    assert (w8.float() * (scale[:, None] if per_channel else scale) - weight).abs().max() < 0.07 * weight.abs().max()
+
+
+@needs_cpp
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_weight_kernel_matches_float32_math(simd, x_dtype):
+    gen = torch.Generator().manual_seed(7)
+    for t, k, n in [(1, 64, 40), (3, 96, 33), (5, 40, 17), (33, 64, 8)]:   # K=40: portable
+        weight = torch.randn(n, k, generator=gen).bfloat16()
+        bias = torch.randn(n, generator=gen).bfloat16()
+        x = torch.randn(t, k, generator=gen).to(x_dtype)
+        out = cpu_quant.bf16_weight_linear(x, weight, bias, allow_simd=simd)
+        expected = ref.bf16_weight_linear(x, weight, bias)
+        assert out.dtype == x_dtype
+        tol = 1e-4 if x_dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)

@@ -57,5 +57,5 @@ def test_float16(device):
 
 
 def test_block_k_divides_the_group():
-    assert triton_wna16.block_k_for(128) == 128 and triton_wna16.block_k_for(96) == 32
-    assert triton_wna16.block_k_for(24) is None
+    assert triton_wna16.block_k_for(128) == 32 and triton_wna16.block_k_for(96) == 32
+    assert triton_wna16.block_k_for(24) is None and triton_wna16.block_k_for(48) == 16

@@ -11,6 +11,8 @@ from ferry.kernels.cpu.build import load_library
 
 # Element types the C++ kernels take (ferry::DType in csrc/dtype.h); others use the reference.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# The FP8 KV cache's element type (csrc/fp8.h); its kernels take float32/bf16 activations.
+FP8_CACHE_DTYPE = torch.float8_e4m3fn
 
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -21,6 +23,9 @@ _SIGNATURES = {
     "ferry_apply_rotary": [_INT, _P, _I64, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _INT],
     "ferry_silu_and_mul": [_INT, _P, _I64, _I64, _I64, _P, _INT],
     "ferry_write_kv_cache": [_INT, _P, _I64, _P, _I64, _P, _I64, _I64, _P, _P],
+    "ferry_write_kv_cache_fp8": [_INT, _P, _I64, _P, _I64, _P, _I64, _I64, _P, _P],
+    "ferry_paged_attention_fp8": [_INT, _P, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64,
+                                  _I64, _F32, _I64, _P, _INT],
     "ferry_wna16_gemm": [_INT, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _INT, _I64, _P, _P, _INT,
                          _INT],
     "ferry_wna16_dequantize": [_INT, _P, _P, _P, _INT, _I64, _I64, _I64, _P, _INT],

@@ -1,7 +1,7 @@
 """paged_attention through the C++ kernel (``csrc/paged_attention.cpp``).
 
 Same signature and semantics as ``ferry.kernels.reference.paged_attention``; dtypes the
-kernel does not handle (float16, or a cache dtype different from the query's) go to the
+kernel does not handle (float16, or a cache dtype other than the query's or FP8) go to the
 reference.
 """
 from __future__ import annotations
@@ -9,14 +9,15 @@ from __future__ import annotations
 import torch
 
 from ferry.kernels import reference
-from ferry.kernels.cpu._lib import DTYPE_CODES, check, functions
+from ferry.kernels.cpu._lib import DTYPE_CODES, FP8_CACHE_DTYPE, check, functions
 from ferry.kernels.attn_metadata import AttentionMetadata
 from ferry.kernels.checks import check_paged_attention_args
 
 
 def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """The query's dtype is one the kernel takes; the cache is of that dtype or FP8."""
     return (functions() is not None and query.dtype in DTYPE_CODES
-            and kv_cache.dtype == query.dtype and kv_cache.is_contiguous())
+            and kv_cache.dtype in (query.dtype, FP8_CACHE_DTYPE) and kv_cache.is_contiguous())
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
@@ -31,7 +32,9 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     query_start_loc = meta.query_start_loc.to(torch.int32).contiguous()
     seq_lens = meta.seq_lens.to(torch.int32).contiguous()
     out = torch.empty_like(query)
-    status = functions().paged_attention(
+    kernel = (functions().paged_attention_fp8 if kv_cache.dtype == FP8_CACHE_DTYPE
+              else functions().paged_attention)
+    status = kernel(
         DTYPE_CODES[query.dtype], query.data_ptr(), kv_cache[0].data_ptr(),
         kv_cache[1].data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
         query_start_loc.data_ptr(), seq_lens.data_ptr(), meta.num_seqs, num_heads,

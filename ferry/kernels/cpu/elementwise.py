@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ferry.kernels import reference
-from ferry.kernels.cpu._lib import DTYPE_CODES, check, functions, heads_layout, row_layout
+from ferry.kernels.cpu._lib import (DTYPE_CODES, FP8_CACHE_DTYPE, check, functions, heads_layout,
+                                    row_layout)
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
@@ -97,6 +98,8 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     """NOTE: slots are trusted to lie inside the cache (the runner derives them from the
     block tables it was given); the reference would raise on a bad one, this would not."""
     k_stride, v_stride = heads_layout(key), heads_layout(value)
+    if kv_cache.dtype == FP8_CACHE_DTYPE:
+        return _write_kv_cache_fp8(key, value, kv_cache, slot_mapping, k_stride, v_stride)
     if (not _usable(key, value, kv_cache) or k_stride is None or v_stride is None
             or not kv_cache.is_contiguous() or key.shape != value.shape
             or key.shape[1:] != kv_cache.shape[3:] or slot_mapping.shape != key.shape[:1]):
@@ -107,3 +110,16 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
         DTYPE_CODES[key.dtype], key.data_ptr(), k_stride, value.data_ptr(), v_stride,
         slots.data_ptr(), key.shape[0], width, kv_cache[0].data_ptr(), kv_cache[1].data_ptr()),
         "write_kv_cache")
+
+
+def _write_kv_cache_fp8(key, value, kv_cache, slot_mapping, k_stride, v_stride) -> None:
+    """Into an FP8 cache: saturating round-to-nearest-even (``csrc/kv_fp8.cpp``)."""
+    if (not _usable(key, value) or k_stride is None or v_stride is None
+            or not kv_cache.is_contiguous() or key.shape != value.shape
+            or key.shape[1:] != kv_cache.shape[3:] or slot_mapping.shape != key.shape[:1]):
+        return reference.write_kv_cache(key, value, kv_cache, slot_mapping)
+    slots = slot_mapping.to(torch.int64).contiguous()
+    check(functions().write_kv_cache_fp8(
+        DTYPE_CODES[key.dtype], key.data_ptr(), k_stride, value.data_ptr(), v_stride,
+        slots.data_ptr(), key.shape[0], key.shape[1] * key.shape[2], kv_cache[0].data_ptr(),
+        kv_cache[1].data_ptr()), "write_kv_cache")

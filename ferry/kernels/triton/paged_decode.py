@@ -27,6 +27,7 @@ from ferry.kernels.triton._common import (
     triton_dtype,
 )
 from ferry.kernels.triton.attention_configs import decode_config
+from ferry.kernels.triton.attention_fp8 import fp8_cache_variants
 from ferry.kernels.triton.paged_tile import attend_key_tile
 from ferry.platform import device_arch
 from ferry.kernels.attn_metadata import AttentionMetadata
@@ -192,7 +193,7 @@ def aot_variants(dtype: str, arch: str) -> list[KernelVariant]:
             variants.append(KernelVariant(paged_decode_kernel, types, constexprs, config.num_warps,
                                           config.num_stages, label, dtype, unaligned=("stride_bt",),
                                           head_dim=head_dim))
-    return variants
+    return variants + fp8_cache_variants(variants, dtype, arch)
 
 
 def aot_reduce_variants(dtype: str, arch: str) -> list[KernelVariant]:

@@ -21,7 +21,9 @@ from ferry.kernels.triton._common import KernelVariant, cdiv, interpreting_bf16,
 MAX_FUSED_ROWS = 64
 # (BLOCK_M, BLOCK_N, num_warps) by token count: decode batches take the small M tile.
 WNA16_CONFIGS = ((16, 64, 4), (32, 64, 4), (64, 64, 4))
-BLOCK_K_CHOICES = (128, 64, 32, 16)
+# 32 at most: at BLOCK_K = 128 the int4 unpack spilled hundreds of registers on every
+# target in the AOT matrix; 32 compiled without spills (except fp32 at M = 64 on gfx1100).
+BLOCK_K_CHOICES = (32, 16)
 
 
 @triton.jit
@@ -103,18 +105,18 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 def aot_variants(dtype: str, arch: str) -> list[KernelVariant]:
-    """Every (bits, tile) the dispatcher launches, at BLOCK_K = 128 (group sizes 128 and
-    per channel) and 32 (group size 32), with and without bias."""
+    """Every (bits, tile) the dispatcher launches at BLOCK_K = 32 (group sizes that are
+    multiples of 32), with and without bias."""
     types = {"out_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "q_ptr": "*u8",
              "scales_ptr": f"*{dtype}", "zeros_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
              "M": "i32", "N": "i32", "K": "i32", "group_size": "i32"}
     variants = []
     for bits in (4, 8):
         for block_m, block_n, warps in WNA16_CONFIGS:
-            for block_k in (128, 32):
-                constexprs = {"BITS": bits, "HAS_BIAS": block_k == 32, "BLOCK_M": block_m,
-                              "BLOCK_N": block_n, "BLOCK_K": block_k}
+            for has_bias in (False, True):
+                constexprs = {"BITS": bits, "HAS_BIAS": has_bias, "BLOCK_M": block_m,
+                              "BLOCK_N": block_n, "BLOCK_K": 32}
                 variants.append(KernelVariant(
                     wna16_gemm_kernel, types, constexprs, num_warps=warps, dtype=dtype,
-                    config=f"w{bits} BM={block_m} BN={block_n} BK={block_k}"))
+                    config=f"w{bits} BM={block_m} BN={block_n} BK=32{' bias' if has_bias else ''}"))
     return variants

@@ -9,6 +9,10 @@ from ferry.kernels.triton._common import (
     AOT_HEAD_DIMS, AOT_PAGE_SIZE, KernelVariant, check_same_device, launch, last_dim_contiguous,
     next_power_of_2,
 )
+from ferry.kernels.triton.attention_fp8 import FP8_KV_TARGETS
+
+FP8_MAX = 448.0   # largest finite float8 e4m3fn
+_FP8_MAX = tl.constexpr(FP8_MAX)   # the same, readable inside @triton.jit
 
 
 @triton.jit
@@ -19,6 +23,7 @@ def write_kv_cache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_kv, stride_cache_block, stride_cache_slot, stride_cache_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    SATURATE: tl.constexpr = False,   # fp8 cache: clamp to +-FP8_MAX before the cast
 ):
     # One program copies one KV head of one token.
     token = tl.program_id(0)
@@ -34,6 +39,9 @@ def write_kv_cache_kernel(
     key = tl.load(key_ptr + token * stride_kt + head * stride_kh + offs_d, mask=d_mask)
     value = tl.load(value_ptr + token * stride_vt + head * stride_vh + offs_d, mask=d_mask)
     cache_type = kv_cache_ptr.dtype.element_ty
+    if SATURATE:   # an out-of-range cast to fp8 is NaN on some targets
+        key = tl.minimum(tl.maximum(key.to(tl.float32), -_FP8_MAX), _FP8_MAX)
+        value = tl.minimum(tl.maximum(value.to(tl.float32), -_FP8_MAX), _FP8_MAX)
     tl.store(kv_cache_ptr + dest + offs_d, key.to(cache_type), mask=d_mask)
     tl.store(kv_cache_ptr + stride_cache_kv + dest + offs_d, value.to(cache_type), mask=d_mask)
 
@@ -50,12 +58,22 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     if num_tokens == 0:
         return
     key, value = last_dim_contiguous(key), last_dim_contiguous(value)
+    saturate = kv_cache.dtype == torch.float8_e4m3fn and key.dtype != kv_cache.dtype
+    if saturate and key.device.type == "cpu":
+        # Triton's interpreter drops the carry when a value rounds up to the next power of
+        # two in its float -> fp8 cast (1.99 -> 1.0): round with torch, then copy fp8 rows.
+        key, value = _to_fp8(key), _to_fp8(value)
+        saturate = False
     launch(write_kv_cache_kernel, (num_tokens, num_kv_heads),
            key, value, kv_cache, slot_mapping,
            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
            HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), PAGE_SIZE=kv_cache.shape[2],
-           num_warps=1)
+           SATURATE=saturate, num_warps=1)
+
+
+def _to_fp8(x: torch.Tensor) -> torch.Tensor:
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def _check_args(key, value, kv_cache, slot_mapping) -> None:
@@ -78,6 +96,20 @@ def aot_variants(dtype: str, arch: str) -> list[KernelVariant]:
     types = {"key_ptr": f"*{dtype}", "value_ptr": f"*{dtype}", "kv_cache_ptr": f"*{dtype}",
              "slot_mapping_ptr": "*i64"}
     return [KernelVariant(write_kv_cache_kernel, types,
-                          {"HEAD_DIM": d, "BLOCK_D": next_power_of_2(d), "PAGE_SIZE": AOT_PAGE_SIZE},
+                          {"HEAD_DIM": d, "BLOCK_D": next_power_of_2(d), "PAGE_SIZE": AOT_PAGE_SIZE,
+                           "SATURATE": False},
                           num_warps=1, config=f"D={d}", dtype=dtype, head_dim=d)
-            for d in AOT_HEAD_DIMS]
+            for d in AOT_HEAD_DIMS] + _fp8_variants(dtype, arch)
+
+
+def _fp8_variants(dtype: str, arch: str) -> list[KernelVariant]:
+    """16-bit activations into an fp8 (e4m3) cache, with the saturating cast."""
+    if dtype == "fp32" or arch not in FP8_KV_TARGETS:
+        return []
+    types = {"key_ptr": f"*{dtype}", "value_ptr": f"*{dtype}", "kv_cache_ptr": "*fp8e4nv",
+             "slot_mapping_ptr": "*i64"}
+    return [KernelVariant(write_kv_cache_kernel, types,
+                          {"HEAD_DIM": d, "BLOCK_D": next_power_of_2(d), "PAGE_SIZE": AOT_PAGE_SIZE,
+                           "SATURATE": True},
+                          num_warps=1, config=f"D={d} kv=fp8", dtype=dtype, head_dim=d)
+            for d in (128,)]

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "dtype.h"
+#include "fp8.h"
 
 namespace {
 
@@ -38,11 +39,12 @@ inline int64_t query_tile(int64_t seq_len, int64_t heads, int64_t sliding_window
   return std::clamp<int64_t>(kMaxScores / std::max<int64_t>(heads * span, 1), 1, kQueryTile);
 }
 
-template <typename T>
+// T: the query/output type; C: the cache's (T itself, or ferry::Fp8 for an FP8 cache).
+template <typename T, typename C = T>
 struct Problem {
   const T* query;                  // (T, H, D)
-  const T* key_cache;              // (num_blocks, block_size, Hkv, D)
-  const T* value_cache;            // (num_blocks, block_size, Hkv, D)
+  const C* key_cache;              // (num_blocks, block_size, Hkv, D)
+  const C* value_cache;            // (num_blocks, block_size, Hkv, D)
   const int32_t* block_tables;     // (B, block_table_stride)
   int64_t block_table_stride;
   const int32_t* query_start_loc;  // (B + 1,)
@@ -81,6 +83,11 @@ struct Scratch {
 inline const float* block_as_float(const float* block, int64_t, float*) { return block; }
 inline const float* block_as_float(const ferry::Bf16* block, int64_t n, float* buf) {
   for (int64_t i = 0; i < n; ++i) buf[i] = to_float(block[i]);
+  return buf;
+}
+inline const float* block_as_float(const ferry::Fp8* block, int64_t n, float* buf) {
+  const float* table = ferry::fp8_table().values;
+  for (int64_t i = 0; i < n; ++i) buf[i] = table[block[i].bits];
   return buf;
 }
 
@@ -140,23 +147,23 @@ struct Prefetch {
 // Calls fn(first, block, prefetch) for each block overlapping positions [lo, hi], where
 // first is the block's first position and block its (block_size, Hkv, D) data as float32.
 // After the last block, prefetch points at `after` (the next pass's first block).
-template <typename T, typename Fn>
-inline void for_each_block(const T* cache, const Problem<T>& p, const int32_t* table, int64_t lo,
-                           int64_t hi, const T* after, Scratch& s, Fn&& fn) {
+template <typename T, typename C, typename Fn>
+inline void for_each_block(const C* cache, const Problem<T, C>& p, const int32_t* table, int64_t lo,
+                           int64_t hi, const C* after, Scratch& s, Fn&& fn) {
   const int64_t block_elements = p.block_size * p.num_kv_heads * p.head_dim;
   const int64_t last = hi / p.block_size;
   Prefetch prefetch;
-  prefetch.bytes = block_elements * static_cast<int64_t>(sizeof(T));
+  prefetch.bytes = block_elements * static_cast<int64_t>(sizeof(C));
   for (int64_t b = lo / p.block_size; b <= last; ++b) {
-    const T* block = cache + static_cast<int64_t>(table[b]) * block_elements;
+    const C* block = cache + static_cast<int64_t>(table[b]) * block_elements;
     prefetch.next = reinterpret_cast<const char*>(
         b < last ? cache + static_cast<int64_t>(table[b + 1]) * block_elements : after);
     fn(b * p.block_size, block_as_float(block, block_elements, s.block.data()), prefetch);
   }
 }
 
-template <typename T, int kDim>
-void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
+template <typename T, typename C, int kDim>
+void attend(const Problem<T, C>& p, const WorkItem& item, Scratch& s) {
   const int64_t dim = p.head_dim, heads = p.num_heads;
   const int64_t group = heads / p.num_kv_heads;
   const int64_t token_stride = p.num_kv_heads * dim;
@@ -185,7 +192,7 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
   // One pass over the blocks of `cache`: fn(r, lo, count, rows) for each row r and the
   // part [lo, lo + count) of its visible range inside the block, where rows points at
   // position lo's (K or V) row for r's KV head. `after` is prefetched at the end.
-  auto sweep = [&](const T* cache, const T* after, auto&& fn) {
+  auto sweep = [&](const C* cache, const C* after, auto&& fn) {
     for_each_block(cache, p, table, key_lo, key_hi, after, s,
                    [&](int64_t first, const float* block, const Prefetch& prefetch) {
       for (int64_t r = 0; r < rows; ++r) {
@@ -200,7 +207,7 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
   // Row r's score for position pos (key_lo <= pos <= key_hi): *score_at(r, pos).
   auto score_at = [&](int64_t r, int64_t pos) { return s.scores.data() + r * span + (pos - key_lo); };
 
-  const T* first_values = p.value_cache + static_cast<int64_t>(table[key_lo / p.block_size]) *
+  const C* first_values = p.value_cache + static_cast<int64_t>(table[key_lo / p.block_size]) *
                                               p.block_size * token_stride;
   sweep(p.key_cache, first_values, [&](int64_t r, int64_t lo, int64_t count, const float* keys) {
     score_positions<kDim>(s.queries.data() + r * dim, keys, token_stride, count, dim,
@@ -223,7 +230,7 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
   }
 
   std::fill(s.acc.begin(), s.acc.begin() + rows * dim, 0.f);
-  sweep(p.value_cache, static_cast<const T*>(nullptr),
+  sweep(p.value_cache, static_cast<const C*>(nullptr),
         [&](int64_t r, int64_t lo, int64_t count, const float* values) {
     accumulate_values<kDim>(score_at(r, lo), values, token_stride, count, dim,
                             s.acc.data() + r * dim);
@@ -235,8 +242,8 @@ void attend(const Problem<T>& p, const WorkItem& item, Scratch& s) {
   }
 }
 
-template <typename T>
-void paged_attention(const Problem<T>& p, int64_t num_seqs, int num_threads) {
+template <typename T, typename C>
+void paged_attention(const Problem<T, C>& p, int64_t num_seqs, int num_threads) {
   std::vector<WorkItem> items;
   for (int64_t seq = 0; seq < num_seqs; ++seq) {
     const int64_t query_len = p.query_start_loc[seq + 1] - p.query_start_loc[seq];
@@ -246,9 +253,9 @@ void paged_attention(const Problem<T>& p, int64_t num_seqs, int num_threads) {
     }
   }
   // Head dims of the common models get loops unrolled at compile time.
-  auto* attend_item = p.head_dim == 64 ? &attend<T, 64>
-                      : p.head_dim == 128 ? &attend<T, 128>
-                                          : &attend<T, 0>;
+  auto* attend_item = p.head_dim == 64 ? &attend<T, C, 64>
+                      : p.head_dim == 128 ? &attend<T, C, 128>
+                                          : &attend<T, C, 0>;
   const int64_t num_items = static_cast<int64_t>(items.size());
 #pragma omp parallel num_threads(num_threads)
   {
@@ -258,7 +265,7 @@ void paged_attention(const Problem<T>& p, int64_t num_seqs, int num_threads) {
   }
 }
 
-template <typename T>
+template <typename T, typename C = T>
 int run(const void* query, const void* key_cache, const void* value_cache,
         const int32_t* block_tables, int64_t block_table_stride, const int32_t* query_start_loc,
         const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
@@ -269,8 +276,8 @@ int run(const void* query, const void* key_cache, const void* value_cache,
     const int64_t query_len = query_start_loc[seq + 1] - query_start_loc[seq];
     if (query_len < 0 || query_len > seq_lens[seq]) return 2;
   }
-  const Problem<T> p{static_cast<const T*>(query), static_cast<const T*>(key_cache),
-                     static_cast<const T*>(value_cache), block_tables, block_table_stride,
+  const Problem<T, C> p{static_cast<const T*>(query), static_cast<const C*>(key_cache),
+                        static_cast<const C*>(value_cache), block_tables, block_table_stride,
                      query_start_loc, seq_lens, num_heads, num_kv_heads, head_dim, block_size,
                      scale, sliding_window, static_cast<T*>(out)};
   paged_attention(p, num_seqs, std::max(1, num_threads));
@@ -294,6 +301,23 @@ int ferry_paged_attention(int dtype, const void* query, const void* key_cache,
     status = run<T>(query, key_cache, value_cache, block_tables, block_table_stride,
                     query_start_loc, seq_lens, num_seqs, num_heads, num_kv_heads, head_dim,
                     block_size, scale, sliding_window, out, num_threads);
+  });
+  return status;
+}
+
+// The same over an FP8 (e4m3fn) cache: blocks are widened to float32 as they are read.
+int ferry_paged_attention_fp8(int dtype, const void* query, const void* key_cache,
+                              const void* value_cache, const int32_t* block_tables,
+                              int64_t block_table_stride, const int32_t* query_start_loc,
+                              const int32_t* seq_lens, int64_t num_seqs, int64_t num_heads,
+                              int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                              float scale, int64_t sliding_window, void* out, int num_threads) {
+  int status = 3;
+  ferry::dispatch(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    status = run<T, ferry::Fp8>(query, key_cache, value_cache, block_tables, block_table_stride,
+                                query_start_loc, seq_lens, num_seqs, num_heads, num_kv_heads,
+                                head_dim, block_size, scale, sliding_window, out, num_threads);
   });
   return status;
 }
