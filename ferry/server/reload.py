@@ -12,7 +12,7 @@ serving are applied at once, without dropping a request or a stream:
   ``max_request_body_bytes``, ``log_level``: the server's.
 
 Every other changed key is reported as needing a restart and keeps its running value.
-``lora_adapters_dir`` is one of them until LoRA serving exists (it is refused at start).
+``lora_adapters_dir`` is one of them (its watcher starts with the server).
 """
 from __future__ import annotations
 
