@@ -31,11 +31,8 @@ def eval_texts(tokenizer, n: int = 64) -> list[tuple[list[int], int]]:
 
 
 @torch.inference_mode()
-def ferry_perplexity(model_dir, token_lists, dtype=torch.float32, quant_type="auto") -> float:
-    """exp(mean NLL of the answer tokens) (the tokens after each prompt), one ferry prefill each.
-
-    The questions are random draws, so only the answers (and the closing tag) are
-    predictable: that is what the perplexity measures."""
+def ferry_logits(model_dir, token_lists, dtype=torch.float32, quant_type="auto") -> list[torch.Tensor]:
+    """Each chat's teacher-forced logits (L, V) float32 from one ferry prefill."""
     from ferry.checkpoint import load_hf_config
     from ferry.models.loader import get_model
     from ferry.outputs import ScheduledRequest
@@ -49,20 +46,43 @@ def ferry_perplexity(model_dir, token_lists, dtype=torch.float32, quant_type="au
     quant = resolve_quantization(hf_config, quant_type)
     cpu = torch.device("cpu")
     model = get_model(Path(model_dir), hf_config, dtype, cpu, weight_methods=quant.weight_methods)
-    nll, count, block = 0.0, 0, 16
-    for ids, prompt_len in token_lists:
+    out, block = [], 16
+    for ids, _ in token_lists:
         blocks = -(-len(ids) // block)
         caches = allocate_kv_caches(model, blocks, block, dtype, cpu)
         state = RequestState("ppl", len(ids), SamplingParams(), (), list(ids), list(range(blocks)))
         step = ScheduledState(ScheduledRequest("ppl", list(ids), 0, True), state)
         batch = build_model_input([step], block, cpu)
         hidden = model(batch.input_ids, batch.positions, caches, batch.attn_metadata)
-        logits = model.compute_logits(hidden).float()                       # (L, V)
-        logp = torch.log_softmax(logits[prompt_len - 1:-1], dim=-1)         # predicts the answer
+        out.append(model.compute_logits(hidden).float())
+    return out
+
+
+def answer_perplexity(logits: list[torch.Tensor], token_lists) -> float:
+    """exp(mean NLL of the answer tokens): the tokens after each prompt."""
+    nll, count = 0.0, 0
+    for lg, (ids, prompt_len) in zip(logits, token_lists):
+        logp = torch.log_softmax(lg[prompt_len - 1:-1], dim=-1)
         target = torch.tensor(ids[prompt_len:])
         nll -= float(logp.gather(1, target[:, None]).sum())
         count += len(target)
     return math.exp(nll / count)
+
+
+def kl_to(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> float:
+    """Mean per-token KL(reference || model) over every position of every chat (nats)."""
+    total, count = 0.0, 0
+    for ref, lg in zip(reference, logits):
+        p = torch.log_softmax(ref, -1)
+        q = torch.log_softmax(lg, -1)
+        total += float((p.exp() * (p - q)).sum())
+        count += ref.shape[0]
+    return total / count
+
+
+def ferry_perplexity(model_dir, token_lists, dtype=torch.float32, quant_type="auto") -> float:
+    """Answer perplexity of ``model_dir`` as ferry runs it."""
+    return answer_perplexity(ferry_logits(model_dir, token_lists, dtype, quant_type), token_lists)
 
 
 def task_accuracy(model_dir, n: int = 120, **llm_kwargs) -> float:
@@ -111,18 +131,21 @@ def main() -> None:
                         f"AWQ int4 g{g}": QuantizeOptions("awq", 4, g, False),
                         f"RTN int8 g{g}": QuantizeOptions("rtn", 8, g, True)}.items():
         path = out / label.replace(" ", "_")
-        start = time.perf_counter()
-        quantize_checkpoint(demo, path, opts)
-        print(f"# {label}: quantized in {time.perf_counter() - start:.1f}s")
+        if not (path / "config.json").exists():
+            start = time.perf_counter()
+            quantize_checkpoint(demo, path, opts)
+            print(f"# {label}: quantized in {time.perf_counter() - start:.1f}s", flush=True)
         variants[label] = (path, {}, "auto", torch.float32)
     variants["FP8 weights (on load, W8A8 per-token)"] = (demo, {"quant_type": "fp8"}, "fp8", torch.float32)
-    print("| weights | perplexity (demo test chats) | task accuracy (120 test problems) | linear weight bytes |")
-    print("|---|---|---|---|")
+    print("| weights | answer perplexity | KL to fp32 (nats/token) | task accuracy (120 test problems) | linear weight bytes |")
+    print("|---|---|---|---|---|")
+    reference = ferry_logits(demo, texts)
     for label, (path, kwargs, qt, dtype) in variants.items():
-        ppl = ferry_perplexity(path, texts, dtype, qt)
+        logits = ferry_logits(path, texts, dtype, qt)
         acc = task_accuracy(path, **kwargs)
         size = weight_bytes(path, qt, dtype)
-        print(f"| {label} | {ppl:.4f} | {acc:.1%} | {size / 2**20:.2f} MiB |", flush=True)
+        print(f"| {label} | {answer_perplexity(logits, texts):.6f} | {kl_to(reference, logits):.2e} "
+              f"| {acc:.1%} | {size / 2**20:.2f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

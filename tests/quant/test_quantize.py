@@ -92,19 +92,22 @@ def test_cli_refuses_bad_options(args, message, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_gptq_and_awq_beat_rtn_perplexity_on_the_demo_model(tmp_path):
-    """4 bits, per-channel scales (where rounding hurts most), on held-out demo answers."""
+def test_gptq_and_awq_beat_rtn_on_the_demo_model(tmp_path):
+    """4 bits, per-channel scales (where rounding hurts most), held-out demo chats: the
+    KL divergence from the fp32 model's next-token distributions (the demo model's answer
+    perplexity is ~1.00001 at every precision, too saturated to rank methods)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    from quant_quality import eval_texts, ferry_perplexity
+    from quant_quality import eval_texts, ferry_logits, kl_to
     from ferry.checkpoint import load_tokenizer
     from ferry.demo import demo_model_path
     from ferry.quant.quantize.pipeline import QuantizeOptions, quantize_checkpoint
 
     demo = demo_model_path()
-    texts = eval_texts(load_tokenizer(str(demo)), 48)
-    ppl = {}
+    texts = eval_texts(load_tokenizer(str(demo)), 32)
+    reference = ferry_logits(demo, texts)
+    kl = {}
     for method, sym in (("rtn", True), ("gptq", True), ("awq", False)):
         path = quantize_checkpoint(demo, tmp_path / method,
                                    QuantizeOptions(method, 4, -1, sym, num_samples=32, max_len=64))
-        ppl[method] = ferry_perplexity(path, texts)
-    assert ppl["gptq"] < ppl["rtn"] and ppl["awq"] < ppl["rtn"], ppl
+        kl[method] = kl_to(reference, ferry_logits(path, texts))
+    assert kl["gptq"] < kl["rtn"] and kl["awq"] < kl["rtn"], kl
