@@ -1,4 +1,4 @@
-"""The ``ferry`` command: serve | generate | chat | bench.
+"""The ``ferry`` command: serve | generate | chat | bench | quantize.
 
 ``ferry serve [--config config.yaml] [--model X] [flags]`` starts the OpenAI-compatible
 server; every config key is a flag (``max_num_seqs`` -> ``--max-num-seqs``) and a flag
@@ -363,6 +363,16 @@ def _mount_missing(target: typer.Typer, name: str, message: str, help: str) -> N
 
 
 mount_bench(app)
+
+
+def mount_quantize(target: typer.Typer) -> None:
+    """``ferry quantize`` (ferry/quant/quantize/cli.py)."""
+    from ferry.quant.quantize.cli import quantize
+    target.command(name="quantize", help="Quantize a float checkpoint (RTN, GPTQ, AWQ) into "
+                   "GPTQ, AWQ or compressed-tensors layouts.")(quantize)
+
+
+mount_quantize(app)
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ are quantized per token at run time (``FP8LinearMethod``, channel weights, token
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ferry.layers.linear_method import LinearMethod
