@@ -53,10 +53,13 @@ def test_built_features_have_tests_that_exist():
                 assert name in functions, test
 
 
-def test_refused_features_are_not_built():
+def test_refused_features_are_not_built(monkeypatch):
+    from ferry.runner import model_setup
     existing = existing_features()
+    assert is_built(FEATURE_BY_ID["quant:gptq_int4"], existing)
+    monkeypatch.setattr(model_setup, "_NOT_YET", {"quant_type": ("auto", "none")})
     assert not is_built(FEATURE_BY_ID["quant:gptq_int4"], existing)   # refused at start
-    assert not is_built(FEATURE_BY_ID["structured_output"], existing)  # no key at all
+    assert not is_built(FEATURE_BY_ID["spec_decoding"], existing)     # no key at all
     assert is_built(FEATURE_BY_ID["kernel:paged_attention"], existing)
 
 
@@ -88,7 +91,8 @@ def test_cells_say_how_a_feature_is_proven():
                                   "failed"}}
     assert parity.cell(feature, "nvidia", _evidence({"nvidia": failed}, aot)).startswith(
         "**FAILED**")
-    assert parity.cell(FEATURE_BY_ID["lora"], "cpu-cpp", evidence) == "not built"
+    assert parity.cell(FEATURE_BY_ID["spec_decoding"], "cpu-cpp", evidence) == \
+        "not built (no config key)"
 
 
 def test_cpp_kernel_tests_do_not_prove_the_reference():

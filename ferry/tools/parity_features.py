@@ -43,6 +43,8 @@ class Feature:
 _ATTN = ("paged_decode_kernel", "paged_decode_reduce_kernel", "paged_prefill_kernel")
 TA, TE = "tests/kernels/test_triton_attention.py", "tests/kernels/test_triton_elementwise.py::"
 TRITON_MODEL = ("tests/kernels/test_triton_model.py",)
+QF, QE = "tests/quant/test_formats.py", "tests/quant/test_engine_quant.py"
+PT = "tests/distributed/test_parallel_tokens.py"
 FEATURES: tuple[Feature, ...] = (
     Feature("kernel:paged_attention", "Paged attention (prefill, decode, mixed; sliding window)",
             (K + "test_mixed_batch_matches_naive", K + "test_sliding_window",
@@ -80,17 +82,56 @@ FEATURES: tuple[Feature, ...] = (
             ("tests/runner/test_draft_tokens.py", "tests/engine/test_scheduler_drafts.py"),
             note="the seam, with a test drafter"),
     Feature("spec_decoding", "Speculative decoding proposers (n-gram, draft model)"),
-    Feature("quant:gptq_int4", "GPTQ int4 weights"),
-    Feature("quant:awq_int4", "AWQ int4 weights"),
-    Feature("quant:int8", "int8 weights"),
-    Feature("quant:fp8", "FP8 weights"),
-    Feature("kv_cache:fp8", "FP8 (e4m3) KV cache"),
-    Feature("lora", "LoRA adapters"),
-    Feature("tensor_parallel", "Tensor parallelism"),
+    Feature("kernel:wna16_linear", "Weight-only int8/int4 linear (canonical layout)",
+            ("tests/kernels/test_cpu_quant_linear.py", "tests/quant/test_on_load_rtn.py"),
+            ("wna16_gemm_kernel",), gpu_tests=("tests/kernels/test_triton_wna16.py",)),
+    Feature("kernel:bf16_weight_linear", "bfloat16-weight linear at float32 arithmetic",
+            ("tests/kernels/test_cpu_quant_linear.py",)),
+    Feature("kernel:lora_shrink", "Segmented LoRA shrink", ("tests/kernels/test_lora_kernels.py",),
+            ("lora_shrink_kernel",)),
+    Feature("kernel:lora_expand", "Segmented LoRA expand", ("tests/kernels/test_lora_kernels.py",),
+            ("lora_expand_kernel",)),
+    Feature("kernel:attention_trace", "Attention trace op (entropy, top-k)",
+            ("tests/kernels/test_attention_trace.py",)),
+    Feature("quant:gptq_int4", "GPTQ int4 weights", (QF, QE)),
+    Feature("quant:gptq_int8", "GPTQ int8 weights", (QF,)),
+    Feature("quant:awq_int4", "AWQ int4 weights", (QF, QE)),
+    Feature("quant:int4", "int4 weights, round-to-nearest while loading",
+            ("tests/quant/test_on_load_rtn.py",)),
+    Feature("quant:int8", "int8 weights, round-to-nearest while loading (or W8A8 checkpoints)",
+            ("tests/quant/test_on_load_rtn.py", QF)),
+    Feature("quant:fp8", "FP8 weights (checkpoints, or quantized while loading)", (QF,),
+            note="torch._scaled_mm on FP8 GPUs, dequantized elsewhere"),
+    Feature("quantize", "`ferry quantize` (RTN, GPTQ, AWQ)", ("tests/quant/test_quantize.py",)),
+    Feature("kv_cache:fp8", "FP8 (e4m3) KV cache", ("tests/kernels/test_fp8_kv_cache.py",),
+            note="GPU: sm_90 and gfx942 only (refused at start elsewhere)"),
+    Feature("lora", "LoRA adapters (mixed batches, hot loading)",
+            ("tests/lora/test_lora_peft.py", "tests/lora/test_lora_engine.py",
+             "tests/lora/test_adapter_validation.py", "tests/lora/test_paths_and_watcher.py",
+             "tests/server/test_lora_server.py",
+             "tests/engine/test_scheduler_lora_admission.py")),
+    Feature("tensor_parallel", "Tensor parallelism (torch.distributed; gloo on the CPU)",
+            (PT, "tests/distributed/test_parallel_server.py", "tests/distributed/test_sharding.py",
+             "tests/distributed/test_rank_loading.py", "tests/distributed/test_collectives.py"),
+            note="one GPU has never run it; NCCL/RCCL untested"),
+    Feature("pipeline_parallel", "Pipeline parallelism", (PT,)),
     Feature("debug_trace:attention", "Attention debug trace (entropy, top-k per layer/head)",
             ("tests/kernels/test_attention_trace.py", "tests/test_debug_trace_e2e.py"),
             note="one PyTorch op on every backend's q and paged K; no C++/Triton trace kernel"),
-    Feature("structured_output", "Structured output (JSON schema, grammars)"),
+    Feature("structured_output", "Structured output (JSON schema, regex, choice, grammars)",
+            ("tests/structured_output/test_backends.py",
+             "tests/structured_output/test_engine_constraints.py", "tests/runner/test_grammar_mask.py",
+             "tests/server/test_structured_output_http.py")),
+    Feature("tool_calling", "Tool calling (tools, tool_choice, parsers per family)",
+            ("tests/server/test_tool_calls_http.py", "tests/server/test_tool_parsers.py")),
+    Feature("preemption:swap", "Preemption by KV swap to host memory (or recompute)",
+            ("tests/engine/test_scheduler_swap.py", "tests/test_preemption_e2e.py")),
+    Feature("scheduling:fast_lane", "Fast lane for short prompts, no head-of-line blocking",
+            ("tests/engine/test_scheduler_lanes.py",)),
+    Feature("degradation", "Graceful degradation under memory pressure; thermal/power guard",
+            ("tests/engine/test_degradation_thermal.py",)),
+    Feature("energy", "Energy per request (NVML, amdsmi, RAPL)", ("tests/test_energy.py",),
+            note="tested with a fake counter; no hardware counter read here"),
 )
 FEATURE_BY_ID = {f.id: f for f in FEATURES}
 
@@ -102,6 +143,12 @@ FEATURE_KEYS: dict[str, str] = {
     "lora_adapters_dir": "lora", "max_loras": "lora", "max_lora_rank": "lora",
     "quant_type": "quant:", "kv_cache_dtype": "kv_cache:", "debug_trace": "debug_trace:",
     "scheduling_policy": "scheduling:", "structured_output_backend": "structured_output",
+    "tool_call_parser": "tool_calling", "pipeline_parallel_size": "pipeline_parallel",
+    "enable_lora": "lora", "lora_modules": "lora", "max_cpu_loras": "lora",
+    "swap_space": "preemption:swap", "preemption_mode": "preemption:swap",
+    "short_prompt_threshold": "scheduling:fast_lane", "max_queue_bypasses": "scheduling:fast_lane",
+    "memory_pressure_threshold": "degradation", "thermal_limit_c": "degradation",
+    "power_limit_w": "degradation", "reserved_blocks_for_priority": "scheduling:priority",
     "speculative_config": "spec_decoding",
 }
 ENUM_DEFAULTS = {"quant_type": {"auto", "none"}, "kv_cache_dtype": {"auto"},
@@ -114,7 +161,8 @@ SETTING_KEYS = frozenset({
     "cpu_threads", "host", "port", "api_key", "max_waiting_requests", "shutdown_grace_seconds",
     "max_request_body_bytes", "request_timeout_seconds", "log_level", "web_ui",
     "debug_trace_dir", "debug_trace_max_tokens", "debug_trace_prompt",
-    "debug_trace_entropy_jump", "debug_trace_top_k",
+    "debug_trace_entropy_jump", "debug_trace_top_k", "nnodes", "node_rank", "master_addr",
+    "master_port", "distributed_timeout_seconds",
 })
 
 
@@ -162,7 +210,8 @@ def _probe(feature_id: str) -> dict | None:
     kind, _, value = feature_id.partition(":")
     probes = {"quant": {"quant_type": value}, "kv_cache": {"kv_cache_dtype": value},
               "debug_trace": {"debug_trace": value}, "lora": {"lora_adapters_dir": "/x"},
-              "tensor_parallel": {"tensor_parallel_size": 2}}
+              "tensor_parallel": {"tensor_parallel_size": 2},
+              "pipeline_parallel": {"pipeline_parallel_size": 2}}
     return probes.get(kind)
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import reap, wait_gone, worker_pids
+from process_tree import reap, wait_gone, worker_pids
 from ferry_server_process import REPO_ROOT, ServerProcess, free_port, start_server
 
 ARGS = ["--kv-cache-memory", "8MiB", "--max-model-len", "256", "--distributed-timeout-seconds",

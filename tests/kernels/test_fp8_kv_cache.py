@@ -144,10 +144,18 @@ def test_checkpoint_kv_scheme_selects_fp8_under_auto(tiny_model_dir, tmp_path, m
     path = tmp_path / "fp8kv"
     shutil.copytree(tiny_model_dir("llama"), path)
     config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = {"kv_cache_scheme": {"type": "float", "num_bits": 8}}
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "config_groups": {},
+                                     "kv_cache_scheme": {"type": "float", "num_bits": 8}}
     (path / "config.json").write_text(json.dumps(config))
-    # a checkpoint that only declares its KV scheme (its weights are float)
-    monkeypatch.setattr("ferry.runner.model_setup.check_checkpoint_unquantized", lambda *a: None)
+    # a checkpoint whose weights are float and whose KV scheme is FP8, with its per-layer scales
+    from safetensors.torch import load_file, save_file
+    for shard in path.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for i in range(config["num_hidden_layers"]):
+            for name in ("k_scale", "v_scale"):
+                tensors[f"model.layers.{i}.self_attn.{name}"] = torch.tensor(1.0)
+        save_file(tensors, shard, metadata={"format": "pt"})
+        break   # one shard holds them all
     llm = LLM(str(path), dtype="float32", kv_cache_memory="4MiB")
     assert llm.engine.executor.runner.kv_caches[0].dtype == FP8
     llm = LLM(str(path), dtype="float32", kv_cache_memory="4MiB", kv_cache_dtype="auto")

@@ -11,7 +11,9 @@ import pytest
 
 POST_ROUTES = {"/v1/completions": "CompletionRequest",
                "/v1/chat/completions": "ChatCompletionRequest",
-               "/tokenize": "TokenizeRequest", "/detokenize": "DetokenizeRequest"}
+               "/tokenize": "TokenizeRequest", "/detokenize": "DetokenizeRequest",
+               "/v1/load_lora_adapter": "LoadLoRAAdapterRequest",
+               "/v1/unload_lora_adapter": "UnloadLoRAAdapterRequest"}
 BODYLESS_POST_ROUTES = {"/admin/reload"}   # re-reads the server's own config file
 ERROR_REF = "#/components/schemas/ErrorResponse"
 
