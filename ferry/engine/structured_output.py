@@ -115,6 +115,8 @@ class StructuredOutputManager:
 
     def bitmask(self, output: SchedulerOutput, vocab_size: int) -> GrammarBitmask | None:
         """The rows of this step's constrained requests that sample, or None."""
+        if not self._matchers:
+            return None   # no constrained request: nothing to look up, every step
         ids = [s.request_id for s in output.scheduled
                if s.sample and s.request_id in self._matchers]
         if not ids:
