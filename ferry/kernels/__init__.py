@@ -24,7 +24,7 @@ from ferry.platform import kernel_backend
 
 # The ops every backend implements (the tests reroute them all to one backend).
 OP_NAMES = ("write_kv_cache", "paged_attention", "rms_norm", "fused_add_rms_norm",
-            "apply_rotary", "silu_and_mul", "wna16_linear", "bf16_weight_linear",
+            "apply_rotary", "silu_and_mul", "dense_linear", "wna16_linear", "bf16_weight_linear",
             "lora_shrink", "lora_expand")
 
 # device type -> backend module. Dispatch runs per op per layer per step: after the first
@@ -91,6 +91,11 @@ def silu_and_mul(x):
     return _ops_for(x).silu_and_mul(x)
 
 
+def dense_linear(x, weight, bias=None):
+    """x @ weight^T + bias for an unquantized weight (``F.linear`` semantics)."""
+    return _ops_for(x).dense_linear(x, weight, bias)
+
+
 def wna16_linear(x, qweight, scales, zeros, bits, group_size, bias=None):
     """Weight-only int8/int4 linear on the canonical layout (``ferry.kernels.quant_linear``)."""
     return _ops_for(x).wna16_linear(x, qweight, scales, zeros, bits, group_size, bias)
@@ -109,6 +114,6 @@ def lora_expand(v, lora_b, y, mapping):
     return _ops_for(y).lora_expand(v, lora_b, y, mapping)
 
 
-__all__ = ["OP_NAMES", "apply_rotary", "attention_trace", "bf16_weight_linear", "fused_add_rms_norm", "lora_expand",
+__all__ = ["OP_NAMES", "apply_rotary", "attention_trace", "bf16_weight_linear", "dense_linear", "fused_add_rms_norm", "lora_expand",
            "lora_shrink", "paged_attention", "prepare", "rms_norm", "silu_and_mul", "wna16_linear",
            "write_kv_cache"]

@@ -180,6 +180,11 @@ def _prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
     return out.transpose(0, 1).to(query.dtype)
 
 
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b for an unquantized weight: ``F.linear`` (the vendor BLAS)."""
+    return F.linear(x, weight, bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2) + eps), normalised in float32 (as HF Llama). x: (..., D)."""
     x32 = x.float()

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ferry import kernels
+
 from ferry.layers.linear_method import store_column_major
 from ferry.layers.parameter import new_parameter
 
@@ -45,7 +47,7 @@ class EmbeddingMethod(ABC):
 
 
 class UnquantizedEmbeddingMethod(EmbeddingMethod):
-    """A plain (vocab, hidden) table: ``F.embedding`` and ``F.linear``.
+    """A plain (vocab, hidden) table: ``F.embedding`` and ``kernels.dense_linear``.
 
     On the CPU a head that is only multiplied by takes the column-major matmul layout;
     a table looked up by token (the embedding, a head tied to it) keeps its row order.
@@ -65,4 +67,4 @@ class UnquantizedEmbeddingMethod(EmbeddingMethod):
 
     def apply(self, layer: nn.Module, hidden: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(hidden, layer.weight, bias)                   # (N, hidden) -> (N, vocab)
+        return kernels.dense_linear(hidden, layer.weight, bias)       # (N, hidden) -> (N, vocab)

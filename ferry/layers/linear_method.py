@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ferry import kernels
 from ferry.layers.parameter import new_parameter
 from ferry.platform import empty_on_huge_pages
 
@@ -48,7 +49,8 @@ class LinearMethod(ABC):
 
 
 class UnquantizedLinearMethod(LinearMethod):
-    """A plain (out, in) weight in the model dtype and ``F.linear``; column-major on the CPU."""
+    """A plain (out, in) weight in the model dtype and ``kernels.dense_linear``; column-major on
+    the CPU."""
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype | None) -> None:
@@ -60,7 +62,7 @@ class UnquantizedLinearMethod(LinearMethod):
             store_column_major(layer.weight)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)   # (T, in) -> (T, out)
+        return kernels.dense_linear(x, layer.weight, bias)   # (T, in) -> (T, out)
 
 
 def store_column_major(param: nn.Parameter) -> None:

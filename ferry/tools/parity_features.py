@@ -85,6 +85,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("kernel:wna16_linear", "Weight-only int8/int4 linear (canonical layout)",
             ("tests/kernels/test_cpu_quant_linear.py", "tests/quant/test_on_load_rtn.py"),
             ("wna16_gemm_kernel",), gpu_tests=("tests/kernels/test_triton_wna16.py",)),
+    Feature("kernel:dense_linear", "Unquantized linear (F.linear; C++ decode GEMV on the pool)",
+            ("tests/kernels/test_cpu_gemv.py", *MODELS)),
     Feature("kernel:bf16_weight_linear", "bfloat16-weight linear at float32 arithmetic",
             ("tests/kernels/test_cpu_quant_linear.py",)),
     Feature("kernel:lora_shrink", "Segmented LoRA shrink", ("tests/kernels/test_lora_kernels.py",),

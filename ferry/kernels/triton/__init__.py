@@ -8,6 +8,8 @@ from __future__ import annotations
 
 # A bf16 weight on a GPU: the vendor GEMM (torch) is the fast path, with float32 math.
 from ferry.kernels.quant_reference import bf16_weight_linear
+# Unquantized weights: the vendor GEMM (cuBLAS/hipBLASLt through torch) is the fast path.
+from ferry.kernels.reference import dense_linear
 from ferry.kernels.triton.fused_add_rms_norm import fused_add_rms_norm
 from ferry.kernels.triton.lora import lora_expand, lora_shrink
 from ferry.kernels.triton.paged_attention import paged_attention
@@ -20,6 +22,7 @@ from ferry.kernels.triton.write_kv_cache import write_kv_cache
 __all__ = [
     "apply_rotary",
     "bf16_weight_linear",
+    "dense_linear",
     "fused_add_rms_norm",
     "lora_expand",
     "lora_shrink",

@@ -2,10 +2,11 @@
 // Kernels compute in float32 and round once when they store.
 #pragma once
 
-#include <omp.h>
 
 #include <cstdint>
 #include <cstring>
+
+#include "thread_pool.h"
 
 namespace ferry {
 
@@ -38,30 +39,34 @@ inline float round_to(float x) {
   return to_float(t);
 }
 
-// Runs fn(i) for i in [0, n): on an OpenMP team of num_threads when `parallel`, else on the
-// calling thread. NOTE: small work must not open a region at all, not even a one-thread
-// one: a team of another size than PyTorch's makes libgomp rebuild its team, and the next
-// PyTorch (MKL) call pays tens of microseconds to wake its threads again.
+// Runs fn(i) for i in [0, n): on ferry's worker pool (thread_pool.h) with up to
+// num_threads threads when `parallel`, else on the calling thread. Small work should not
+// go to the pool: handing items over costs a few microseconds.
 template <typename Fn>
 inline void parallel_for(int64_t n, bool parallel, int num_threads, Fn&& fn) {
   if (!parallel || num_threads <= 1 || n <= 1) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-  for (int64_t i = 0; i < n; ++i) fn(i);
+  pool_for(n, num_threads, [&](int64_t i, int) { fn(i); });
 }
 
-// parallel_for with dynamic scheduling: for many equal items on cores shared with other
-// processes, where a static split waits for the slowest (descheduled) thread's whole share.
+// fn(i, worker) for i in [0, n), worker in [0, num_threads): for per-thread scratch.
+// Goes to the pool whenever there are two items or more.
 template <typename Fn>
-inline void parallel_for_dynamic(int64_t n, bool parallel, int num_threads, Fn&& fn) {
-  if (!parallel || num_threads <= 1 || n <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
+inline void parallel_for_worker(int64_t n, int num_threads, Fn&& fn) {
+  if (num_threads <= 1 || n <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i, 0);
     return;
   }
-#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-  for (int64_t i = 0; i < n; ++i) fn(i);
+  pool_for(n, num_threads, fn);
+}
+
+// The pool hands out items one at a time, so a split never waits for a slow thread's
+// whole share: the same as parallel_for (kept for the callers that ask for it by name).
+template <typename Fn>
+inline void parallel_for_dynamic(int64_t n, bool parallel, int num_threads, Fn&& fn) {
+  parallel_for(n, parallel, num_threads, static_cast<Fn&&>(fn));
 }
 
 // dtype codes shared with ferry/kernels/cpu/_lib.py

@@ -257,12 +257,11 @@ void paged_attention(const Problem<T, C>& p, int64_t num_seqs, int num_threads) 
                       : p.head_dim == 128 ? &attend<T, C, 128>
                                           : &attend<T, C, 0>;
   const int64_t num_items = static_cast<int64_t>(items.size());
-#pragma omp parallel num_threads(num_threads)
-  {
-    Scratch scratch;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t n = 0; n < num_items; ++n) attend_item(p, items[n], scratch);
-  }
+  // One scratch per thread of the pool (worker 0 is the caller).
+  std::vector<Scratch> scratch(static_cast<size_t>(std::max(1, num_threads)));
+  ferry::parallel_for_worker(num_items, num_threads, [&](int64_t n, int worker) {
+    attend_item(p, items[n], scratch[worker]);
+  });
 }
 
 template <typename T, typename C = T>
