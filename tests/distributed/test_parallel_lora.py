@@ -131,3 +131,64 @@ def test_dynamic_load_bad_adapter_and_unload_under_tp2(setup, tmp_path):
             _generate(llm, {"all-r8": None}, prompts[:1], ["all-r8"])
     finally:
         llm.engine.executor.shutdown()
+
+
+def test_tp2_server_loads_an_adapter_while_a_request_streams(setup):
+    """``ferry serve --tensor-parallel-size 2``: POST /v1/load_lora_adapter during a stream,
+    then the adapter answers with PEFT's tokens, named in the response and in /metrics."""
+    import threading
+
+    import httpx
+    from process_tree import reap, wait_gone, worker_pids   # first: puts tests/server on the path
+    from ferry_server_process import metric, scrape, start_server
+    from transformers import AutoTokenizer
+
+    base, adapters, root = setup
+    served = root / "served"
+    shutil.copytree(adapters["all-r8"], served / ".staging" / "a")
+    prompt = [(5 * i + 7) % 250 + 3 for i in range(24)]
+    server = start_server(["--model", base, "--tensor-parallel-size", "2", "--kv-cache-memory",
+                           "8MiB", "--max-model-len", "256", "--distributed-timeout-seconds", "30",
+                           "--cpu-threads", "1", "--lora-adapters-dir", str(served),
+                           "--max-lora-rank", "8"])
+    workers = worker_pids(server.process.pid)
+    try:
+        streamed, started, ended = [], threading.Event(), threading.Event()
+
+        def stream_base():
+            name = httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"]
+            body = {"model": name, "prompt": prompt, "max_tokens": 200, "temperature": 0,
+                    "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    started.set()
+                    streamed.append(line)
+            ended.set()
+
+        worker = threading.Thread(target=stream_base)
+        worker.start()
+        assert started.wait(60), "the base stream never started"
+        r = httpx.post(f"{server.url}/v1/load_lora_adapter", timeout=60,
+                       json={"lora_name": "a", "lora_path": ".staging/a"})
+        assert r.status_code == 200 and r.json()["status"] == "loaded", r.text
+        assert not ended.is_set(), "the stream ended before the load: nothing was shown"
+        r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+            "model": "a", "prompt": prompt, "max_tokens": STEPS, "temperature": 0,
+            "ignore_eos": True, "logprobs": 0})
+        assert r.status_code == 200 and r.json()["model"] == "a", r.text
+        tok = AutoTokenizer.from_pretrained(base)
+        want = merged_greedy(base, adapters["all-r8"], prompt, STEPS)
+        logprobs = r.json()["choices"][0]["logprobs"]
+        assert logprobs["tokens"] == [tok.decode([t]) for t, _, _ in want]
+        for got, (token, logsoftmax, _) in zip(logprobs["token_logprobs"], want):
+            assert abs(got - float(logsoftmax[token])) < 1e-3
+        worker.join(timeout=120)
+        assert "data: [DONE]" in streamed and not any('"error"' in line for line in streamed)
+        values = scrape(server.url)
+        assert metric(values, "llm_requests_total", adapter="a", status="ok") == 1
+        assert metric(values, "llm_generation_tokens_total", adapter="a") == STEPS
+        assert metric(values, "llm_lora_adapters_loaded") == 1
+    finally:
+        server.stop()
+        reap(workers)
+    assert wait_gone(workers, 15) == [], "a worker outlived the server"
