@@ -101,6 +101,10 @@ class RankWorker:
             self.lora.add(lora_id, path)
         except LoRAError as exc:
             error = exc
+        except Exception as exc:  # noqa: BLE001 - any failure must still reach the agreement
+            logger.exception("LoRA adapter %s failed to load on %s", path, self.ctx.layout.describe())
+            error = LoRAError(f"the LoRA adapter at {path} could not be loaded: "
+                              f"{type(exc).__name__}: {exc}")
         if all_reduce_min(self.ctx, 0 if error else 1, "agreement on a LoRA adapter"):
             return
         self.lora.remove(lora_id)

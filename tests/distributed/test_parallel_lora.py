@@ -133,6 +133,24 @@ def test_dynamic_load_bad_adapter_and_unload_under_tp2(setup, tmp_path):
         llm.engine.executor.shutdown()
 
 
+def test_an_adapter_another_rank_refused_is_loaded_on_no_rank(monkeypatch):
+    """The agreement: a rank that accepted an adapter drops it when another refused it."""
+    from types import SimpleNamespace
+
+    from ferry.executor import rank_worker
+
+    removed = []
+    worker = SimpleNamespace(lora=SimpleNamespace(add=lambda lora_id, path: None,
+                                                  remove=removed.append), ctx=None)
+    monkeypatch.setattr(rank_worker, "all_reduce_min", lambda ctx, value, what: 0)
+    with pytest.raises(LoRAError, match="refused by another rank"):
+        rank_worker.RankWorker.add_lora(worker, 7, "/adapters/x")
+    assert removed == [7]
+    monkeypatch.setattr(rank_worker, "all_reduce_min", lambda ctx, value, what: value)
+    rank_worker.RankWorker.add_lora(worker, 8, "/adapters/x")   # every rank accepted
+    assert removed == [7]
+
+
 def test_tp2_server_loads_an_adapter_while_a_request_streams(setup):
     """``ferry serve --tensor-parallel-size 2``: POST /v1/load_lora_adapter during a stream,
     then the adapter answers with PEFT's tokens, named in the response and in /metrics."""
