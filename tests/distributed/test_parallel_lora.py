@@ -76,28 +76,41 @@ def _tokens(outs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def test_adapters_change_outputs_and_one_rank_matches_peft(setup):
+@pytest.fixture(scope="module")
+def one_rank(setup):
+    """The mixed batch on one process (in-process executor): (prompts, adapters, outputs)."""
     base, adapters, _ = setup
     prompts, loras = _prompts()
-    llm = _llm(base)
-    outs = _generate(llm, adapters, prompts, loras)
+    return prompts, loras, _generate(_llm(base), adapters, prompts, loras)
+
+
+def _top(outs) -> list[list[list[tuple[int, float]]]]:
+    return [[list(lp.top) for lp in o.outputs[0].logprobs] for o in outs]
+
+
+def test_adapters_change_outputs_and_one_rank_matches_peft(setup, one_rank):
+    base, adapters, _ = setup
+    prompts, loras, outs = one_rank
     _check_against_peft(base, adapters, prompts, loras, outs, "tp1")
     plain = [[t for t, _, _ in merged_greedy(base, None, p, STEPS)] for p in prompts]
     assert sum(got != ref for got, ref, n in zip(_tokens(outs), plain, loras) if n) >= 2, (
         "the adapters must change the outputs, or the test proves nothing")
-    setup[2].joinpath("tp1.json").write_text(json.dumps(_tokens(outs)))
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_mixed_adapters_over_two_ranks_match_peft_and_one_rank(setup, tp, pp):
-    base, adapters, root = setup
-    prompts, loras = _prompts()
-    llm = _llm(base, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+@pytest.mark.parametrize("tp,pp,extra", [(2, 1, {}), (2, 1, {"async_scheduling": "on"}),
+                                         (1, 2, {})], ids=["tp2", "tp2-async", "pp2"])
+def test_mixed_adapters_over_two_ranks_match_peft_and_one_rank(setup, one_rank, tp, pp, extra):
+    base, adapters, _ = setup
+    prompts, loras, single = one_rank
+    llm = _llm(base, tensor_parallel_size=tp, pipeline_parallel_size=pp, **extra)
     try:
         outs = _generate(llm, adapters, prompts, loras)
         _check_against_peft(base, adapters, prompts, loras, outs, f"tp{tp}-pp{pp}")
-        if root.joinpath("tp1.json").exists():
-            assert _tokens(outs) == json.loads(root.joinpath("tp1.json").read_text())
+        assert _tokens(outs) == _tokens(single)
+        for got, want in zip(_top(outs), _top(single)):   # the same logits as one rank
+            for got_step, want_step in zip(got, want):
+                assert [i for i, _ in got_step] == [i for i, _ in want_step]
+                assert max(abs(a - b) for (_, a), (_, b) in zip(got_step, want_step)) < 1e-5
         stats = llm.engine.get_stats()
         assert stats.num_running == 0 and stats.kv_cache_usage == 0.0
         assert llm.engine.lora.num_in_flight() == 0
