@@ -85,7 +85,7 @@ class LoRALayer:
 
 @dataclass(frozen=True)
 class LoRAShardPlan:
-    """How one rank's model relates to the whole: plain data from the model builder.
+    """How one rank's model relates to the whole model (made by the model builder).
 
     ``global_name`` maps a module path of this rank's model to the checkpoint's (a
     pipeline stage counts its layers from 0); ``targets`` are every adaptable module of
