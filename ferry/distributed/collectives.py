@@ -108,11 +108,11 @@ def barrier(ctx: ParallelContext) -> None:
             dist.barrier(group=ctx.cpu_group)
 
 
-def all_reduce_min(ctx: ParallelContext, value: int) -> int:
+def all_reduce_min(ctx: ParallelContext, value: int, what: str = "the KV block counts") -> int:
     """The smallest ``value`` over all ranks (e.g. the KV blocks every rank can hold)."""
     if ctx.layout.world_size == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.int64)
-    with _named(ctx, "all_reduce of the KV block counts"):
+    with _named(ctx, f"all_reduce of {what}"):
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=ctx.cpu_group)
     return int(tensor.item())

@@ -13,12 +13,13 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ferry import checkpoint
 from ferry.config import EngineConfig, RuntimeConfig, SchedulerConfig
+from ferry.engine.adapter_tokens import AdapterTokenCounts
 from ferry.engine.debug_trace import TraceCollector
 from ferry.engine.lora_adapters import LoRAAdapters
 from ferry.engine.output_processor import OutputProcessor
@@ -56,6 +57,8 @@ def apply_chat_template(tokenizer: Any, messages: list[dict], add_generation_pro
 class EngineStats(SchedulerStats):
     num_prompt_tokens_total: int = 0
     num_generation_tokens_total: int = 0
+    # adapter label ("" = base model) -> (prompt, generated) tokens: base and live adapters
+    tokens_by_adapter: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class Engine:
@@ -116,6 +119,7 @@ class Engine:
                                      trace_dir=obs.debug_trace_dir)
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+        self._adapter_tokens = AdapterTokenCounts()
         logger.info("engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
                     self.model_dir, self.runtime.device, self.num_blocks, self.runtime.block_size,
                     self.max_model_len)
@@ -175,6 +179,7 @@ class Engine:
             else:
                 self.scheduler.add_request(child)
         self._prompt_tokens_total += len(token_ids)
+        self._adapter_tokens.add(lora_name, prompt=len(token_ids))
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Drop requests now and free their KV blocks; unknown ids are ignored."""
@@ -251,7 +256,13 @@ class Engine:
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         for request, tokens in updated:
             self.structured_output.accept(request, tokens)
-        self._generation_tokens_total += sum(len(tokens) for _, tokens in updated)
+        generated = sum(len(tokens) for _, tokens in updated)
+        self._generation_tokens_total += generated
+        if self.lora is None:
+            self._adapter_tokens.add(None, generated=generated)
+        else:
+            for request, tokens in updated:
+                self._adapter_tokens.add(request.lora_name, generated=len(tokens))
         stopped = self.outputs.process(updated, runner_out.logprobs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
@@ -282,8 +293,10 @@ class Engine:
         stats.thermal_throttles = self.thermal.num_throttles
         stats.device_temperature_c = self.thermal.temperature_c
         stats.num_waiting += self.structured_output.num_pending
+        live = self.lora.names_in_use() if self.lora is not None else set()
         return EngineStats(**vars(stats), num_prompt_tokens_total=self._prompt_tokens_total,
-                           num_generation_tokens_total=self._generation_tokens_total)
+                           num_generation_tokens_total=self._generation_tokens_total,
+                           tokens_by_adapter=self._adapter_tokens.snapshot(live))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return apply_chat_template(self.tokenizer, messages, add_generation_prompt,

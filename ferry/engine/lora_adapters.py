@@ -81,6 +81,10 @@ class LoRAAdapters:
                 still.append(request)
         self._tracked = still
 
+    def names_in_use(self) -> set[str]:
+        """Loaded adapters, and unloaded ones whose last requests still run."""
+        return {e.name for e in self.registry.entries()} | {r.lora_name for r in self._tracked}
+
     def num_in_flight(self) -> int:
         return len(self._tracked)
 

@@ -5,7 +5,8 @@ node's other ranks (``worker_process.py``), while other nodes start theirs thems
 (``ferry serve --node-rank N`` or torchrun). Each call broadcasts a plain-data message
 that every rank handles the same way (``rank_worker.py``), so the collectives inside the
 forward pair up; rank 0 then returns its own runner's tokens (tensor parallel: every rank
-sampled the same ones) or those the last stage sends it (pipeline parallel).
+sampled the same ones) or those the last stage sends it (pipeline parallel). LoRA
+adapters reach every rank the same way (``add_lora`` / ``remove_lora`` messages).
 
 Failure is loud and bounded: a local worker that exits is seen at once (its process
 sentinel) and a collective that fails or waits longer than
@@ -35,6 +36,7 @@ from ferry.distributed.state import destroy_distributed, layouts_from_config
 from ferry.executor.base import Executor
 from ferry.executor.rank_worker import RankWorker, broadcast
 from ferry.executor.worker_process import spawn_workers
+from ferry.lora.adapter_config import LoRAError
 from ferry.models.parallel_model import check_parallel_fit
 from ferry.outputs import RunnerOutput, SchedulerOutput
 
@@ -120,6 +122,22 @@ class MultiprocessExecutor(Executor):
         except CollectiveError as exc:
             self._fail(str(exc))
             raise
+
+    def add_lora(self, lora_id: int, path: str) -> None:
+        if self.rank0.lora is None:
+            raise LoRAError("LoRA serving is off; start with enable_lora (or lora_modules / "
+                            "lora_adapters_dir)")
+        with self._call("add_lora", lora_id, path):
+            self.rank0.add_lora(lora_id, path)
+
+    def remove_lora(self, lora_id: int) -> None:
+        if self.rank0.lora is not None:
+            with self._call("remove_lora", lora_id):
+                self.rank0.remove_lora(lora_id)
+
+    def lora_stats(self) -> dict[str, int]:
+        """Rank 0's counters (every rank swaps the same adapters at the same steps)."""
+        return vars(self.rank0.lora.stats).copy() if self.rank0.lora is not None else {}
 
     def shutdown(self) -> None:
         """Tell every rank to stop, wait for the local ones, leave the group."""

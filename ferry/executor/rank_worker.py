@@ -4,8 +4,12 @@
 it directly; every other rank runs ``serve_messages``: it waits for the next message
 rank 0 broadcasts and does the same thing rank 0 does with it, so the collectives inside
 the forward pair up. The messages are plain data: ``("profile",)``,
-``("init", num_blocks)``, ``("step", SchedulerOutput)``, ``("ping",)`` (rank 0 is alive
-but idle) and ``("stop",)``.
+``("init", num_blocks)``, ``("step", SchedulerOutput)``, ``("add_lora", lora_id, path)``,
+``("remove_lora", lora_id)``, ``("ping",)`` (rank 0 is alive but idle) and ``("stop",)``.
+
+LoRA adapters are loaded by every rank from the same path (a filesystem every node sees)
+and cut to the rank's part; the ranks then agree with one all-reduce whether every one
+of them accepted it, so an adapter is on all ranks or on none.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from ferry.config import EngineConfig, RuntimeConfig
 from ferry.distributed.collectives import all_reduce_min, broadcast_object, recv_object, send_object
 from ferry.distributed.selftest import SelfTestResult, run_self_test
 from ferry.distributed.state import ParallelContext, RankLayout, init_distributed
+from ferry.lora.adapter_config import LoRAError
+from ferry.lora.slots import LoRASlots, build_lora_slots
 from ferry.models.tensor_parallel import rank_weight_bytes
 from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.platform import detect_platform, usable_cpu_count
@@ -54,6 +60,11 @@ class RankWorker:
         self.loaded: LoadedModel = load_model(config, model_dir, setup)
         self.weight_bytes = rank_weight_bytes(self.loaded.model)
         logger.info("%s holds %.1f MiB of weights", layout.describe(), self.weight_bytes / 2**20)
+        lora, loaded = config.lora, self.loaded
+        # Slots before profiling: the KV cache is sized around them.
+        self.lora: LoRASlots | None = build_lora_slots(
+            loaded.model, lora.max_loras, lora.max_cpu_loras, lora.max_lora_rank, loaded.dtype,
+            loaded.device) if lora.enabled else None
         self.runner: ModelRunner | None = None
 
     # --------------------------------------------------------------- the messages
@@ -64,7 +75,7 @@ class RankWorker:
     def initialize_cache(self, num_blocks: int) -> RuntimeConfig:
         loaded, config = self.loaded, self.config
         kwargs = dict(num_blocks=num_blocks, block_size=config.cache.block_size,
-                      device=loaded.device, kv_dtype=loaded.dtype)
+                      device=loaded.device, kv_dtype=loaded.dtype, lora=self.lora)
         if self.ctx.pp_size > 1:
             self.runner = PipelineStageRunner(loaded.model, ctx=self.ctx, **kwargs)
         else:
@@ -80,6 +91,28 @@ class RankWorker:
 
     def launch(self, sched: SchedulerOutput) -> PendingOutput:
         return self.runner.launch(sched)
+
+    def add_lora(self, lora_id: int, path: str) -> None:
+        """Load the adapter on this rank, then agree with every rank: kept only if all
+        accepted it. Raises ``LoRAError`` on every rank that holds a reason (rank 0's is
+        the one the user sees)."""
+        error = None
+        try:
+            self.lora.add(lora_id, path)
+        except LoRAError as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - any failure must still reach the agreement
+            logger.exception("LoRA adapter %s failed to load on %s", path, self.ctx.layout.describe())
+            error = LoRAError(f"the LoRA adapter at {path} could not be loaded: "
+                              f"{type(exc).__name__}: {exc}")
+        if all_reduce_min(self.ctx, 0 if error else 1, "agreement on a LoRA adapter"):
+            return
+        self.lora.remove(lora_id)
+        raise error or LoRAError(f"the LoRA adapter at {path} was refused by another rank "
+                                 "(its log says why); it is loaded on no rank")
+
+    def remove_lora(self, lora_id: int) -> None:
+        self.lora.remove(lora_id)
 
     @property
     def output_rank(self) -> int:
@@ -103,6 +136,13 @@ class RankWorker:
             self.profile()
         elif kind == "init":
             self.initialize_cache(message[1])
+        elif kind == "add_lora":
+            try:
+                self.add_lora(message[1], message[2])
+            except LoRAError as exc:   # rank 0 answers the user; the worker goes on
+                logger.warning("LoRA adapter %s not loaded: %s", message[2], exc)
+        elif kind == "remove_lora":
+            self.remove_lora(message[1])
         elif kind == "step":
             output = self.launch(message[1]).result()
             if self.ctx.pp_size > 1 and self.ctx.rank == self.output_rank:

@@ -32,7 +32,9 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.weight_method.apply(self, x, self.bias)             # (T, in) -> (T, out)
-        return y if self.lora is None else self.lora.apply(x, y)
+        if self.lora is None or self.weight_method.adds_lora:
+            return y
+        return self.lora.apply(x, y)
 
 
 class Linear(LinearBase):

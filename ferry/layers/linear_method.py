@@ -35,6 +35,10 @@ class LinearMethod(ABC):
     3. ``apply`` is the forward, on every call: keep it free of per-call dispatch.
     """
 
+    #: True when ``apply`` adds ``layer.lora``'s delta itself (a row-parallel method adds it
+    #: before its all-reduce); otherwise the layer adds it to what ``apply`` returns.
+    adds_lora: bool = False
+
     @abstractmethod
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int],
                        params_dtype: torch.dtype | None) -> None:

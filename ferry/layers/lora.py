@@ -7,10 +7,18 @@ segmented shrink/expand of ``ferry.kernels`` over the adapters held in prealloca
 slots, one sub-projection at a time (q, k and v of the packed QKV each have their own A
 and B). All layers of a model share one :class:`LoRABatch`: the runner sets its mapping
 for a step with LoRA requests and clears it after; without a mapping a layer does nothing.
+
+On a rank of a tensor/pipeline-parallel model (``LoRAShardPlan``) the adapters are
+sharded like their base layer: a column-parallel layer's B is sliced on its outputs (A
+whole), a row-parallel layer's A on its inputs (B whole), and the row-parallel method
+adds the partial delta before its one all-reduce, which then sums the deltas too
+(``sum_r (x_r A_r^T) B^T = x A^T B^T``). Names and shapes are checked against the whole
+model, so every rank accepts or refuses an adapter for the same reason.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -49,7 +57,10 @@ class LoRALayer:
                                   device=device)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y (T, out) += this step's LoRA delta of x (T, in), in place; y when no LoRA runs."""
+        """y (T, out) += this step's LoRA delta of x (T, in), in place; y when no LoRA runs.
+
+        On a row-parallel rank x and A hold this rank's inputs only and y is the partial
+        sum before the all-reduce."""
         mapping = self.batch.mapping
         if mapping is None:
             return y
@@ -72,6 +83,40 @@ class LoRALayer:
         self.lora_b[slot, :rank, offset:offset + size].copy_(b.t().float() * scale)
 
 
+@dataclass(frozen=True)
+class LoRAShardPlan:
+    """How one rank's model relates to the whole model (made by the model builder).
+
+    ``global_name`` maps a module path of this rank's model to the checkpoint's (a
+    pipeline stage counts its layers from 0); ``targets`` are every adaptable module of
+    the whole model with its full (in_features, out_features).
+    """
+
+    global_name: Callable[[str], str]
+    targets: dict[str, tuple[int, int]]
+    tp_rank: int = 0
+    tp_size: int = 1
+
+
+@dataclass(frozen=True)
+class LoRAPlace:
+    """Where one HF module's adapter lands: a sub-projection of a layer, and this rank's
+    part of A's inputs and B's outputs ((start, stop), or None for all of it)."""
+
+    layer: LoRALayer
+    sub: int
+    a_inputs: tuple[int, int] | None = None
+    b_outputs: tuple[int, int] | None = None
+
+    def local(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's A (k, in_local) and B (out_local, k) of a whole A (k, in), B (out, k)."""
+        if self.a_inputs is not None:
+            a = a[:, self.a_inputs[0]:self.a_inputs[1]].contiguous()
+        if self.b_outputs is not None:
+            b = b[self.b_outputs[0]:self.b_outputs[1]].contiguous()
+        return a, b
+
+
 @dataclass
 class LoRAModel:
     """What ``attach_lora`` made: the shared batch and, per HF module path, its place."""
@@ -79,22 +124,32 @@ class LoRAModel:
     batch: LoRABatch
     num_slots: int
     max_rank: int
-    # HF module path (model.layers.3.self_attn.q_proj) -> (layer, sub index)
-    places: dict[str, tuple[LoRALayer, int]] = field(default_factory=dict)
+    # HF module path (model.layers.3.self_attn.q_proj) -> its place on this rank
+    places: dict[str, LoRAPlace] = field(default_factory=dict)
     # HF module path -> (in_features, out_features): what an adapter's shapes must be
+    # (the whole model's, also the modules another pipeline stage holds)
     targets: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[LoRALayer]:
-        return list({id(layer): layer for layer, _ in self.places.values()}.values())
+        return list({id(p.layer): p.layer for p in self.places.values()}.values())
 
     def nbytes(self) -> int:
         return sum(l.lora_a.nbytes + l.lora_b.nbytes for l in self.layers)
 
+    def local_modules(self, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """An adapter's (A, B) per module cut to this rank: its modules, its slices."""
+        return {name: self.places[name].local(a, b) for name, (a, b) in modules.items()
+                if name in self.places}
+
 
 def attach_lora(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dtype,
-                device: torch.device) -> LoRAModel:
-    """Give each adaptable projection of ``model`` its slot stacks (allocated now, once)."""
+                device: torch.device, plan: LoRAShardPlan | None = None) -> LoRAModel:
+    """Give each adaptable projection of ``model`` its slot stacks (allocated now, once).
+
+    ``plan``: this model is one rank's part of a bigger one (tensor/pipeline parallel).
+    """
     lora = LoRAModel(LoRABatch(), num_slots, max_rank)
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
@@ -109,6 +164,32 @@ def attach_lora(model: nn.Module, num_slots: int, max_rank: int, dtype: torch.dt
         layer = LoRALayer(module, subs, lora.batch, num_slots, max_rank, dtype, device)
         module.lora = layer
         for index, (hf_name, _) in enumerate(hf_names):
-            lora.places[hf_name] = (layer, index)
-            lora.targets[hf_name] = (module.input_size, subs[index][1])
+            local_shape = (module.input_size, subs[index][1])
+            if plan is None:
+                lora.places[hf_name] = LoRAPlace(layer, index)
+                lora.targets[hf_name] = local_shape
+                continue
+            hf_name = plan.global_name(hf_name)
+            full = plan.targets[hf_name]
+            lora.places[hf_name] = LoRAPlace(
+                layer, index, _rank_part(full[0], local_shape[0], plan, hf_name),
+                _rank_part(full[1], local_shape[1], plan, hf_name))
+    if plan is not None:
+        lora.targets = dict(plan.targets)
     return lora
+
+
+def _rank_part(full: int, local: int, plan: LoRAShardPlan, name: str) -> tuple[int, int] | None:
+    """(start, stop) of this rank's ``local`` of ``full`` features (None: all of them).
+
+    Like the base weights' loader: ranks split ``full`` evenly, and when there are fewer
+    parts than ranks (replicated KV heads) neighbouring ranks share a part.
+    """
+    if local == full:
+        return None
+    parts = full // local if local else 0
+    if not parts or full % local or plan.tp_size % parts:
+        raise ValueError(f"{name}: {full} features do not split into tensor-parallel parts "
+                         f"of {local} over {plan.tp_size} ranks")
+    part = plan.tp_rank * parts // plan.tp_size
+    return part * local, (part + 1) * local

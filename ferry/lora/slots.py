@@ -6,6 +6,11 @@ per-request adapters into the step's :class:`LoRAMapping`, first swapping each a
 step needs into a device slot (``max_loras`` of them), evicting the least recently used
 adapter the step does not need. The scheduler admits at most ``max_loras`` distinct
 adapters among running requests, so a step always finds its slots.
+
+On a tensor/pipeline-parallel rank the host copy holds this rank's slices of its own
+layers only. Every rank sees the same adds, removes and steps in the same order (the
+executor broadcasts them), so the LRU choices, and with them each adapter's slot, are
+the same on every rank without any message about slots.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ class LoRASlots:
 
     def add(self, lora_id: int, path: str) -> LoRAWeights:
         """Load and check the adapter at ``path`` as ``lora_id`` (raises ``LoRAError``)."""
-        weights = load_adapter(path, self.model.targets, self.model.max_rank)
+        weights = self._read(path)
         self.stats.host_loads += 1
         self._paths[lora_id] = path
         self._ranks[lora_id] = weights.rank
@@ -68,11 +73,9 @@ class LoRASlots:
 
     def prepare(self, lora_ids: list[int | None], num_tokens: list[int]) -> LoRAMapping | None:
         """The step's mapping from each request's adapter and token count (None: no LoRA)."""
-        needed = {i for i in lora_ids if i is not None}
+        needed = self.make_resident(lora_ids)
         if not needed:
             return None
-        for lora_id in needed:
-            self._make_resident(lora_id, needed)
         token_slots: list[int] = []
         for lora_id, count in zip(lora_ids, num_tokens):
             token_slots.extend([-1 if lora_id is None else self._resident[lora_id]] * count)
@@ -84,6 +87,14 @@ class LoRASlots:
             segment_table=torch.tensor(segments, dtype=torch.int32).reshape(-1, 3).to(self.device),
             max_rank=max_rank, max_segment_len=max(e - s for s, e, _ in segments))
 
+    def make_resident(self, lora_ids: list[int | None]) -> set[int]:
+        """Swap the adapters in ``lora_ids`` into device slots (at most ``max_loras``);
+        returns them as a set."""
+        needed = {i for i in lora_ids if i is not None}
+        for lora_id in sorted(needed):   # sorted: the same slot choices on every rank
+            self._make_resident(lora_id, needed)
+        return needed
+
     # ------------------------------------------------------------------ internals
     def _make_resident(self, lora_id: int, needed: set[int]) -> None:
         if lora_id in self._resident:
@@ -94,8 +105,8 @@ class LoRASlots:
         for layer in self.model.layers:
             layer.clear_slot(slot)
         for module, (a, b) in weights.modules.items():
-            layer, sub = self.model.places[module]
-            layer.set_sub(slot, sub, a, b, weights.scaling)
+            place = self.model.places[module]
+            place.layer.set_sub(slot, place.sub, a, b, weights.scaling)
         self._slot_ids[slot] = lora_id
         self._resident[lora_id] = slot
         self.stats.swaps_in += 1
@@ -118,9 +129,15 @@ class LoRASlots:
             return weights
         if lora_id not in self._paths:
             raise KeyError(f"LoRA adapter id {lora_id} was never added to the runner")
-        weights = load_adapter(self._paths[lora_id], self.model.targets, self.model.max_rank)
+        weights = self._read(self._paths[lora_id])
         self.stats.host_loads += 1
         self._cache(lora_id, weights)
+        return weights
+
+    def _read(self, path: str) -> LoRAWeights:
+        """The adapter at ``path``, checked against the whole model, cut to this rank."""
+        weights = load_adapter(path, self.model.targets, self.model.max_rank)
+        weights.modules = self.model.local_modules(weights.modules)
         return weights
 
     def _cache(self, lora_id: int, weights: LoRAWeights) -> None:
@@ -134,10 +151,13 @@ class LoRASlots:
 
 def build_lora_slots(model: torch.nn.Module, max_loras: int, max_cpu_loras: int,
                      max_lora_rank: int, dtype: torch.dtype, device: torch.device) -> LoRASlots:
-    """Attach LoRA slot stacks to ``model`` (allocated now, before the KV cache is sized)."""
+    """Attach LoRA slot stacks to ``model`` (allocated now, before the KV cache is sized).
+
+    A rank's part of a parallel model carries its ``lora_plan`` (``LoRAShardPlan``)."""
     from ferry.layers.lora import attach_lora
 
-    lora_model = attach_lora(model, max_loras, max_lora_rank, dtype, device)
+    lora_model = attach_lora(model, max_loras, max_lora_rank, dtype, device,
+                             plan=getattr(model, "lora_plan", None))
     logger.info("LoRA: %d device slots of rank %d (%.1f MiB), %d adapters in host memory",
                 max_loras, max_lora_rank, lora_model.nbytes() / 2**20, max_cpu_loras)
     return LoRASlots(lora_model, max_cpu_loras, device)

@@ -20,6 +20,7 @@ from ferry.distributed.state import ParallelContext
 from ferry.layers.weight_methods import UNQUANTIZED, WeightMethods, process_weights_after_loading
 from ferry.models.common import CausalLM
 from ferry.models.loader import find_safetensors_files
+from ferry.models.lora_plan import rank_lora_plan
 from ferry.models.registry import get_model_class
 from ferry.models.sharded_loader import load_rank_weights, stage_name_map
 from ferry.models.tensor_parallel import local_hf_config, tensor_parallel_methods
@@ -140,9 +141,9 @@ def build_rank_model(model_dir: Path, hf_config: Any, dtype: torch.dtype, device
                       rename=stage_name_map(hf_config.num_hidden_layers, first, count), skip=skip)
     process_weights_after_loading(lm)
     lm.eval()
-    if ctx.pp_size == 1:
-        return lm
-    return PipelineStage(lm, ctx, hf_config.vocab_size).eval()
+    model = lm if ctx.pp_size == 1 else PipelineStage(lm, ctx, hf_config.vocab_size).eval()
+    model.lora_plan = rank_lora_plan(hf_config, ctx, first)   # LoRA serving cuts adapters by it
+    return model
 
 
 def _drop_unused_ends(lm: CausalLM, ctx: ParallelContext) -> set[str]:

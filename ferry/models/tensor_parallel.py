@@ -112,8 +112,13 @@ class RowParallelMethod(LinearMethod):
     def process_weights_after_loading(self, layer) -> None:
         self.inner.process_weights_after_loading(layer)
 
+    adds_lora = True   # the partial LoRA delta joins the partial product: one all-reduce
+
     def apply(self, layer, x, bias):
-        out = tp_all_reduce(self.ctx, self.inner.apply(layer, x, None))   # (T, out), summed
+        out = self.inner.apply(layer, x, None)                        # (T, out), this rank's part
+        if layer.lora is not None:
+            out = layer.lora.apply(x, out)
+        out = tp_all_reduce(self.ctx, out)                            # (T, out), summed
         return out if bias is None else out + bias
 
 

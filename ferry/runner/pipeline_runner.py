@@ -9,6 +9,8 @@ runs micro-batch 1: the stages overlap within the step (GPipe's forward fill; a 
 takes ``M + P - 1`` micro-batch slots instead of ``M * P``). The last stage computes
 the logits of every micro-batch and samples once; the executor returns its tokens to
 rank 0. Placeholder tokens (async scheduling) and drafts are not supported here.
+LoRA: the step's adapters are made resident once, then each micro-batch runs with its
+own token -> slot mapping.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from ferry.distributed.collectives import isend_tensor, recv_tensor, wait
 from ferry.distributed.state import ParallelContext
 from ferry.outputs import SchedulerOutput
-from ferry.runner.input_batch import ScheduledState, build_model_input
+from ferry.runner.input_batch import ModelInput, ScheduledState, build_model_input
 from ferry.runner.model_runner import ModelRunner
 from ferry.runner.pending_output import PendingOutput
 
@@ -57,13 +59,14 @@ class PipelineStageRunner(ModelRunner):
                                "placeholders nor draft tokens")
         ctx, model = self.ctx, self.model
         sends, logits, sampling = [], [], []
+        if self.lora is not None:
+            self.lora.make_resident([item.state.lora_id for item in items])
         for group in split_micro_batches(items, ctx.pp_size):
             batch = build_model_input(group, self.block_size, self.device)
             received = None
             if not ctx.is_first_stage:
                 received = self._receive(batch.input_ids.shape[0])
-            hidden, residual = model.forward_stage(batch.input_ids, batch.positions, self.kv_caches,
-                                                   batch.attn_metadata, received)
+            hidden, residual = self._forward_stage(batch, received)
             if not ctx.is_last_stage:
                 dst = ctx.stage_rank(ctx.pp_rank + 1)
                 sends += [isend_tensor(ctx, hidden, dst), isend_tensor(ctx, residual, dst)]
@@ -80,6 +83,19 @@ class PipelineStageRunner(ModelRunner):
         rows, generators, sampled = self._sampling_rows(sampling)
         token_ids, logprobs = self.sampler.sample(torch.cat(logits), rows, generators)
         return PendingOutput(sampled, token_ids, logprobs)
+
+    def _forward_stage(self, batch: ModelInput, received):
+        """This stage's layers on one micro-batch, with its LoRA mapping when it has one."""
+        lora = self.lora
+        if lora is not None:
+            lora.batch.mapping = lora.prepare([r.state.lora_id for r in batch.requests],
+                                              [r.scheduled.num_tokens for r in batch.requests])
+        try:
+            return self.model.forward_stage(batch.input_ids, batch.positions, self.kv_caches,
+                                            batch.attn_metadata, received)
+        finally:
+            if lora is not None:
+                lora.batch.mapping = None
 
     def _receive(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         ctx, model = self.ctx, self.model

@@ -95,6 +95,7 @@ class AsyncEngine:
         self._executor = executor or engine_executor()
         self._commands: list[_Command] = []
         self._queues: dict[str, asyncio.Queue] = {}
+        self._adapters: dict[str, str] = {}   # request id -> its LoRA adapter (metrics label)
         self._wakeup: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -228,6 +229,8 @@ class AsyncEngine:
 
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
+        if lora_name is not None:
+            self._adapters[request_id] = lora_name
         rejected = finished = False
         if deadline is None and self.request_timeout:
             deadline = arrival + self.request_timeout
@@ -244,10 +247,11 @@ class AsyncEngine:
                 yield output
         finally:
             # No await here: this also runs while the task is being cancelled.
+            adapter = self._adapters.pop(request_id, None)
             if self._queues.pop(request_id, None) is not None and not (rejected or finished):
                 self._abort_in_engine(request_id)
                 if self.metrics is not None:
-                    self.metrics.count_request("aborted")
+                    self.metrics.count_request("aborted", adapter)
 
     def abort(self, request_id: str) -> None:
         """Abort a request now (callable from any coroutine, also while being cancelled)."""
@@ -363,8 +367,9 @@ class AsyncEngine:
         queue.put_nowait(output)
         if output.finished and self.metrics is not None:
             aborted = any(c.finish_reason == "abort" for c in output.outputs)
-            self.metrics.count_request("aborted" if aborted else "ok")
-            self.metrics.observe_finished(output)
+            adapter = self._adapters.get(output.request_id)
+            self.metrics.count_request("aborted" if aborted else "ok", adapter)
+            self.metrics.observe_finished(output, adapter)
 
     def _fail_all_in_flight(self, error: BaseException) -> None:
         message = f"the engine failed while generating: {type(error).__name__}: {error}"
@@ -373,7 +378,7 @@ class AsyncEngine:
             self._queues.pop(request_id)
             self._abort_in_engine(request_id)
             if self.metrics is not None:
-                self.metrics.count_request("error")
+                self.metrics.count_request("error", self._adapters.get(request_id))
 
     def _observe_stats(self, stats: Any) -> None:
         if self.metrics is not None and stats is not None:

@@ -27,6 +27,7 @@ async def create_chat_completion(request: Request, state: ServerState):
     deadline = state.engine.deadline()  # the time limit counts parsing and templating
     body = await parse_body(request, ChatCompletionRequest, state)
     lora_name = check_model(state, body.model)
+    body.model = lora_name or state.model_name   # what the response names (vLLM: the adapter)
     try:
         params = body.to_sampling_params()
         tools = body.template_tools()
@@ -56,7 +57,7 @@ def _response(state: ServerState, body: ChatCompletionRequest, request_id: str,
                 "stop_reason": c.stop_reason}
                for c in final.outputs]
     response = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-                "model": state.model_name, "choices": choices, "system_fingerprint": None,
+                "model": body.model, "choices": choices, "system_fingerprint": None,
                 "usage": usage(len(final.prompt_token_ids), completion_tokens([final]), [final])}
     if final.debug_trace is not None:   # ferry's extension
         for choice, completion in zip(choices, final.outputs):
@@ -89,7 +90,7 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, request_id: s
                   stream) -> AsyncIterator[str]:
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
-    chunk = chunk_writer("chat.completion.chunk", request_id, state.model_name, body.include_usage)
+    chunk = chunk_writer("chat.completion.chunk", request_id, body.model, body.include_usage)
 
     # The role comes first, before any token, as OpenAI sends it.
     for index in range(body.n):

@@ -26,6 +26,7 @@ async def create_completion(request: Request, state: ServerState):
     deadline = state.engine.deadline()  # the time limit counts parsing and tokenizing
     body = await parse_body(request, CompletionRequest, state)
     lora_name = check_model(state, body.model)
+    body.model = lora_name or state.model_name   # what the response names (vLLM: the adapter)
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported (prompt logprobs)",
                        param="echo", code="unsupported_parameter")
@@ -92,7 +93,7 @@ def _response(state: ServerState, body: CompletionRequest, request_id: str,
                for p, out in enumerate(finals) for c in out.outputs]
     prompt_tokens = sum(len(out.prompt_token_ids) for out in finals)
     return {"id": request_id, "object": "text_completion", "created": int(time.time()),
-            "model": state.model_name, "choices": choices, "system_fingerprint": None,
+            "model": body.model, "choices": choices, "system_fingerprint": None,
             "usage": usage(prompt_tokens, completion_tokens(finals), finals)}
 
 
@@ -101,7 +102,7 @@ async def _stream(state: ServerState, body: CompletionRequest, request_id: str,
     trackers: dict[int, DeltaTracker] = {}
     latest: dict[int, RequestOutput] = {}
 
-    chunk = chunk_writer("text_completion", request_id, state.model_name, body.include_usage)
+    chunk = chunk_writer("text_completion", request_id, body.model, body.include_usage)
 
     try:
         async for prompt_index, output in merge_streams(streams):

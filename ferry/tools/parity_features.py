@@ -117,6 +117,9 @@ FEATURES: tuple[Feature, ...] = (
              "tests/distributed/test_rank_loading.py", "tests/distributed/test_collectives.py"),
             note="one GPU has never run it; NCCL/RCCL untested"),
     Feature("pipeline_parallel", "Pipeline parallelism", (PT,)),
+    Feature("lora:parallel", "LoRA adapters on tensor/pipeline-parallel ranks (sharded like "
+            "their layers)", ("tests/distributed/test_parallel_lora.py",),
+            note="gloo on the CPU only; NCCL/RCCL untested"),
     Feature("debug_trace:attention", "Attention debug trace (entropy, top-k per layer/head)",
             ("tests/kernels/test_attention_trace.py", "tests/test_debug_trace_e2e.py"),
             note="one PyTorch op on every backend's q and paged K; no C++/Triton trace kernel"),
@@ -181,6 +184,9 @@ def existing_features() -> dict[str, str]:
     from ferry.runner.drafts import DraftProposer
 
     found["spec_decoding:seam"] = f"ferry.runner.drafts.{DraftProposer.__name__}"
+    from ferry.models.lora_plan import rank_lora_plan
+
+    found["lora:parallel"] = f"ferry.models.lora_plan.{rank_lora_plan.__name__}"
     unclassified = []
     for key, field in config_fields().items():
         target = FEATURE_KEYS.get(key)

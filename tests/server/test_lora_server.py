@@ -7,6 +7,7 @@ versions) fails here.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -204,3 +205,48 @@ def test_metrics_and_nothing_leaked(lora_env):
     assert metric(values, "llm_lora_requests_total", adapter="alpha") >= 1
     assert metric(values, "llm_lora_swaps_total", direction="in") >= 1
     assert metric(values, "llm_kv_cache_usage_ratio") == 0.0
+
+
+def test_response_model_names_the_adapter(lora_env):
+    """vLLM's convention: a request for an adapter is answered as that adapter."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+    for model, answered in (("beta", "beta"), ("tiny", "tiny"), (lora_env["base"], "tiny")):
+        r = _complete(lora_env, model, max_tokens=2)
+        assert r.status_code == 200 and r.json()["model"] == answered, (model, r.text)
+        r = _post(lora_env, "/v1/chat/completions", {**chat, "model": model})
+        assert r.status_code == 200 and r.json()["model"] == answered, (model, r.text)
+        for route, body in (("/v1/completions", {"prompt": PROMPT, "max_tokens": 3}),
+                            ("/v1/chat/completions", chat)):
+            body = {**body, "model": model, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", f"{lora_env['server'].url}{route}", json=body,
+                              headers=AUTH, timeout=60) as r:
+                chunks = [line[6:] for line in r.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            assert r.status_code == 200 and len(chunks) >= 2, route
+            assert {json.loads(c)["model"] for c in chunks} == {answered}
+
+
+def test_request_metrics_are_labelled_by_adapter(lora_env):
+    url = lora_env["server"].url
+    before = scrape(url)
+    assert _complete(lora_env, "beta").status_code == 200
+    assert _complete(lora_env, "tiny").status_code == 200
+    assert _wait_for(lambda: metric(scrape(url), "llm_requests_running") == 0)
+    after = scrape(url)
+
+    def grew(name, adapter, **labels):
+        return (metric(after, name, adapter=adapter, **labels)
+                - metric(before, name, adapter=adapter, **labels))
+
+    for adapter in ("beta", ""):     # "" is the base model
+        assert grew("llm_requests_total", adapter, status="ok") == 1
+        assert grew("llm_time_to_first_token_seconds_count", adapter) == 1
+        assert grew("llm_inference_latency_seconds_count", adapter) == 1
+        assert grew("llm_time_per_output_token_seconds_count", adapter) == 1
+        assert grew("llm_prompt_tokens_total", adapter) == len(PROMPT)
+        assert grew("llm_generation_tokens_total", adapter) == STEPS
+    # Unloaded adapters (gamma, delta) have no series left: at most the loaded ones.
+    labels = {key.split('adapter="')[1].split('"')[0] for key in after
+              if key.startswith("llm_requests_total{")}
+    assert labels == {"", *[name for name in _models(lora_env) if name != "tiny"]}, labels

@@ -176,3 +176,25 @@ def test_docs_and_grafana_dashboard_cover_every_metric():
         exposed = name + "_total" if kind == "counter" else name
         assert exposed in docs, f"{exposed} is not described in docs/metrics.md"
         assert exposed in exprs, f"{exposed} is not plotted in the Grafana dashboard"
+
+
+def test_request_metrics_by_adapter_and_unloaded_adapters_dropped():
+    metrics = ServerMetrics(**LABELS)
+    metrics.observe_finished(_finished(10.0, 10.5, 12.5, 5), adapter="a1")
+    metrics.count_request("ok", "a1")
+    metrics.count_request("ok")
+    metrics.observe_stats(EngineStats(num_prompt_tokens_total=30, num_generation_tokens_total=9,
+                                      tokens_by_adapter={"": (10, 4), "a1": (20, 5)}))
+    metrics.observe_stats(EngineStats(num_prompt_tokens_total=31, num_generation_tokens_total=12,
+                                      tokens_by_adapter={"": (11, 6), "a1": (20, 6)}))
+    assert _value(metrics, "llm_prompt_tokens_total", adapter="") == 11
+    assert _value(metrics, "llm_generation_tokens_total", adapter="a1") == 6
+    assert _value(metrics, "llm_requests_total", adapter="a1", status="ok") == 1
+    assert _value(metrics, "llm_requests_total", adapter="", status="ok") == 1
+    assert _value(metrics, "llm_time_to_first_token_seconds_sum", adapter="a1") == pytest.approx(0.5)
+    assert _value(metrics, "llm_time_to_first_token_seconds_count", adapter="") == 0
+    # a1 is no longer loaded nor running: its series go (bounded label cardinality)
+    metrics.observe_stats(EngineStats(tokens_by_adapter={"": (12, 7)}))
+    with pytest.raises(KeyError):
+        _value(metrics, "llm_requests_total", adapter="a1")
+    assert _value(metrics, "llm_prompt_tokens_total", adapter="") == 12
