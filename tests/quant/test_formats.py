@@ -216,9 +216,17 @@ def test_w8_formats_match_fake_quantized_reference(case, llama, tmp_path):
     check_logits(model, hf, rel, case, chunked=kw["activation"] != "tensor")
 
 
-def test_kv_cache_scales_reach_the_attention_layers(llama, tmp_path):
-    path, _ = write_w8(llama, tmp_path / "q", tmp_path / "ref", kind="fp8", kv_scales=True)
-    model, quant = load_ferry(path)
+@pytest.mark.parametrize("names", [
+    ("self_attn.k_scale", "self_attn.v_scale"),
+    ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),   # older llm-compressor
+    ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"),             # ModelOpt
+], ids=["current", "output_scale", "proj_k_scale"])
+def test_kv_cache_scales_reach_the_attention_layers(llama, tmp_path, names, caplog):
+    path, _ = write_w8(llama, tmp_path / "q", tmp_path / "ref", kind="fp8", kv_scales=True,
+                       kv_scale_names=names)
+    with caplog.at_level(logging.WARNING, logger="ferry.models.loader"):
+        model, quant = load_ferry(path)
+    assert "does not use" not in caplog.text   # every scale tensor was taken
     assert quant.kv_cache_fp8
     for i, layer in enumerate(model.model.layers):
         assert layer.self_attn.attn.k_scale == pytest.approx(0.02 + i / 100)
