@@ -30,7 +30,7 @@ from ferry.engine.structured_output import StructuredOutputManager
 from ferry.executor.base import Executor
 from ferry.outputs import RequestOutput, RunnerOutput, SchedulerOutput, SchedulerStats
 from ferry.request import Request, RequestStatus
-from ferry.sampling_params import SamplingParams
+from ferry.sampling_params import SamplingParams, check_priority
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class Engine:
         self._check_fits(len(token_ids), params.max_tokens)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         priority = params.priority if priority is None else priority
+        check_priority(priority)   # LLM.generate(priority=[...]) bypasses SamplingParams
         eos = () if params.ignore_eos else self.eos_token_ids
         children = []
         for index in range(params.n):
