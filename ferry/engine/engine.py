@@ -313,7 +313,10 @@ class Engine:
     def _with_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         if params.max_tokens is not None:
             return params
-        room = self.max_model_len - prompt_len
+        # No max_tokens: up to the context, or what the whole KV cache holds when that is
+        # less (a small cache must not refuse every request that leaves max_tokens out).
+        capacity = min(self.max_model_len, self.num_blocks * self.config.cache.block_size)
+        room = capacity - prompt_len
         if room < 1:
             self._check_fits(prompt_len, 1)
         return params.clone(max_tokens=room)

@@ -137,3 +137,20 @@ def test_invalid_priority_is_a_400_in_the_openai_format(priority_server, path, v
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and "priority" in (error.get("param") or error["message"])
+
+
+def test_a_request_the_whole_cache_cannot_hold_is_a_400_that_says_so(priority_server):
+    _, server = priority_server       # 392 blocks of 4 tokens, max_model_len 2048
+    body = {"model": "tiny", "prompt": _prompt(5, 1000), "max_tokens": 1000}
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert "KV blocks" in response.json()["error"]["message"]
+
+
+def test_without_max_tokens_a_small_cache_still_serves(priority_server):
+    """No max_tokens: the output may fill what the KV cache holds, not be refused for it."""
+    _, server = priority_server
+    client = _client(server.url)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                          extra_body={"priority": 1})
+    assert chat.choices[0].finish_reason in ("length", "stop")
