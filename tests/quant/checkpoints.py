@@ -162,6 +162,8 @@ def write_w8(src: Path, dst: Path, ref: Path, kind: str, *, weight_strategy: str
               "ignored_layers": [m for m in projection_modules(tensors) if any(s in m for s in ignore)]}
         if block:
             qc["weight_block_size"] = list(block)
+        if kv_scales:
+            qc["kv_cache_scheme"] = "static"   # as AutoFP8 writes it
     else:
         qc = _ct_w8_config(kind, weight_strategy, activation, block, ignore, kv_scales)
     config["quantization_config"] = qc
