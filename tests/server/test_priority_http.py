@@ -151,6 +151,8 @@ def test_without_max_tokens_a_small_cache_still_serves(priority_server):
     """No max_tokens: the output may fill what the KV cache holds, not be refused for it."""
     _, server = priority_server
     client = _client(server.url)
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+    long_message = [{"role": "user", "content": "hello world " * 200}]   # ~1,400 tokens
+    chat = client.chat.completions.create(model="tiny", messages=long_message,
                                           extra_body={"priority": 1})
     assert chat.choices[0].finish_reason in ("length", "stop")
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens <= BLOCKS * 4
