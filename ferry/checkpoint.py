@@ -81,13 +81,15 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
 def checkpoint_has_fp8_kv_cache(hf_config: Any) -> bool:
     """True when the checkpoint's ``quantization_config`` declares an FP8 KV cache: a
-    compressed-tensors ``kv_cache_scheme`` of 8-bit floats, or vLLM's ``kv_cache_dtype:
-    fp8*``."""
+    compressed-tensors ``kv_cache_scheme`` of 8-bit floats, AutoFP8's ``kv_cache_scheme:
+    static`` (``quant_method: fp8``), or vLLM's ``kv_cache_dtype: fp8*``."""
     quant = getattr(hf_config, "quantization_config", None)
     if not isinstance(quant, dict):
         quant = getattr(quant, "to_dict", lambda: {})() if quant is not None else {}
     scheme = quant.get("kv_cache_scheme") or {}
     if isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8:
+        return True
+    if scheme == "static" and quant.get("quant_method") == "fp8":   # AutoFP8
         return True
     return str(quant.get("kv_cache_dtype", "")).startswith("fp8")
 

@@ -66,6 +66,18 @@ class StructuredOutputsParams:
         raise ValueError("structured_outputs must be a StructuredOutputsParams or a dict")
 
 
+# ``priority`` is an int32: a sort key and a metrics label, never an unbounded number
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+
+
+def check_priority(priority: object) -> None:
+    """ValueError unless ``priority`` is an integer (not a bool) in [PRIORITY_MIN, PRIORITY_MAX]."""
+    if (not isinstance(priority, int) or isinstance(priority, bool)
+            or not PRIORITY_MIN <= priority <= PRIORITY_MAX):
+        raise ValueError(f"priority must be an integer in [{PRIORITY_MIN}, {PRIORITY_MAX}], "
+                         f"got {priority!r}")
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling settings (same names and meaning as vLLM's).
@@ -133,8 +145,7 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative integers")
-        if not isinstance(self.priority, int):
-            bad("priority", "must be an integer")
+        check_priority(self.priority)
         if not isinstance(self.debug_trace, bool):
             bad("debug_trace", "must be true or false")
         if self.structured_outputs is not None and self.ignore_eos:

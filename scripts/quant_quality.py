@@ -4,7 +4,9 @@ For each variant: the perplexity of held-out demo-task chats (teacher-forced log
 prefill through ferry's model), greedy task accuracy on the test split through ``LLM``,
 and the bytes of the weights. ``python scripts/quant_quality.py [--out DIR]`` makes the
 variants with ``ferry quantize`` (RTN / GPTQ / AWQ at 4 bits, RTN at 8 bits), adds fp32,
-bf16 and on-load fp8, and prints the markdown table of docs/quantization.md.
+bf16, on-load fp8 weights and the fp32 model with an FP8 KV cache (``kv_cache_dtype: fp8``,
+scales 1.0), and prints the markdown table of docs/quantization.md. ``--only TEXT`` measures
+just the variants whose label contains TEXT (the fp32 reference logits are always made).
 """
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ def eval_texts(tokenizer, n: int = 64) -> list[tuple[list[int], int]]:
 
 
 @torch.inference_mode()
-def ferry_logits(model_dir, token_lists, dtype=torch.float32, quant_type="auto") -> list[torch.Tensor]:
-    """Each chat's teacher-forced logits (L, V) float32 from one ferry prefill."""
+def ferry_logits(model_dir, token_lists, dtype=torch.float32, quant_type="auto",
+                 kv_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Each chat's teacher-forced logits (L, V) float32 from one ferry prefill; the paged
+    attention reads K/V back from a cache of ``kv_dtype`` (None: the model dtype)."""
     from ferry.checkpoint import load_hf_config
     from ferry.models.loader import get_model
     from ferry.outputs import ScheduledRequest
@@ -49,7 +53,7 @@ def ferry_logits(model_dir, token_lists, dtype=torch.float32, quant_type="auto")
     out, block = [], 16
     for ids, _ in token_lists:
         blocks = -(-len(ids) // block)
-        caches = allocate_kv_caches(model, blocks, block, dtype, cpu)
+        caches = allocate_kv_caches(model, blocks, block, kv_dtype or dtype, cpu)
         state = RequestState("ppl", len(ids), SamplingParams(), (), list(ids), list(range(blocks)))
         step = ScheduledState(ScheduledRequest("ppl", list(ids), 0, True), state)
         batch = build_model_input([step], block, cpu)
@@ -120,16 +124,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--group-size", type=int, default=16)
+    parser.add_argument("--only", default="", help="measure only the variants whose label has this")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="ferry-quant-"))
     demo = demo_model_path()
     texts = eval_texts(load_tokenizer(str(demo)))
     g = args.group_size
     variants = {"fp32": (demo, {}, "auto", torch.float32), "bf16": (demo, {"dtype": "bfloat16"}, "auto", torch.bfloat16)}
-    for label, opts in {f"RTN int4 g{g}": QuantizeOptions("rtn", 4, g, True),
-                        f"GPTQ int4 g{g}": QuantizeOptions("gptq", 4, g, True),
-                        f"AWQ int4 g{g}": QuantizeOptions("awq", 4, g, False),
-                        f"RTN int8 g{g}": QuantizeOptions("rtn", 8, g, True)}.items():
+    quantized = {f"RTN int4 g{g}": QuantizeOptions("rtn", 4, g, True),
+                 f"GPTQ int4 g{g}": QuantizeOptions("gptq", 4, g, True),
+                 f"AWQ int4 g{g}": QuantizeOptions("awq", 4, g, False),
+                 f"RTN int8 g{g}": QuantizeOptions("rtn", 8, g, True)}
+    for label, opts in quantized.items():
+        if args.only not in label:
+            continue
         path = out / label.replace(" ", "_")
         if not (path / "config.json").exists():
             start = time.perf_counter()
@@ -137,11 +145,15 @@ def main() -> None:
             print(f"# {label}: quantized in {time.perf_counter() - start:.1f}s", flush=True)
         variants[label] = (path, {}, "auto", torch.float32)
     variants["FP8 weights (on load, W8A8 per-token)"] = (demo, {"quant_type": "fp8"}, "fp8", torch.float32)
+    variants["FP8 KV cache (fp32 weights, scales 1.0)"] = (demo, {"kv_cache_dtype": "fp8"}, "auto", torch.float32)
     print("| weights | answer perplexity | KL to fp32 (nats/token) | task accuracy (120 test problems) | linear weight bytes |")
     print("|---|---|---|---|---|")
     reference = ferry_logits(demo, texts)
     for label, (path, kwargs, qt, dtype) in variants.items():
-        logits = ferry_logits(path, texts, dtype, qt)
+        if args.only not in label:
+            continue
+        kv_dtype = torch.float8_e4m3fn if kwargs.get("kv_cache_dtype") == "fp8" else None
+        logits = ferry_logits(path, texts, dtype, qt, kv_dtype)
         acc = task_accuracy(path, **kwargs)
         size = weight_bytes(path, qt, dtype)
         print(f"| {label} | {answer_perplexity(logits, texts):.6f} | {kl_to(reference, logits):.2e} "

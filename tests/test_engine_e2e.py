@@ -196,3 +196,16 @@ def test_unstreamed_requests_report_only_when_finished(model_dirs):
     assert len(seen["streamed"]) == 6 and [o.finished for o in seen["quiet"]] == [True]
     last, quiet = seen["streamed"][-1].outputs[0], seen["quiet"][0].outputs[0]
     assert quiet.token_ids == last.token_ids and quiet.text == last.text
+
+
+def test_without_max_tokens_output_fills_what_a_small_cache_holds(model_dirs):
+    """max_tokens None runs to the context, or to the whole KV cache when that is smaller:
+    not a refusal because the context is longer than the cache."""
+    llm = LLM(model_dirs["llama"], dtype="float32", block_size=4,
+              kv_cache_memory=_budget_for_blocks(model_dirs["llama"], 8))
+    assert llm.engine.num_blocks * 4 < llm.engine.max_model_len
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    out = llm.generate([{"prompt_token_ids": list(range(3, 13))}], params, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 8 * 4 - 10
+    assert out.outputs[0].finish_reason == "length"
+    assert llm.engine.get_stats().kv_cache_usage == 0.0

@@ -31,7 +31,7 @@ from ferry.engine.structured_output import StructuredOutputManager
 from ferry.executor.base import Executor
 from ferry.outputs import RequestOutput, RunnerOutput, SchedulerOutput, SchedulerStats
 from ferry.request import Request, RequestStatus
-from ferry.sampling_params import SamplingParams
+from ferry.sampling_params import SamplingParams, check_priority
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ class Engine:
         self._check_fits(len(token_ids), params.max_tokens)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         priority = params.priority if priority is None else priority
+        check_priority(priority)   # LLM.generate(priority=[...]) bypasses SamplingParams
         eos = () if params.ignore_eos else self.eos_token_ids
         children = []
         for index in range(params.n):
@@ -325,7 +326,10 @@ class Engine:
     def _with_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         if params.max_tokens is not None:
             return params
-        room = self.max_model_len - prompt_len
+        # No max_tokens: up to the context, or what the whole KV cache holds when that is
+        # less (a small cache must not refuse every request that leaves max_tokens out).
+        capacity = min(self.max_model_len, self.num_blocks * self.config.cache.block_size)
+        room = capacity - prompt_len
         if room < 1:
             self._check_fits(prompt_len, 1)
         return params.clone(max_tokens=room)

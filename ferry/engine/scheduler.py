@@ -22,6 +22,9 @@ prefill, prefix-cache hits and preemption by recompute are all that rule:
   running requests preempted;
 - past ``memory_pressure_threshold`` the scheduler is degraded (``degradation.py``): no
   admissions, and the batch shrinks by preemption until usage is back under control.
+  Under the priority policy a waiting request more urgent than a running one is still
+  admitted (taking room from less urgent ones if needed): degradation never makes an
+  urgent request wait for the less urgent ones to finish.
 
 ``schedule()`` advances ``num_computed_tokens`` of the scheduled requests at once (the
 runner's step is taken as done) and registers their full blocks in the prefix cache; the
@@ -213,8 +216,9 @@ class Scheduler(WaitingAdmission, Preemption):
         if not degraded and not self._running_preempted:
             self._admit_fast_lane(plan)
         self._schedule_running(plan, long_prefills=True)
-        if not degraded and not self._running_preempted:
-            self._admit_waiting(plan, fast_lane_only=False)
+        # Degraded: only a request more urgent than a running one starts (priority wins).
+        if (not degraded or self.by_priority) and not self._running_preempted:
+            self._admit_waiting(plan, fast_lane_only=False, outranking_only=degraded)
         output = SchedulerOutput(finished_request_ids=self._finished_ids,
                                  preempted_request_ids=self._preempted_ids,
                                  swap_out=self._swap_out, swap_in=self._swap_in)

@@ -40,13 +40,17 @@ class WaitingAdmission:
         self._admit_waiting(plan, fast_lane_only=True)
         plan.prefill_parallelism += keep_slot
 
-    def _admit_waiting(self, plan: StepPlan, *, fast_lane_only: bool) -> None:
+    def _admit_waiting(self, plan: StepPlan, *, fast_lane_only: bool,
+                       outranking_only: bool = False) -> None:
         """Admit waiting requests in queue order while seats, budget and blocks allow; one
-        that cannot start is passed over unless the age bound says it blocks the rest."""
+        that cannot start is passed over unless the age bound says it blocks the rest.
+        ``outranking_only`` (degraded): only requests more urgent than a running one."""
         for looked, request in enumerate(list(self.waiting)):
             if (plan.budget <= 0 or len(self.running) >= self.max_num_seqs
                     or looked >= MAX_CANDIDATES_PER_PASS):
                 break
+            if outranking_only and not any(r.priority > request.priority for r in self.running):
+                continue   # held back by the degradation, not passed over: it does not age
             refusal = self._try_admit(request, plan, fast_lane_only)
             if refusal is None:
                 self.admission.admitted(request)

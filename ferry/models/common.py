@@ -178,6 +178,8 @@ class CausalLM(nn.Module):
     }
     # checkpoint tensors that are expected but unused (substring match)
     ignored_checkpoint_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
+    # older checkpoint name suffix -> current suffix (a format may add some, e.g. KV scales)
+    checkpoint_renames: ClassVar[dict[str, str]] = {}
 
     def __init__(self, hf_config: Any, dtype: torch.dtype | None = None,
                  weight_methods: WeightMethods | None = None):

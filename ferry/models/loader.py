@@ -102,6 +102,14 @@ def iterate_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     bar.update(1)
 
 
+def renamed(name: str, renames: dict[str, str]) -> str:
+    """``name`` with an older suffix (``renames`` key, after a dot) replaced by its current one."""
+    for old, new in renames.items():
+        if name.endswith("." + old):
+            return name[: len(name) - len(old)] + new
+    return name
+
+
 def load_weights(model: CausalLM, files: list[Path], model_dir: Path) -> None:
     """Fill every parameter of ``model`` from the files; ValueError on missing/misshaped tensors."""
     targets = checkpoint_targets(model)
@@ -112,6 +120,7 @@ def load_weights(model: CausalLM, files: list[Path], model_dir: Path) -> None:
     unexpected: list[str] = []
     with torch.no_grad():
         for name, tensor in iterate_checkpoint(files):
+            name = renamed(name, model.checkpoint_renames)
             if name not in targets:
                 if not name.endswith(ignorable):
                     unexpected.append(name)

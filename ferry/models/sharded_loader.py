@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ferry.layers.parameter import default_weight_loader
-from ferry.models.loader import checkpoint_targets
+from ferry.models.loader import checkpoint_targets, renamed
 from ferry.models.tensor_parallel import COLUMN, ROW, VOCAB
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,8 @@ def load_rank_weights(model: nn.Module, files: list[Path], model_dir: Path, tp_r
             with safe_open(str(path), framework="pt", device="cpu") as handle:
                 for ckpt_name in handle.keys():
                     name = rename(ckpt_name)
+                    if name is not None:   # older names (e.g. KV scales) -> current ones
+                        name = renamed(name, model.checkpoint_renames)
                     if name is None or name not in targets:
                         if name is not None and name not in skip and not name.endswith(ignorable):
                             logger.warning("checkpoint tensor %s is not used", ckpt_name)

@@ -154,7 +154,8 @@ def _scaled_mm(layer, xq, x_scale, dtype, bias):
 
 
 class FP8Config:
-    """vLLM-style ``quant_method: fp8``: activation_scheme, ignored_layers, weight_block_size."""
+    """vLLM-style ``quant_method: fp8``: activation_scheme, ignored_layers, weight_block_size,
+    and AutoFP8's ``kv_cache_scheme: static`` (per-layer FP8 K/V scales)."""
 
     label = "fp8"
 
@@ -172,6 +173,11 @@ class FP8Config:
             raise ValueError(f"quantization_config.weight_block_size={block!r} needs two sizes "
                              "and activation_scheme dynamic")
         self.ignored_layers = list(raw.get("ignored_layers") or raw.get("modules_to_not_convert") or [])
+        # AutoFP8 writes "static" with per-layer k_proj/v_proj.output_scale (kv_scales.py)
+        self.kv_cache_scheme = raw.get("kv_cache_scheme")
+        if self.kv_cache_scheme not in (None, "static"):
+            raise ValueError(f"quantization_config.kv_cache_scheme={self.kv_cache_scheme!r} is "
+                             "not supported (static)")
 
     def quantizes(self, name: str) -> bool:
         return not any(name == ign or name.startswith(ign + ".") for ign in self.ignored_layers)

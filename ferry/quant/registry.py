@@ -14,6 +14,7 @@ from typing import Any
 from ferry.quant.awq import AWQConfig, AWQWeightMethods
 from ferry.quant.fp8 import FP8Config
 from ferry.quant.gptq import GPTQConfig, GPTQWeightMethods
+from ferry.quant.kv_scales import attach_kv_scales
 from ferry.quant.selection import FormatWeightMethods, one_choice
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ class FP8WeightMethods(FormatWeightMethods):
 
     def quantized_method(self, prefix, layer):
         return self.config.method() if one_choice(prefix, self.config.quantizes) else None
+
+    def prepare_model(self, model) -> None:
+        if self.config.kv_cache_scheme is not None:
+            attach_kv_scales(model)
 
 
 def _gptq(raw):

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator,
                       model_validator)
 
-from ferry.sampling_params import SamplingParams, StructuredOutputsParams
+from ferry.sampling_params import (PRIORITY_MAX, PRIORITY_MIN, SamplingParams,
+                                   StructuredOutputsParams)
 from ferry.server.tool_calls.constraint import ToolMode, tool_constraint, tool_mode
 
 MAX_N = 128
@@ -63,7 +64,7 @@ class _SamplingFields(_Strict):
     debug_trace: bool = False   # ferry: an attention trace (server started with --debug-trace attention)
     stop_token_ids: list[int] | None = None
     min_tokens: int = Field(0, ge=0)
-    priority: int = 0
+    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)   # vLLM extra: smaller runs first
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_token_ids: bool = False  # vLLM extra: token ids beside the text

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ferry.outputs import SchedulerStats
 
 PREEMPTION_MODES = ("recompute", "swap")
+MAX_PRIORITY_LABELS = 32   # distinct priority values with their own waiting gauge
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -36,7 +37,7 @@ class SchedulingMetrics:
         self._waiting = Gauge("llm_requests_waiting_by_priority", "Waiting sequences per "
                               "priority", names + ("priority",), registry=registry)
         self._labels = labels
-        self._priorities_seen: set[int] = set()
+        self._priorities_seen: set[str] = set()   # labels in use
 
     def observe(self, stats: SchedulerStats, last: SchedulerStats) -> None:
         """Gauges from ``stats``; counters and the histogram grow by the change since ``last``."""
@@ -54,10 +55,22 @@ class SchedulingMetrics:
         new = stats.num_queue_times - last.num_queue_times
         for seconds in stats.recent_queue_times[-new:] if new > 0 else ():
             self.queue_time.observe(seconds)
-        for priority in self._priorities_seen | set(stats.num_waiting_by_priority):
-            self._waiting.labels(**self._labels, priority=str(priority)).set(
-                stats.num_waiting_by_priority.get(priority, 0))
-        self._priorities_seen |= set(stats.num_waiting_by_priority)
+        counts: dict[str, int] = dict.fromkeys(self._priorities_seen, 0)
+        for priority, count in stats.num_waiting_by_priority.items():
+            label = self._label_of(priority)
+            counts[label] = counts.get(label, 0) + count
+        for label, count in counts.items():
+            self._waiting.labels(**self._labels, priority=label).set(count)
+
+    def _label_of(self, priority: int) -> str:
+        """The priority's own label while few are in use; past ``MAX_PRIORITY_LABELS``
+        distinct values new ones share "other" (clients choose priorities: the series
+        must stay bounded)."""
+        label = str(priority)
+        if label not in self._priorities_seen and len(self._priorities_seen) >= MAX_PRIORITY_LABELS:
+            label = "other"
+        self._priorities_seen.add(label)
+        return label
 
 
 def _grow(counter, amount: float) -> None:

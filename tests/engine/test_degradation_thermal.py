@@ -117,3 +117,30 @@ def test_throttled_scheduler_lowers_prefill_limits_but_not_decodes():
     scheduler.prefill_throttled = False
     shares = {s.request_id: s.num_tokens for s in step(scheduler, runner).scheduled}
     assert len(shares) == 4
+
+
+def test_degraded_scheduler_still_admits_a_more_urgent_request():
+    """Degradation holds back requests no more urgent than the running ones; a more urgent
+    one starts at once (priority policy), and the shrink then takes the least urgent."""
+    scheduler = make_scheduler(num_blocks=20, block_size=4, memory_pressure_threshold=0.5,
+                               short_prompt_threshold=0, scheduling_policy="priority")
+    runner = FakeRunner(scheduler)
+    lows = [make_request(f"low{i}", prompt_of(20, i), max_tokens=8, priority=5) for i in range(2)]
+    for request in lows:
+        scheduler.add_request(request)
+    step(scheduler, runner)                       # 2 x 6 of 20 blocks: 0.6, degraded
+    peer = make_request("peer", prompt_of(4, 7), max_tokens=2, priority=5)
+    urgent = make_request("urgent", prompt_of(16, 8), max_tokens=4, priority=-1)
+    scheduler.add_request(peer)
+    scheduler.add_request(urgent)
+    output = step(scheduler, runner)
+    assert scheduler.get_stats().degraded
+    scheduled = {s.request_id for s in output.scheduled}
+    assert "urgent" in scheduled and "peer" not in scheduled
+    output = step(scheduler, runner)              # 0.8 > the shrink level 0.75
+    assert output.preempted_request_ids and "urgent" not in output.preempted_request_ids
+    run(scheduler, runner)
+    for request in [*lows, peer, urgent]:
+        assert request.output_token_ids == reference_generate(request.prompt_token_ids,
+                                                              request.sampling_params.max_tokens)
+    assert_all_blocks_free(scheduler)

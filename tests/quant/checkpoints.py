@@ -128,10 +128,13 @@ def _int8_weight(w: torch.Tensor, strategy: str):
 
 def write_w8(src: Path, dst: Path, ref: Path, kind: str, *, weight_strategy: str = "channel",
              activation: str | None = "token", block=None, static_scale: float = 0.05,
-             kv_scales: bool = False, vllm_style: bool = False, ignore: tuple[str, ...] = ()
+             kv_scales: bool = False, vllm_style: bool = False, ignore: tuple[str, ...] = (),
+             kv_scale_names: tuple[str, str] = ("self_attn.k_scale", "self_attn.v_scale")
              ) -> tuple[Path, Path]:
     """FP8 (``kind`` "fp8") or int8 (``kind`` "int8") weights with ``activation`` "token",
-    "tensor", "static", "group" or None; compressed-tensors unless ``vllm_style``."""
+    "tensor", "static", "group" or None; compressed-tensors unless ``vllm_style``.
+    ``kv_scales``: per-layer K/V scales 0.02 + i/100 and 0.03 + i/100 under
+    ``kv_scale_names`` (after ``model.layers.{i}.``)."""
     config = _copy_model_files(src, dst)
     ref_config = _copy_model_files(src, ref)
     tensors = load_file(str(src / "model.safetensors"))
@@ -152,13 +155,15 @@ def write_w8(src: Path, dst: Path, ref: Path, kind: str, *, weight_strategy: str
         ref_tensors[module + ".weight"] = deq
     if kv_scales:
         for i in range(config["num_hidden_layers"]):
-            out[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(0.02 + i / 100)
-            out[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(0.03 + i / 100)
+            out[f"model.layers.{i}.{kv_scale_names[0]}"] = torch.tensor(0.02 + i / 100)
+            out[f"model.layers.{i}.{kv_scale_names[1]}"] = torch.tensor(0.03 + i / 100)
     if vllm_style:
         qc = {"quant_method": "fp8", "activation_scheme": "static" if activation == "static" else "dynamic",
               "ignored_layers": [m for m in projection_modules(tensors) if any(s in m for s in ignore)]}
         if block:
             qc["weight_block_size"] = list(block)
+        if kv_scales:
+            qc["kv_cache_scheme"] = "static"   # as AutoFP8 writes it
     else:
         qc = _ct_w8_config(kind, weight_strategy, activation, block, ignore, kv_scales)
     config["quantization_config"] = qc

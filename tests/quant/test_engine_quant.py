@@ -70,6 +70,7 @@ def _with_quant_config(src, dst, qc):
     ({"quant_method": "awq", "bits": 8}, "bits=8 is not supported for awq"),
     ({"quant_method": "bitsandbytes"}, "quant_method='bitsandbytes' is not supported"),
     ({"quant_method": "fp8", "activation_scheme": "weird"}, "activation_scheme='weird'"),
+    ({"quant_method": "fp8", "kv_cache_scheme": "dynamic"}, "kv_cache_scheme='dynamic'"),
     ({"quant_method": "compressed-tensors", "format": "marlin-24", "config_groups": {}},
      "format='marlin-24'"),
     ({"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkpoints import write_quantized, write_w8
-from ferry.checkpoint import load_hf_config
+from ferry.checkpoint import checkpoint_has_fp8_kv_cache, load_hf_config
 from ferry.models.loader import get_model
 from ferry.quant import resolve_quantization
 from ferry.quant.fp8 import dynamic_scale, fp8_quantize
@@ -216,9 +216,20 @@ def test_w8_formats_match_fake_quantized_reference(case, llama, tmp_path):
     check_logits(model, hf, rel, case, chunked=kw["activation"] != "tensor")
 
 
-def test_kv_cache_scales_reach_the_attention_layers(llama, tmp_path):
-    path, _ = write_w8(llama, tmp_path / "q", tmp_path / "ref", kind="fp8", kv_scales=True)
-    model, quant = load_ferry(path)
+@pytest.mark.parametrize("names,vllm_style", [
+    (("self_attn.k_scale", "self_attn.v_scale"), False),
+    (("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"), False),  # llm-compressor < 0.2
+    (("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"), False),            # ModelOpt
+    (("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"), True),   # AutoFP8
+], ids=["current", "output_scale", "proj_k_scale", "autofp8"])
+def test_kv_cache_scales_reach_the_attention_layers(llama, tmp_path, names, vllm_style, caplog):
+    vllm = dict(vllm_style=True, weight_strategy="tensor", activation="tensor") if vllm_style else {}
+    path, _ = write_w8(llama, tmp_path / "q", tmp_path / "ref", kind="fp8", kv_scales=True,
+                       kv_scale_names=names, **vllm)
+    assert checkpoint_has_fp8_kv_cache(load_hf_config(path))   # kv_cache_dtype auto -> fp8
+    with caplog.at_level(logging.WARNING, logger="ferry.models.loader"):
+        model, quant = load_ferry(path)
+    assert "does not use" not in caplog.text   # every scale tensor was taken
     assert quant.kv_cache_fp8
     for i, layer in enumerate(model.model.layers):
         assert layer.self_attn.attn.k_scale == pytest.approx(0.02 + i / 100)

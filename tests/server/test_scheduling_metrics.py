@@ -40,3 +40,17 @@ def test_scheduling_metrics_follow_the_stats():
     assert _value(metrics, "llm_requests_waiting_by_priority", priority="5") == 0
     assert _value(metrics, "llm_thermal_throttle_total") == 1
     assert _value(metrics, "llm_device_temperature_celsius") == 81.0
+
+
+def test_priority_labels_stay_bounded_whatever_priorities_clients_send():
+    from ferry.server.scheduling_metrics import MAX_PRIORITY_LABELS
+    metrics = ServerMetrics(**LABELS)
+    metrics.observe_stats(SchedulerStats(num_waiting_by_priority={p: 1 for p in range(1000)}))
+    labels = {lab["priority"] for n, lab, _ in _samples(metrics)
+              if n == "llm_requests_waiting_by_priority"}
+    assert len(labels) == MAX_PRIORITY_LABELS + 1 and "other" in labels
+    assert sum(_value(metrics, "llm_requests_waiting_by_priority", priority=x) for x in labels) == 1000
+    metrics.observe_stats(SchedulerStats(num_waiting_by_priority={0: 2, 5000: 3}))
+    assert _value(metrics, "llm_requests_waiting_by_priority", priority="0") == 2
+    assert _value(metrics, "llm_requests_waiting_by_priority", priority="other") == 3
+    assert _value(metrics, "llm_requests_waiting_by_priority", priority="7") == 0
