@@ -45,7 +45,7 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16, 61, 128])
 @pytest.mark.parametrize("out_features,in_features", [(512, 512), (1000, 96), (17, 64), (130, 7),
                                                        (3000, 256)])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -58,7 +58,7 @@ def test_matches_f_linear(rows, out_features, in_features, with_bias, kernel_cal
     assert kernel_calls == [rows]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16, 128])
 @pytest.mark.parametrize("out_features,in_features", [(1000, 96), (33, 64), (130, 7), (64, 517)])
 def test_row_major_weight_matches_f_linear(rows, out_features, in_features, monkeypatch):
     """The LM head keeps the embedding's (vocab, hidden) row order."""

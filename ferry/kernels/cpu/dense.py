@@ -1,7 +1,7 @@
 """Float32 linears of decode steps through the C++ kernel (``csrc/f32_gemv.cpp``).
 
 Same signature and semantics as ``ferry.kernels.reference.dense_linear`` (``F.linear``).
-A float32 input of up to 16 rows against a float32 weight, column-major (how
+A float32 input of up to 128 rows (decode batches, short prefill chunks) against a float32 weight, column-major (how
 ``UnquantizedLinearMethod`` stores every CPU weight) or row-major (the LM head, which
 keeps the embedding's order), runs the kernel, which streams the
 weight once at close to the memory's read bandwidth and splits it over ferry's worker

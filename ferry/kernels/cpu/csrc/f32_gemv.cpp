@@ -1,9 +1,13 @@
-// y = x W^T + b for the few rows (up to 16) of a decode step, float32, with W stored column-major
+// y = x W^T + b for the rows (up to 128) of a decode step or a short prefill, float32, with W stored column-major
 // (the (K, N) contiguous transpose ferry keeps for every CPU matmul weight). Twin of
 // F.linear(x, W, b) (checked in tests/kernels/test_cpu_gemv.py).
 //
 // At a few rows the multiply is free and the weight read is the cost: a decode step of a
 // float32 model reads every weight once, so its floor is weight bytes / read bandwidth.
+// From ~16 rows the multiply counts too; groups of 4 rows reuse each weight tile from L2
+// and keep the FMA units busy. Against MKL on 2 shared cores (benchmarks/cpu_kernels.py
+// --gemv): 1.4x at 1 row, 2-2.5x at 2-64 rows, 1.1x at 128, equal at 256-512 (where
+// MKL stays in charge).
 // MKL's sgemv reached ~20 GB/s here where a plain read of the same bytes runs at ~60, and
 // it opens an OpenMP region (with its barrier) per call. This kernel streams each column
 // tile of W once with software prefetch, keeps the tile's accumulators for every row in
@@ -27,7 +31,7 @@ namespace {
 // Rows in registers at once; more rows run as groups of 4 over the same column tile,
 // whose weights the first group brought into L2.
 constexpr int kRowGroup = 4;
-constexpr int kMaxRows = 16;
+constexpr int kMaxRows = 128;
 
 struct Problem {
   const float* x;     // (rows, k), row stride x_stride
