@@ -3,11 +3,16 @@
 1. Matmul weight layout: ``F.linear`` with the (out, in) weight row-major (as loaded) vs
    column-major (what ferry stores on the CPU), at the row counts of decode steps, on the
    matmul shapes of the offline benchmark's model (hidden 384, intermediate 1024, vocab 8000).
-2. Paged attention: the C++ kernel (``ferry.kernels.cpu``) vs the PyTorch reference, on
+2. With ``--gemv``: ferry's float32 GEMV (``kernels.cpu.dense_linear``, on ferry's worker
+   pool) vs MKL (``F.linear``) on the column-major weights of the 56M Llama of issue 12
+   (hidden 512, intermediate 1408, 8 layers, 8/4 heads) and its row-major LM head (vocab
+   32,000), the weights of a whole decode step, interleaved and best of N (robust on
+   shared cores).
+3. Paged attention: the C++ kernel (``ferry.kernels.cpu``) vs the PyTorch reference, on
    decode batches and a prefill, with blocks scattered over the cache as a block pool
    leaves them.
 
-    python benchmarks/cpu_kernels.py [--threads 2] [--json out.json]
+    python benchmarks/cpu_kernels.py [--threads 2] [--gemv] [--json out.json]
 
 Prints medians; the ratios are measured side by side in one process.
 """
@@ -57,6 +62,40 @@ def matmul_layouts() -> list[dict]:
     return results
 
 
+GEMV_LAYERS = [(512, 1024), (512, 512), (512, 2816), (1408, 512)] * 8     # (in, out): qkv, o, gate/up, down
+GEMV_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def gemv_vs_mkl(repeats: int = 15) -> list[dict]:
+    from ferry.kernels.cpu.dense import dense_linear
+    from ferry.layers.linear_method import store_column_major
+
+    weights = []
+    for in_features, out_features in GEMV_LAYERS:
+        param = torch.nn.Parameter(torch.randn(out_features, in_features), requires_grad=False)
+        store_column_major(param)
+        weights.append(param.data)
+    weights.append(torch.randn(32000, 512))                               # the LM head, row-major
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    results = []
+    for rows in GEMV_ROWS:
+        inputs = {k: torch.randn(rows, k) for k in (512, 1408)}
+        step = {name: (lambda fn=fn: [fn(inputs[w.shape[1]], w) for w in weights])
+                for name, fn in (("mkl", F.linear), ("ferry", dense_linear))}
+        best = {name: float("inf") for name in step}
+        for _ in range(repeats):                     # interleaved: both see the same load
+            for name, fn in step.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+        flops = 2 * rows * weight_bytes / 4
+        results.append({"rows": rows, "mkl_ms": best["mkl"] * 1e3, "ferry_ms": best["ferry"] * 1e3,
+                        "ferry_weight_gb_s": weight_bytes / best["ferry"] / 1e9,
+                        "ferry_gflops": flops / best["ferry"] / 1e9,
+                        "speedup": best["mkl"] / best["ferry"]})
+    return results
+
+
 def paged_batch(query_lens: list[int], seq_lens: list[int], num_heads: int = 6,
                 num_kv_heads: int = 2, head_dim: int = 64, block_size: int = 16):
     """A cache with each sequence's blocks scattered, plus its metadata and queries."""
@@ -95,12 +134,15 @@ def attention_cases() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gemv", action="store_true", help="only ferry's GEMV vs MKL")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not cpu.available():
         raise SystemExit("the C++ CPU kernels are not available here (no compiler, or "
                          "FERRY_CPU_KERNELS=0)")
+    if args.gemv:
+        return print_gemv(args)
     layouts, attention = matmul_layouts(), attention_cases()
     print(f"matmul GFLOP/s over the 5 shapes, {args.threads} threads")
     print(f"{'rows':>5} {'row-major':>10} {'column-major':>13} {'speedup':>8}")
@@ -116,6 +158,18 @@ def main() -> None:
         args.json.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__,
                                          "matmul_layout": layouts, "paged_attention": attention},
                                         indent=2))
+
+
+def print_gemv(args) -> None:
+    results = gemv_vs_mkl()
+    print(f"a decode step's weights (56M Llama, float32), best of 15, {args.threads} threads")
+    print(f"{'rows':>5} {'MKL ms':>8} {'ferry ms':>9} {'ferry GB/s':>11} {'GFLOP/s':>8} {'speedup':>8}")
+    for r in results:
+        print(f"{r['rows']:>5} {r['mkl_ms']:>8.2f} {r['ferry_ms']:>9.2f} {r['ferry_weight_gb_s']:>11.1f} "
+              f"{r['ferry_gflops']:>8.0f} {r['speedup']:>7.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__,
+                                         "gemv": results}, indent=2))
 
 
 if __name__ == "__main__":
