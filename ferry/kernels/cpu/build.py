@@ -4,8 +4,10 @@ The sources (``csrc/*.cpp``) are plain C++ with a C ABI and no PyTorch headers, 
 takes a second or two with the system compiler; the library is cached under
 ``$FERRY_CACHE_DIR`` (default ``~/.cache/ferry``) keyed by the sources, the flags, the
 compiler and the CPU, and rebuilt only when one of them changes. ``-march=native`` is why
-the CPU is part of the key. It links the same OpenMP runtime (``libgomp.so.1``) that
-PyTorch loads, so the kernels and PyTorch share one thread pool.
+the CPU is part of the key. The kernels split their work over ferry's own worker pool
+(``csrc/thread_pool.h``), not OpenMP: OpenMP is used only for ``#pragma omp simd``
+(``-fopenmp-simd``, no runtime), so no OpenMP region of theirs waits at a barrier for a
+thread the scheduler has not run.
 
 Without a compiler (or with ``FERRY_CPU_KERNELS=0``) :func:`load_library` returns None and
 the PyTorch reference runs instead.
@@ -30,13 +32,13 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = sorted(CSRC.glob("*.cpp"))
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17",
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-pthread", "-fPIC", "-std=c++17",
          "-fno-exceptions"]
 # Linked without -ffast-math: given at link time (like -Ofast) it pulls in crtfastmath.o,
 # which switches the WHOLE process to flush-to-zero when the library loads, so every
 # PyTorch op after it would round subnormals to 0. Compiled with it: glibc's vector exp
 # (libmvec) is only declared under __FAST_MATH__, and the kernels' exp loops need it.
-LINK_FLAGS = ["-fopenmp", "-shared"]
+LINK_FLAGS = ["-pthread", "-shared"]
 
 
 def cache_dir() -> Path:

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <linux/futex.h>
+#include <pthread.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -27,9 +28,7 @@
 #include <chrono>
 #include <cstdint>
 #include <mutex>
-#include <thread>
 #include <type_traits>
-#include <vector>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -82,12 +81,32 @@ class ThreadPool {
 
   ThreadPool() = default;
 
+  // Starts pool threads up to `count`. A thread that cannot be started is not an error:
+  // the caller then does more of the items itself.
   void ensure_workers(int count) {
-    while (static_cast<int>(workers_.size()) < count) {
-      const int index = static_cast<int>(workers_.size()) + 1;
-      workers_.emplace_back([this, index] { worker_loop(index); });
-      workers_.back().detach();
+    while (started_ < count && !start_failed_) {
+      auto* start = new WorkerStart{this, started_ + 1};
+      pthread_t thread;
+      if (pthread_create(&thread, nullptr, &ThreadPool::thread_main, start) != 0) {
+        delete start;
+        start_failed_ = true;
+        return;
+      }
+      pthread_detach(thread);
+      ++started_;
     }
+  }
+
+  struct WorkerStart {
+    ThreadPool* pool;
+    int index;
+  };
+
+  static void* thread_main(void* arg) {
+    const WorkerStart start = *static_cast<WorkerStart*>(arg);
+    delete static_cast<WorkerStart*>(arg);
+    start.pool->worker_loop(start.index);
+    return nullptr;
   }
 
   // Claims and runs items of `job` until none is left (or the job is no longer current).
@@ -164,7 +183,8 @@ class ThreadPool {
   }
 
   std::mutex job_mutex_;
-  std::vector<std::thread> workers_;
+  int started_ = 0;            // under job_mutex_
+  bool start_failed_ = false;
   // (job id << 32) | next item: claimed with compare-and-swap.
   std::atomic<uint64_t> ticket_{0};
   std::atomic<int64_t> done_{0};
