@@ -137,7 +137,7 @@ class ServerMetrics:
         if metrics.first_token_time is None:
             return
         self.ttft.observe(max(0.0, metrics.first_token_time - metrics.arrival_time))
-        num_tokens = max((len(c.token_ids) for c in output.outputs), default=0)
+        num_tokens = max((c.num_generated_tokens for c in output.outputs), default=0)
         if num_tokens > 1:
             decode_time = max(0.0, metrics.finished_time - metrics.first_token_time)
             self.tpot.observe(decode_time / (num_tokens - 1))
