@@ -10,6 +10,9 @@ streamed requests of 32 prompt and 128 output tokens, greedy. The host figures a
 same Python that runs on a GPU host, so they show how much an overlapped step can save.
 
     python benchmarks/host_overhead.py [--batch-sizes 1 16 64 256] [--json out.json]
+
+Whether the output part grows with the output length (it must not for streams, which
+read DELTA outputs) is ``benchmarks/output_path_overhead.py``'s question.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ set_wait_policy_defaults()
 
 from ferry.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from ferry.lora.request import LoRARequest  # noqa: E402
-from ferry.sampling_params import SamplingParams  # noqa: E402
+from ferry.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -22,4 +22,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ferry' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "LoRARequest", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "RequestOutputKind", "RequestOutput",
+           "CompletionOutput", "__version__"]

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ferry.config import ENGINE_PARTS, FerryConfig
+from ferry.sampling_params import RequestOutputKind
 from ferry.server.cli_flags import build_config, with_config_flags
 
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k")
@@ -226,17 +227,17 @@ def stream_text(engine: Any, prompt: Any, params: Any,
     """Run one request on a synchronous engine, yielding its new text as it comes."""
     request_id = f"cli-{uuid.uuid4().hex}"
     extra = {"lora_name": lora_name} if lora_name is not None else {}
-    engine.add_request(request_id, prompt, params, **extra)
-    sent, finished = 0, False
+    engine.add_request(request_id, prompt, params.clone(output_kind=RequestOutputKind.DELTA),
+                       **extra)
+    finished = False
     try:
         while not finished and engine.has_unfinished_requests():
             for output in engine.step():
                 if output.request_id != request_id:
                     continue
-                text = output.outputs[0].text
-                if len(text) > sent:
-                    yield text[sent:]
-                    sent = len(text)
+                text = output.outputs[0].text if output.outputs else ""
+                if text:
+                    yield text
                 finished = output.finished
     finally:
         if not finished:

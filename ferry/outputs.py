@@ -131,10 +131,27 @@ class CompletionOutput:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None        # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None    # the stop string or token id that ended it
+    # Tokens generated so far: a DELTA output's ``token_ids`` (and ``text``, ``logprobs``)
+    # hold only what is new, this counts them all. Left None, it is ``len(token_ids)``.
+    num_generated_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_generated_tokens is None:
+            self.num_generated_tokens = len(self.token_ids)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def add_delta(self, later: "CompletionOutput") -> None:
+        """Append the next DELTA output of the same completion to this one."""
+        self.text += later.text
+        self.token_ids.extend(later.token_ids)
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        self.cumulative_logprob = later.cumulative_logprob
+        self.finish_reason, self.stop_reason = later.finish_reason, later.stop_reason
+        self.num_generated_tokens = later.num_generated_tokens
 
 
 @dataclass
@@ -147,7 +164,9 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """Cumulative state of one user request (``n`` completions) after a step."""
+    """One user request (``n`` completions) after a step: its state so far, or with
+    ``RequestOutputKind.DELTA`` only what changed (just the completions that advanced, each
+    with its new text, tokens and logprobs)."""
 
     request_id: str
     prompt: str | None
@@ -159,6 +178,20 @@ class RequestOutput:
     # where the hardware reports no energy.
     energy_joules: float | None = None
     debug_trace: dict | None = None   # the attention trace, on the finished output of a traced request
+
+    def add_delta(self, later: "RequestOutput") -> None:
+        """Fold the next DELTA output of this request into this one: a reader that fell
+        behind by several steps reads them as one."""
+        mine = {c.index: c for c in self.outputs}
+        for completion in later.outputs:
+            if completion.index in mine:
+                mine[completion.index].add_delta(completion)
+            else:
+                self.outputs.append(completion)
+        self.outputs.sort(key=lambda c: c.index)
+        self.finished, self.metrics = later.finished, later.metrics
+        self.energy_joules = later.energy_joules
+        self.debug_trace = later.debug_trace if later.debug_trace is not None else self.debug_trace
 
 
 @dataclass

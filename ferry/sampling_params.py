@@ -1,12 +1,28 @@
 """SamplingParams: how one request's tokens are chosen, validated once at construction."""
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass
 from typing import Any
 
 _GREEDY_EPS = 1e-5
 _CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+class RequestOutputKind(enum.Enum):
+    """What each of a request's ``RequestOutput``s holds (vLLM's names and meaning).
+
+    ``CUMULATIVE``: everything so far (text, token ids, logprobs), every step it advances.
+    ``DELTA``: only what is new since its previous output, so building one costs what
+    changed, not the output's length (the server's streams); the concatenation of a
+    completion's deltas is its cumulative output. ``FINAL_ONLY``: one cumulative output,
+    when it finishes.
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | dict | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
@@ -148,6 +165,8 @@ class SamplingParams:
         check_priority(self.priority)
         if not isinstance(self.debug_trace, bool):
             bad("debug_trace", "must be true or false")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            bad("output_kind", "must be a RequestOutputKind")
         if self.structured_outputs is not None and self.ignore_eos:
             # The grammar ends the output with EOS; nothing may follow it.
             bad("ignore_eos", "cannot be combined with structured_outputs")

@@ -72,6 +72,10 @@ class TraceCollector:
         for key in self._keys(request_id):
             del self._records[key]
 
+    def is_traced(self, request_id: str) -> bool:
+        """Whether the request (or one of its ``n`` samples) has records."""
+        return bool(self._keys(request_id))
+
     def finish(self, request_id: str, token_texts: list[list[str]]) -> dict | None:
         """The trace of a finished request (``token_texts``: each completion's sequence,
         prompt then output, as text per token); None when it was not traced."""

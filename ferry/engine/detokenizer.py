@@ -13,9 +13,12 @@ is decoded (the prefix/read offset technique of HF text-generation-inference and
 * The window starts on the last few prompt tokens, so the first output token's leading
   space is right.
 
-Stop strings are searched only in the new text plus ``longest stop - 1`` characters
-before it. While the request runs, a tail of the text that could still grow into a stop
-string is held back from ``output_text``, so shown text is never taken back.
+Stop strings are searched only in the new text plus the held-back tail before it. While
+the request runs, a tail of the text that could still grow into a stop string is held
+back, so shown text is never taken back. Shown text is kept as the pieces each update
+released: ``take_new_text`` hands out the pieces since its last call (a DELTA output), so
+no step copies or searches the text that came before; ``output_text`` joins them (a
+cumulative output).
 
 A completion nobody watches token by token (``stream=False``) and that has no stop
 string to look for is decoded once, when it finishes: the same text, without a decode
@@ -51,8 +54,11 @@ class IncrementalDetokenizer:
         self._window_ids: list[int] = context    # context + every generated id
         self._prefix_offset = 0
         self._read_offset = len(context)
-        self._text = ""            # decoded output text (trimmed at a stop string)
-        self._num_visible = 0      # leading chars of _text that output_text shows
+        self._shown: list[str] = []   # released text, a piece per update that released some
+        self._num_taken = 0           # pieces take_new_text handed out
+        self._joined = ""             # the first _num_joined pieces, joined (output_text)
+        self._num_joined = 0
+        self._held = ""               # tail that may still become a stop string (< longest)
         self._finished = False
         self._incremental = stream or bool(self._stops)
 
@@ -65,7 +71,16 @@ class IncrementalDetokenizer:
     @property
     def output_text(self) -> str:
         """Text safe to show: no broken character, no tail that may become a stop string."""
-        return self._text if self._finished else self._text[:self._num_visible]
+        if self._num_joined < len(self._shown):
+            self._joined += "".join(self._shown[self._num_joined:])
+            self._num_joined = len(self._shown)
+        return self._joined
+
+    def take_new_text(self) -> str:
+        """The shown text released since the last call (all of it on the first)."""
+        new = "".join(self._shown[self._num_taken:])
+        self._num_taken = len(self._shown)
+        return new
 
     @property
     def finished(self) -> bool:
@@ -95,6 +110,8 @@ class IncrementalDetokenizer:
         if self._finished:
             return
         self._append(self._decode_pending(final=True))
+        self._release(self._held)
+        self._held = ""
         self._finished = True
 
     # ------------------------------------------------------------ decoding
@@ -118,38 +135,52 @@ class IncrementalDetokenizer:
 
     # ------------------------------------------------------------ stop strings
     def _append(self, delta: str) -> str | None:
-        """Add new text, look for a stop string, and update what may be shown."""
+        """Add new text, look for a stop string, and release what may be shown.
+
+        A stop string completed by ``delta`` starts inside the held-back tail or in
+        ``delta`` (a match starting earlier would have made its start part of the tail),
+        so only those two are searched.
+        """
         if not delta:
             return None
-        search_from = max(0, len(self._text) - self._longest_stop + 1)
-        self._text += delta
-        stop = self._find_stop(search_from)
-        if stop is not None:
+        candidate = self._held + delta
+        if not self._stops:
+            self._release(candidate)
+            return None
+        found = self._find_stop(candidate)
+        if found is not None:
+            index, stop = found
+            self._release(candidate[:index + len(stop) if self._include_stop else index])
+            self._held = ""
             self._finished = True
             return stop
-        self._num_visible = len(self._text) - self._held_back_length()
+        keep = len(candidate) - self._held_back_length(candidate)
+        self._release(candidate[:keep])
+        self._held = candidate[keep:]
         return None
 
-    def _find_stop(self, search_from: int) -> str | None:
-        """Trim the text at the earliest stop string at or after ``search_from``."""
+    def _release(self, text: str) -> None:
+        if text:
+            self._shown.append(text)
+
+    def _find_stop(self, text: str) -> tuple[int, str] | None:
+        """The earliest stop string in ``text``: (its index, the stop string)."""
         best: tuple[int, str] | None = None
         for stop in self._stops:
-            index = self._text.find(stop, search_from)
+            index = text.find(stop)
             if index != -1 and (best is None or index < best[0]):
                 best = (index, stop)
-        if best is None:
-            return None
-        index, stop = best
-        self._text = self._text[:index + len(stop) if self._include_stop else index]
-        return stop
+        return best
 
-    def _held_back_length(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string.
+    def _held_back_length(self, text: str) -> int:
+        """Length of the longest tail of ``text`` that is a proper prefix of a stop string.
 
-        Any later match must start inside that tail, so it is all that needs hiding.
+        Any later match must start inside that tail, so it is all that needs hiding. The
+        tail never reaches before ``text`` (held tail + new text): shown text ends in no
+        such prefix, or it would have been held.
         """
-        for length in range(min(self._longest_stop - 1, len(self._text)), 0, -1):
-            tail = self._text[-length:]
+        for length in range(min(self._longest_stop - 1, len(text)), 0, -1):
+            tail = text[-length:]
             if any(stop.startswith(tail) for stop in self._stops):
                 return length
         return 0

@@ -270,19 +270,23 @@ class Engine:
             self.structured_output.drop(stopped)
         if self.lora is not None:
             self.lora.sweep()
-        outputs = self.outputs.collect()
         if runner_out.attention_traces:
             self.traces.add(runner_out.attention_traces)
-        for output in outputs:
-            if output.finished and output.outputs and output.outputs[0].finish_reason != "abort":
-                output.debug_trace = self.traces.finish(output.request_id, self._texts(output))
-        return outputs
+        return self.outputs.collect(on_finished=self._attach_trace)
 
-    def _texts(self, output: RequestOutput) -> list[list[str]]:
+    def _attach_trace(self, output: RequestOutput | None, token_ids: list[list[int]],
+                      aborted: bool) -> None:
+        """A finished traced request's attention trace, on its output."""
+        if output is None or aborted or not self.traces.is_traced(output.request_id):
+            return
+        output.debug_trace = self.traces.finish(output.request_id,
+                                                self._texts(output.prompt_token_ids, token_ids))
+
+    def _texts(self, prompt_ids: list[int], token_ids: list[list[int]]) -> list[list[str]]:
         """Each completion's sequence as text per token (a trace shows its positions)."""
         decode = self.tokenizer.convert_ids_to_tokens
-        prompt = list(decode(list(output.prompt_token_ids)))
-        return [prompt + list(decode(list(c.token_ids))) for c in output.outputs]
+        prompt = list(decode(list(prompt_ids)))
+        return [prompt + list(decode(list(ids))) for ids in token_ids]
 
     def get_num_unfinished_requests(self) -> int:
         return self.scheduler.num_unfinished_requests() + self.structured_output.num_pending

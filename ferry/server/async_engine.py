@@ -4,8 +4,9 @@ One background task owns the engine. Every engine call (add, abort, step, stats,
 work) runs on one dedicated worker thread, one "turn" at a time, so the engine is never used
 from two threads and the event loop stays free to accept requests while a step runs.
 Handlers hand commands to the task (thread-safe because they only touch loop-owned lists);
-each request gets its own ``asyncio.Queue`` of cumulative ``RequestOutput``s. When there is
-nothing to do the task sleeps on an event instead of spinning.
+each request gets its own ``asyncio.Queue`` of its ``RequestOutput``s (cumulative or, with
+``RequestOutputKind.DELTA``, only what is new: a reader that fell behind gets the queued
+deltas as one). When there is nothing to do the task sleeps on an event instead of spinning.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferry.outputs import RequestOutput
-from ferry.sampling_params import SamplingParams
+from ferry.sampling_params import RequestOutputKind, SamplingParams
 from ferry.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -196,7 +197,8 @@ class AsyncEngine:
         Raises what the engine raises (``ValueError`` for a bad or too long prompt) before
         anything is streamed, so the caller can still answer with a 4xx. ``prompt`` may be a
         callable run on the engine thread that returns token ids (the chat template runs there).
-        The stream yields cumulative ``RequestOutput``s until one is finished; closing it early
+        The stream yields ``RequestOutput``s of ``params.output_kind`` until one is finished
+        (a FINAL_ONLY request's only one); closing it early
         (or losing it) aborts the request and frees its KV blocks, and so does running past
         ``request_timeout`` (the stream then raises ``RequestTimeoutError``), counted from
         ``deadline`` (from :meth:`deadline` when the request arrived) when given.
@@ -207,7 +209,7 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt: PromptSource, params: SamplingParams, *,
                        priority: int | None = None) -> AsyncIterator[RequestOutput]:
-        """``add_request`` and iterate: yields cumulative outputs until the request finishes."""
+        """``add_request`` and iterate: yields outputs until the request finishes."""
         stream = await self.add_request(request_id, prompt, params, priority=priority)
         async with aclosing(stream):
             async for output in stream:
@@ -231,6 +233,7 @@ class AsyncEngine:
         self._queues[request_id] = queue
         if lora_name is not None:
             self._adapters[request_id] = lora_name
+        delta = params.output_kind == RequestOutputKind.DELTA
         rejected = finished = False
         if deadline is None and self.request_timeout:
             deadline = arrival + self.request_timeout
@@ -242,7 +245,7 @@ class AsyncEngine:
                 raise
             yield None  # accepted
             while not finished:
-                output = await self._next_output(queue, deadline)
+                output = await self._next_output(queue, deadline, delta)
                 finished = output.finished
                 yield output
         finally:
@@ -262,10 +265,11 @@ class AsyncEngine:
         return await self._submit(_Command(fn))
 
     # ------------------------------------------------------------------ internals
-    async def _next_output(self, queue: asyncio.Queue,
-                           deadline: float | None = None) -> RequestOutput:
-        """The newest output; past ``deadline`` (monotonic), ``RequestTimeoutError``: the
-        caller's ``finally`` then aborts the request, which frees its KV blocks."""
+    async def _next_output(self, queue: asyncio.Queue, deadline: float | None = None,
+                           delta: bool = False) -> RequestOutput:
+        """The newest output, or with ``delta`` the queued ones folded into one; past
+        ``deadline`` (monotonic), ``RequestTimeoutError``: the caller's ``finally`` then
+        aborts the request, which frees its KV blocks."""
         if deadline is None:
             item = await queue.get()
         else:
@@ -273,10 +277,12 @@ class AsyncEngine:
                 item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 raise self.timeout_error() from None
-        while not queue.empty():  # outputs are cumulative: the newest one says it all
-            if isinstance(item, BaseException):
-                break
-            item = queue.get_nowait()
+        while not queue.empty() and not isinstance(item, BaseException):
+            later = queue.get_nowait()
+            if delta and not isinstance(later, BaseException):
+                item.add_delta(later)
+            else:   # a cumulative output says it all (and an error ends the stream)
+                item = later
         if isinstance(item, BaseException):
             raise item
         return item

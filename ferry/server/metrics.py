@@ -173,7 +173,7 @@ class ServerMetrics:
             return
         self._child(self.ttft, adapter).observe(
             max(0.0, metrics.first_token_time - metrics.arrival_time))
-        num_tokens = max((len(c.token_ids) for c in output.outputs), default=0)
+        num_tokens = max((c.num_generated_tokens for c in output.outputs), default=0)
         if num_tokens > 1:
             decode_time = max(0.0, metrics.finished_time - metrics.first_token_time)
             self._child(self.tpot, adapter).observe(decode_time / (num_tokens - 1))

@@ -15,12 +15,12 @@ from ferry.server.tool_calls.extract import calls_of, new_call_id, tool_call_dic
 from ferry.server.tool_calls.stream import ToolCallStream
 from ferry.server.trace_store import completion_trace
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
-                                         ServerState, add_or_raise, before_deadline,
-                                         chat_logprobs, check_capacity, check_constraint,
-                                         check_model, chunk_writer,
+                                         ServerState, StreamUsage, add_or_raise,
+                                         before_deadline, chat_logprobs, check_capacity,
+                                         check_constraint, check_model, chunk_writer,
                                          completion_tokens, encode_chat, engine_error,
                                          last_output, merge_streams, new_request_id, parse_body,
-                                         until_disconnect, usage)
+                                         until_disconnect, usage, with_output_kind)
 
 
 async def create_chat_completion(request: Request, state: ServerState):
@@ -29,7 +29,9 @@ async def create_chat_completion(request: Request, state: ServerState):
     lora_name = check_model(state, body.model)
     body.model = lora_name or state.model_name   # what the response names (vLLM: the adapter)
     try:
-        params = body.to_sampling_params()
+        # Tool calls are parsed from the whole text each step: those streams read it whole.
+        params = with_output_kind(body.to_sampling_params(), body.stream,
+                                  whole_text=body.tool_mode().kind != "none")
         tools = body.template_tools()
     except ValueError as exc:
         raise APIError(400, str(exc), code="invalid_value") from None
@@ -100,11 +102,11 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, request_id: s
     mode = body.tool_mode()
     tool_streams = ([ToolCallStream(mode, state.tool_parser) for _ in range(body.n)]
                     if mode.kind != "none" else None)
-    latest: RequestOutput | None = None
+    stream_usage = StreamUsage()
     try:
         async for _, output in merge_streams([stream]):
-            latest = output
-            running = _usage(output) if continuous else None
+            stream_usage.observe(0, output)
+            running = stream_usage.value() if continuous else None
             for completion in output.outputs:
                 if tool_streams is not None:
                     for choice in _tool_choices(tool_streams[completion.index],
@@ -114,8 +116,8 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, request_id: s
                 choice = _delta_choice(state, body, trackers[completion.index], completion)
                 if choice is not None:
                     yield chunk([choice], running)
-        if body.include_usage and latest is not None:
-            yield chunk([], _usage(latest))
+        if body.include_usage:
+            yield chunk([], stream_usage.value())
     except STREAM_ERRORS as exc:
         yield sse_error_event(engine_error(exc))
     yield SSE_DONE
@@ -125,9 +127,8 @@ def _delta_choice(state: ServerState, body: ChatCompletionRequest, tracker: Delt
                   completion: CompletionOutput) -> dict[str, Any] | None:
     if tracker.finished:
         return None
-    sent_tokens = tracker.num_tokens
     text, new_logprobs = tracker.take(completion)
-    new_tokens = completion.token_ids[sent_tokens:]
+    new_tokens = completion.token_ids
     if not (text or new_logprobs or completion.finished or (body.return_token_ids and new_tokens)):
         return None
     tracker.finished = completion.finished
@@ -135,7 +136,7 @@ def _delta_choice(state: ServerState, body: ChatCompletionRequest, tracker: Delt
               "logprobs": chat_logprobs(state, new_logprobs) if body.logprobs else None,
               "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
     if body.return_token_ids:
-        choice["token_ids"] = list(new_tokens)
+        choice["token_ids"] = new_tokens
     return choice
 
 
@@ -153,6 +154,3 @@ def _tool_choices(stream: ToolCallStream, tracker: DeltaTracker,
                         "stop_reason": completion.stop_reason})
     return choices
 
-
-def _usage(output: RequestOutput) -> dict[str, int]:
-    return usage(len(output.prompt_token_ids), completion_tokens([output]), [output])

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from ferry.config import ServerConfig
 from ferry.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from ferry.sampling_params import RequestOutputKind, SamplingParams
 from ferry.server.async_engine import (AsyncEngine, EngineOverloadedError, EngineStepError,
                                        EngineStoppedError, RequestTimeoutError)
 from ferry.lora.adapter_config import LoRANotFoundError
@@ -103,6 +104,18 @@ def engine_error(exc: Exception) -> APIError:
         code = "context_length_exceeded" if "context length" in message else "invalid_value"
         return APIError(400, message, code=code)
     raise exc
+
+
+def with_output_kind(params: SamplingParams, stream: bool,
+                     whole_text: bool = False) -> SamplingParams:
+    """The outputs a route reads: a stream reads DELTA ones (what each step added, so
+    its cost does not grow with the output's length), unless it parses the whole text
+    every step (``whole_text``: tool calls); a plain answer reads only the final one."""
+    if not stream:
+        kind = RequestOutputKind.FINAL_ONLY
+    else:
+        kind = RequestOutputKind.CUMULATIVE if whole_text else RequestOutputKind.DELTA
+    return params.clone(output_kind=kind)
 
 
 def check_capacity(state: ServerState, num_new_requests: int) -> None:
@@ -290,36 +303,58 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def usage(prompt_tokens: int, completion_tokens: int,
-          outputs: list[RequestOutput] = ()) -> dict[str, Any]:
+          outputs: list[RequestOutput] = (), energies: list[float] | None = None
+          ) -> dict[str, Any]:
     """OpenAI's usage object; with the extension ``energy_joules`` (the joules the engine
-    charged to ``outputs``) only where the hardware reports energy."""
+    charged to ``outputs``, or the ``energies`` given) only where the hardware reports
+    energy."""
     result: dict[str, Any] = {"prompt_tokens": prompt_tokens,
                               "completion_tokens": completion_tokens,
                               "total_tokens": prompt_tokens + completion_tokens}
-    energies = [o.energy_joules for o in outputs if o.energy_joules is not None]
+    if energies is None:
+        energies = [o.energy_joules for o in outputs if o.energy_joules is not None]
     if energies:
         result["energy_joules"] = sum(energies)
     return result
 
 
 def completion_tokens(outputs: list[RequestOutput]) -> int:
-    return sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    return sum(c.num_generated_tokens for out in outputs for c in out.outputs)
+
+
+class StreamUsage:
+    """The usage of a streamed response, kept up to date from its outputs (a DELTA output
+    lists only the completions that advanced, so counts are kept per completion)."""
+
+    def __init__(self) -> None:
+        self._prompt_tokens: dict[int, int] = {}
+        self._generated: dict[tuple[int, int], int] = {}
+        self._energy: dict[int, float] = {}
+
+    def observe(self, prompt_index: int, output: RequestOutput) -> None:
+        self._prompt_tokens[prompt_index] = len(output.prompt_token_ids)
+        for completion in output.outputs:
+            self._generated[prompt_index, completion.index] = completion.num_generated_tokens
+        if output.energy_joules is not None:
+            self._energy[prompt_index] = output.energy_joules
+
+    def value(self) -> dict[str, Any]:
+        return usage(sum(self._prompt_tokens.values()), sum(self._generated.values()),
+                     energies=list(self._energy.values()))
 
 
 @dataclass
 class DeltaTracker:
-    """What of a cumulative completion was already sent: text chars and tokens."""
+    """What of a streamed completion was already sent; its outputs are DELTA ones, each
+    with only what is new."""
 
-    text_len: int = 0
-    num_tokens: int = 0
+    text_len: int = 0        # characters sent (a logprob's text_offset counts from here)
     finished: bool = False
 
     def take(self, completion: CompletionOutput) -> tuple[str, list[TokenLogprobs]]:
-        text = completion.text[self.text_len:]
-        logprobs = (completion.logprobs or [])[self.num_tokens:]
-        self.text_len = len(completion.text)
-        self.num_tokens = len(completion.token_ids)
-        return text, logprobs
+        """The new text and logprobs of ``completion`` (a DELTA output)."""
+        self.text_len += len(completion.text)
+        return completion.text, completion.logprobs or []
 
 
 def completion_logprobs(state: ServerState, entries: list[TokenLogprobs],

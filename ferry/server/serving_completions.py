@@ -14,12 +14,12 @@ from ferry.server.errors import APIError, sse_error_event
 from ferry.server.trace_store import completion_trace
 from ferry.server.protocol import CompletionRequest
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
-                                         ServerState, add_or_raise, before_deadline,
+                                         ServerState, StreamUsage, add_or_raise, before_deadline,
                                          check_capacity, check_constraint, check_model,
                                          chunk_writer, close_streams, completion_logprobs,
                                          completion_tokens, encode_prompts, engine_error,
                                          last_output, merge_streams, new_request_id, parse_body,
-                                         until_disconnect, usage)
+                                         until_disconnect, usage, with_output_kind)
 
 
 async def create_completion(request: Request, state: ServerState):
@@ -30,7 +30,7 @@ async def create_completion(request: Request, state: ServerState):
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported (prompt logprobs)",
                        param="echo", code="unsupported_parameter")
-    params = _sampling_params(body)
+    params = with_output_kind(_sampling_params(body), body.stream)
     texts_or_ids = body.prompts()
     check_capacity(state, params.n * len(texts_or_ids))  # before tokenizing
     await check_constraint(state, params)
@@ -99,23 +99,24 @@ def _response(state: ServerState, body: CompletionRequest, request_id: str,
 
 async def _stream(state: ServerState, body: CompletionRequest, request_id: str,
                   streams: list) -> AsyncIterator[str]:
+    """The SSE events of the DELTA outputs of ``streams`` (one per prompt)."""
     trackers: dict[int, DeltaTracker] = {}
-    latest: dict[int, RequestOutput] = {}
+    stream_usage = StreamUsage()
+    continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
     chunk = chunk_writer("text_completion", request_id, body.model, body.include_usage)
 
     try:
         async for prompt_index, output in merge_streams(streams):
-            latest[prompt_index] = output
-            running_usage = _usage(latest) if body.stream_options and \
-                body.stream_options.continuous_usage_stats else None
+            stream_usage.observe(prompt_index, output)
+            running_usage = stream_usage.value() if continuous else None
             for completion in output.outputs:
                 index = prompt_index * body.n + completion.index
                 choice = _delta_choice(state, body, trackers, index, output, completion)
                 if choice is not None:
                     yield chunk([choice], running_usage)
         if body.include_usage:
-            yield chunk([], _usage(latest))
+            yield chunk([], stream_usage.value())
     except STREAM_ERRORS as exc:
         yield sse_error_event(engine_error(exc))
     yield SSE_DONE
@@ -128,10 +129,10 @@ def _delta_choice(state: ServerState, body: CompletionRequest, trackers: dict[in
     tracker = trackers.setdefault(index, DeltaTracker())
     if tracker.finished:
         return None
-    offset, sent_tokens = tracker.text_len, tracker.num_tokens
+    offset = tracker.text_len
     text, new_logprobs = tracker.take(completion)
     prefix = _prompt_text(state, output) if body.echo and first else ""
-    new_tokens = list(completion.token_ids[sent_tokens:])
+    new_tokens = completion.token_ids
     if not (prefix or text or new_logprobs or completion.finished
             or (body.return_token_ids and new_tokens)):
         return None
@@ -147,8 +148,3 @@ def _delta_choice(state: ServerState, body: CompletionRequest, trackers: dict[in
             choice["prompt_token_ids"] = output.prompt_token_ids
     return choice
 
-
-def _usage(latest: dict[int, RequestOutput]) -> dict[str, int]:
-    outputs = list(latest.values())
-    return usage(sum(len(o.prompt_token_ids) for o in outputs), completion_tokens(outputs),
-                 outputs)

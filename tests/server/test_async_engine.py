@@ -9,7 +9,7 @@ import pytest
 
 from ferry.engine.engine import EngineStats
 from ferry.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from ferry.sampling_params import SamplingParams
+from ferry.sampling_params import RequestOutputKind, SamplingParams
 from ferry.server.async_engine import (AsyncEngine, EngineOverloadedError, EngineStepError,
                                        EngineStoppedError, RequestTimeoutError)
 
@@ -31,7 +31,7 @@ class FakeEngine:
         self._touch()
         if prompt == "":
             raise ValueError("the prompt is empty")
-        self.requests[request_id] = [params.max_tokens, 0, arrival_time]
+        self.requests[request_id] = [params.max_tokens, 0, arrival_time, params.output_kind]
 
     def abort_request(self, request_ids):
         self._touch()
@@ -49,8 +49,13 @@ class FakeEngine:
         for request_id, state in list(self.requests.items()):
             state[1] += 1
             done = state[1] >= state[0]
-            completion = CompletionOutput(0, "x" * state[1], list(range(state[1])),
-                                          finish_reason="length" if done else None)
+            reason = "length" if done else None
+            if state[3] == RequestOutputKind.DELTA:   # only this step's token
+                completion = CompletionOutput(0, "x", [state[1] - 1], finish_reason=reason,
+                                              num_generated_tokens=state[1])
+            else:
+                completion = CompletionOutput(0, "x" * state[1], list(range(state[1])),
+                                              finish_reason=reason)
             outputs.append(RequestOutput(request_id, "p", [1], [completion], done,
                                          RequestMetrics(state[2], state[2], state[2] + 1)))
             if done:
@@ -209,3 +214,24 @@ def test_drain_soon_calls_back_once_the_requests_in_flight_finished():
         return texts
 
     assert _run(main())[-1] == "x" * 20
+
+
+def test_a_reader_that_fell_behind_gets_the_queued_deltas_folded_into_one():
+    """Cumulative outputs: the newest says it all. DELTA ones: the queued ones are added up,
+    so nothing a step produced is lost."""
+    async def main():
+        engine = FakeEngine()
+        async_engine = await _started(engine)
+        params = SamplingParams(max_tokens=20, output_kind=RequestOutputKind.DELTA)
+        stream = await async_engine.add_request("r", "p", params)
+        while engine.requests:           # every step runs before the first read
+            await asyncio.sleep(0.01)
+        outputs = [output async for output in stream]
+        await async_engine.shutdown()
+        return outputs
+
+    outputs = _run(main())
+    assert len(outputs) == 1 and outputs[0].finished
+    completion = outputs[0].outputs[0]
+    assert completion.text == "x" * 20 and completion.token_ids == list(range(20))
+    assert completion.num_generated_tokens == 20 and completion.finish_reason == "length"
