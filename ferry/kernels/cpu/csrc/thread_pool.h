@@ -27,6 +27,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <type_traits>
 
@@ -76,10 +77,15 @@ class ThreadPool {
 
  private:
   static constexpr int kMaxWorkers = 63;
-  // How long an idle worker looks for the next job before it sleeps.
-  static constexpr std::chrono::microseconds kSpinFor{200};
+  // How long an idle worker looks for the next job before it sleeps: long enough to
+  // bridge the Python between the ops of one step. FERRY_POOL_SPIN_US overrides it.
+  static constexpr int64_t kDefaultSpinMicros = 200;
 
-  ThreadPool() = default;
+  ThreadPool() {
+    const char* env = std::getenv("FERRY_POOL_SPIN_US");
+    spin_for_ = std::chrono::microseconds(env ? std::max<int64_t>(0, std::atoll(env))
+                                              : kDefaultSpinMicros);
+  }
 
   // Starts pool threads up to `count`. A thread that cannot be started is not an error:
   // the caller then does more of the items itself.
@@ -155,7 +161,7 @@ class ThreadPool {
 
   // Returns the new wake_ value once it differs from `seen`.
   uint32_t wait_for_job(uint32_t seen) {
-    const auto until = std::chrono::steady_clock::now() + kSpinFor;
+    const auto until = std::chrono::steady_clock::now() + spin_for_;
     for (int spins = 0;; ++spins) {
       const uint32_t now = wake_.load(std::memory_order_acquire);
       if (now != seen) return now;
@@ -182,6 +188,7 @@ class ThreadPool {
 #endif
   }
 
+  std::chrono::microseconds spin_for_;
   std::mutex job_mutex_;
   int started_ = 0;            // under job_mutex_
   bool start_failed_ = false;
