@@ -164,7 +164,15 @@ class ModelRunner:
     def capture_decode_graphs(self, *, max_num_seqs: int, max_model_len: int,
                               capture: GraphCapture | None = None) -> bool:
         """Capture device graphs for decode steps (``cuda_graphs.py``). Returns False, with
-        a warning, when capture fails: the runner then stays eager, which is always correct."""
+        a warning, when capture fails: the runner then stays eager, which is always correct.
+
+        The PyTorch reference attention groups rows by their host-side lengths
+        (``seq_lens_cpu``), which a graph would freeze at capture: it is never captured."""
+        if kernels.prepare(self.device) == "reference":
+            logger.warning("decode graphs need the Triton or C++ attention; the PyTorch "
+                           "reference reads host-side lengths a graph would freeze: running "
+                           "eagerly")
+            return False
         graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs=max_num_seqs,
                               max_model_len=max_model_len, block_size=self.block_size,
                               device=self.device, capture=capture or DeviceGraphCapture(self.device))

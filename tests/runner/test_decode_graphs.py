@@ -14,7 +14,8 @@ import random
 import pytest
 import torch
 
-from ferry import LLM, SamplingParams
+from ferry import LLM, SamplingParams, kernels
+from ferry.kernels import reference
 from ferry.kernels.attn_metadata import AttentionMetadata
 from ferry.runner.cuda_graphs import DecodeGraphs, EagerReplay, decode_buckets
 from hf_reference import assert_greedy_matches, hf_greedy
@@ -55,6 +56,12 @@ def _prompts():
     return [[rng.randrange(3, 256) for _ in range(rng.randint(4, 30))] for _ in range(7)]
 
 
+def _skip_on_the_reference_backend():
+    if kernels.prepare(torch.device("cpu")) == "reference":
+        pytest.skip("the reference attention is never captured "
+                    "(test_the_reference_attention_is_never_captured)")
+
+
 def _generate(llm: LLM, prompts, max_tokens):
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -62,6 +69,7 @@ def _generate(llm: LLM, prompts, max_tokens):
 
 
 def test_graph_steps_give_the_eager_tokens_and_hf_tokens(mistral_dir):
+    _skip_on_the_reference_backend()
     prompts = _prompts()
     max_tokens = [3, 12, 7, 12, 1, 9, 5]     # the batch shrinks: several buckets, with padding
     eager = _generate(LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB"), prompts, max_tokens)
@@ -121,6 +129,7 @@ def test_a_failed_capture_leaves_the_runner_eager(mistral_dir, caplog):
 
 def test_graphs_with_async_scheduling_fill_placeholders_before_the_copy(mistral_dir):
     """Placeholders are written into input_ids before the graph copies them in."""
+    _skip_on_the_reference_backend()
     prompts = _prompts()
     max_tokens = [3, 12, 7, 12, 1, 9, 5]
     eager = _generate(LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB"), prompts, max_tokens)
@@ -132,3 +141,16 @@ def test_graphs_with_async_scheduling_fill_placeholders_before_the_copy(mistral_
                                         capture=capture)
     assert _generate(llm, prompts, max_tokens) == eager
     assert sum(capture.replays) >= 8
+
+
+def test_the_reference_attention_is_never_captured(mistral_dir, caplog, monkeypatch):
+    # It groups decode rows by host-side lengths: a replayed graph would attend over the
+    # lengths of the step it was captured in.
+    llm = LLM(mistral_dir, dtype="float32", kv_cache_memory="16MiB", max_num_seqs=4)
+    monkeypatch.setitem(kernels._ops_by_device_type, "cpu", reference)
+    capture = CountingReplay()
+    with caplog.at_level(logging.WARNING):
+        assert not llm.engine.executor.runner.capture_decode_graphs(
+            max_num_seqs=4, max_model_len=64, capture=capture)
+    assert capture.replays == [] and llm.engine.executor.runner.decode_graphs is None
+    assert "reference" in caplog.text and "running eagerly" in caplog.text
