@@ -52,7 +52,7 @@ def test_rss_growth_windows():
     samples = [{"t_s": float(t), "rss_mib": 100.0 + (5.0 if t >= 480 else 0.0)}
                for t in range(0, 601, 10)]
     growth = soak.rss_growth(samples, 600)
-    assert growth["warmup_s"] == 60 and growth["window_s"] == 120
+    assert growth["warmup_s"] == 240 and growth["window_s"] == 120
     assert growth["first_window_median_mib"] == 100.0
     assert growth["last_window_median_mib"] == 105.0
     assert growth["growth"] == 0.05
