@@ -47,7 +47,7 @@ def kernel_calls(monkeypatch):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 16, 61, 128])
 @pytest.mark.parametrize("out_features,in_features", [(512, 512), (1000, 96), (17, 64), (130, 7),
-                                                       (3000, 256)])
+                                                       (3000, 256), (40, 1411), (2816, 512)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_f_linear(rows, out_features, in_features, with_bias, kernel_calls):
     weight = column_major(out_features, in_features)
