@@ -10,6 +10,11 @@ the medians over rounds are reported:
 - batch-1 decode: one request, 8 prompt tokens, ``--decode-tokens`` greedy tokens;
 - offline throughput: 16 concurrent requests, 64 prompt + 64 output tokens each.
 
+With ``llama-cpp-python`` and ``gguf`` installed, llama.cpp runs the same weights in the
+same rounds, single stream: an f32 GGUF (``cpu_serving.write_gguf``) and its Q8_0 and
+Q4_0 quantizations (``llama_model_quantize``, llama.cpp's own quantizer), the same prompt
+and token count, one ``eval`` per token, paired with fp32, int8 and int4.
+
 Memory: bytes of weights per format (parameters, codes + scales + zeros for the
 quantized linears), and the KV blocks a ``kv_cache_memory`` budget gives per KV dtype.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import ferry  # noqa: F401  (first: sets OpenMP's wait policy before torch loads it)
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -35,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import save_random_llama  # noqa: E402
 
 FORMATS = ("fp32", "bf16", "int8", "int4")
+# llama.cpp's file type for each ferry format it is compared with
+LLAMA_CPP_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
 
 
 def build_model(path: Path) -> int:
@@ -93,6 +101,42 @@ def kv_blocks(budget: str = "512MiB") -> dict[str, int]:
     return sizes
 
 
+def llama_cpp_models(model_dir: Path, tmp: Path, threads: int) -> dict:
+    """ferry format -> a llama_cpp.Llama of the same weights in the paired GGUF type; {}
+    without llama-cpp-python or gguf."""
+    try:
+        import llama_cpp
+        from cpu_serving import write_gguf
+        f32 = tmp / "model-f32.gguf"
+        write_gguf(model_dir, f32)
+    except ImportError as exc:
+        print(f"llama.cpp: skipped ({exc}; pip install llama-cpp-python gguf)")
+        return {}
+    paths = {"fp32": f32}
+    for fmt, ftype in (("int8", "Q8_0"), ("int4", "Q4_0")):
+        paths[fmt] = tmp / f"model-{ftype}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(paths[fmt]).encode(),
+                                            ctypes.byref(params)):
+            raise RuntimeError(f"llama.cpp could not quantize to {ftype}")
+    return {fmt: llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads,
+                                 n_threads_batch=threads, verbose=False)
+            for fmt, path in paths.items()}
+
+
+def llama_cpp_tok_s(llm, prompt: list[int], max_tokens: int) -> float:
+    """Greedy tokens/s of one stream, prompt included, as ``timed_generate`` counts it."""
+    import numpy as np
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    for _ in range(max_tokens - 1):
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        llm.eval([int(np.argmax(logits))])
+    return max_tokens / (time.perf_counter() - start)
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -115,17 +159,25 @@ def main() -> None:
         offline = {fmt: [] for fmt in FORMATS}
         prompt = [[3 + i for i in range(8)]]
         batch = [[100 + 7 * r + i for i in range(64)] for r in range(16)]
+        peers = llama_cpp_models(Path(tmp), Path(tmp), args.threads)
+        peer_decode = {fmt: [] for fmt in peers}
         for llm in llms.values():                    # warm-up: kernels built, pools touched
             timed_generate(llm, prompt, 4)
+        for peer in peers.values():
+            llama_cpp_tok_s(peer, prompt[0], 4)
         for _ in range(args.rounds):
             for fmt, llm in llms.items():
                 decode[fmt].append(timed_generate(llm, prompt, args.decode_tokens))
                 offline[fmt].append(timed_generate(llm, batch, 64))
+            for fmt, peer in peers.items():
+                peer_decode[fmt].append(llama_cpp_tok_s(peer, prompt[0], args.decode_tokens))
         sizes = {fmt: weight_bytes(llm) for fmt, llm in llms.items()}
     result = {"params": params, "rounds": args.rounds, "head": args.head, "threads": args.threads,
               "load_before": load_before, "load_after": uptime(),
               "decode_tok_s": {f: statistics.median(v) for f, v in decode.items()},
               "offline_tok_s": {f: statistics.median(v) for f, v in offline.items()},
+              "llama_cpp_decode_tok_s": {f"{f} ({LLAMA_CPP_TYPES[f]})": statistics.median(v)
+                                         for f, v in peer_decode.items()},
               "weight_bytes": sizes, "kv_blocks_512MiB": kv_blocks()}
     base_d, base_o = result["decode_tok_s"]["fp32"], result["offline_tok_s"]["fp32"]
     print(f"model: {params / 1e6:.1f}M parameters; int head: {args.head}; threads: {args.threads}")
@@ -133,6 +185,10 @@ def main() -> None:
     for fmt in FORMATS:
         d, o = result["decode_tok_s"][fmt], result["offline_tok_s"][fmt]
         print(f"{fmt:8} {d:14.1f} {d / base_d:7.2f} {o:14.1f} {o / base_o:7.2f} {sizes[fmt] / 2**20:12.1f}")
+    for fmt, values in peer_decode.items():
+        peer = statistics.median(values)
+        print(f"llama.cpp {LLAMA_CPP_TYPES[fmt]:5} batch-1 {peer:8.1f} tok/s; ferry {fmt} / "
+              f"llama.cpp: {result['decode_tok_s'][fmt] / peer:.2f}x")
     print("KV blocks in 512 MiB:", result["kv_blocks_512MiB"])
     print("load before:", load_before, "\nload after: ", result["load_after"])
     if args.json:
