@@ -11,6 +11,10 @@ from ferry.engine.preemption import select_victim
 from ferry.engine.step_plan import StepPlan
 from ferry.request import Request, RequestStatus
 
+# The longest step a long prompt prefilling alone may take (the wait of a short request
+# that arrives meanwhile).
+LONE_PREFILL_STEP_S = 0.25
+
 
 class WaitingAdmission:
     """Admits waiting requests into a :class:`StepPlan` (mixed into ``Scheduler``)."""
@@ -18,13 +22,18 @@ class WaitingAdmission:
     def _long_chunk_cap(self, request: Request, plan: StepPlan) -> int:
         """Largest chunk of a long prompt this step. While other requests run or wait, all
         long prefills of a step share ``short_prompt_threshold`` tokens (one chunk), so a
-        short prompt waits behind no more than a short prompt's worth of prefill; the
-        whole budget when the request is alone or the lane is off."""
+        short prompt waits behind no more than a short prompt's worth of prefill. Alone, it
+        takes what the device prefills in ``LONE_PREFILL_STEP_S`` (by the measured cost
+        per token): a short request that arrives during that step waits no longer, and a
+        fast device still prefills in large steps. The whole budget with the lane off."""
         threshold = self.admission.short_prompt_threshold
+        if threshold == 0:
+            return self.max_num_batched_tokens
         alone = not self.waiting or (len(self.waiting) == 1 and request in self.waiting)
         alone = alone and all(r is request for r in self.running)
-        if threshold == 0 or alone:
-            return self.max_num_batched_tokens
+        if alone:
+            timed = int(LONE_PREFILL_STEP_S / max(self.costs.seconds_per_token, 1e-9))
+            return max(threshold, min(self.max_num_batched_tokens, timed))
         return max(0, threshold - plan.long_prefill_tokens)
 
     def _admit_fast_lane(self, plan: StepPlan) -> None:

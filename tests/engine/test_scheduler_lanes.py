@@ -211,3 +211,24 @@ def test_long_prompts_taking_turns_at_the_chunk_never_block_the_fast_lane():
     for request in longs:
         assert request.output_token_ids == reference_generate(request.prompt_token_ids, 2)
     assert_all_blocks_free(scheduler)
+
+
+@pytest.mark.parametrize("seconds_per_token, chunk", [(1e-6, 64), (0.25 / 24, 24), (1.0, 8)])
+def test_a_long_prompt_alone_prefills_what_a_quarter_second_allows(seconds_per_token, chunk):
+    """Alone, a long prompt's chunk is the tokens the measured prefill cost fits in
+    LONE_PREFILL_STEP_S (at least the threshold, at most the budget): a short request
+    arriving meanwhile waits no longer than that step. The lane off: the whole budget."""
+    scheduler = make_scheduler(max_num_batched_tokens=64, short_prompt_threshold=8)
+    scheduler.costs.seconds_per_token = seconds_per_token
+    runner = FakeRunner(scheduler)
+    long = make_request("long", prompt_of(200, 1), max_tokens=2)
+    scheduler.add_request(long)
+    assert step(scheduler, runner) == {"long": chunk}
+    run(scheduler, runner)
+    assert long.output_token_ids == reference_generate(long.prompt_token_ids, 2)
+    assert_all_blocks_free(scheduler)
+
+    off = make_scheduler(max_num_batched_tokens=64, short_prompt_threshold=0)
+    off.costs.seconds_per_token = 1.0
+    off.add_request(make_request("long", prompt_of(200, 1), max_tokens=2))
+    assert step(off, FakeRunner(off)) == {"long": 64}
