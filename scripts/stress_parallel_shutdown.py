@@ -10,6 +10,7 @@ worker) and ``two-node`` (``--nnodes 2``: the server is node 0, a second launch 
 from __future__ import annotations
 
 import argparse
+import random
 import signal
 import subprocess
 import sys
@@ -36,12 +37,21 @@ def _one_request(url: str) -> None:
         raise RuntimeError(f"the request failed: {reply.status_code} {reply.text[:300]}")
 
 
+IDLE_MAX_SECONDS = [0.0]   # set from --idle-max: a random idle wait before SIGTERM
+
+
+def _idle() -> None:
+    """Let the server idle a random while, so SIGTERM also meets rank 0's pings."""
+    time.sleep(random.uniform(0.0, IDLE_MAX_SECONDS[0]))
+
+
 def run_tp2(model: str) -> dict[str, tuple[int, str]]:
     server = ServerProcess(["--model", model, "--served-model-name", "m",
                             "--tensor-parallel-size", "2", *ARGS])
     try:
         server.wait_ready()
         _one_request(server.url)
+        _idle()
         server.send_signal(signal.SIGTERM)
         return {"server": (server.wait_exit(90), server.output())}
     finally:
@@ -59,6 +69,7 @@ def run_two_nodes(model: str) -> dict[str, tuple[int, str]]:
     try:
         server.wait_ready()
         _one_request(server.url)
+        _idle()
         server.send_signal(signal.SIGTERM)
         codes = {"server": (server.wait_exit(90), server.output())}
         node1_code = node1.wait(timeout=90)
@@ -80,8 +91,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--idle-max", type=float, default=0.0,
+                        help="idle up to this many seconds (random) before SIGTERM")
     parser.add_argument("--show-logs", action="store_true", help="print every failed run's log")
     args = parser.parse_args()
+    IDLE_MAX_SECONDS[0] = args.idle_max
     model = str(make_tiny_model("qwen2", Path(tempfile.mkdtemp(prefix="ferry-stress-"))))
     failures = 0
     for layout in args.layouts:
