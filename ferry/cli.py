@@ -129,7 +129,9 @@ def serve(**kwargs: Any) -> None:
         _fail(missing_extra_message("serve", exc, "server"), 1)
 
     if _serves_other_ranks(config):
-        raise typer.Exit(_run_worker_node(config))
+        from ferry.distributed.teardown import exit_process
+
+        exit_process(_run_worker_node(config))   # not the interpreter's teardown: see there
     executor = engine_executor()   # the engine is built on the thread that will run it
     # POST /admin/reload and SIGHUP read the file again, with the same flags on top.
     source = ConfigSource(config_path, flags, use_env_api_key=True) if config_path else None

@@ -156,6 +156,10 @@ class ParallelConfig(ConfigPart):
     distributed_timeout_seconds: float = Field(
         120.0, gt=0, description="Seconds a collective may wait for the other ranks before "
                                  "it fails naming the rank (a hang or a dead peer)")
+    distributed_startup_timeout_seconds: float = Field(
+        300.0, gt=0, description="Seconds the ranks may wait for each other while they start "
+                                 "(join, self-test, loading); then collectives get "
+                                 "distributed_timeout_seconds")
     cpu_threads: int | None = Field(
         None, ge=1, description="CPU threads of the engine's matmuls and kernels (auto: the "
                                 "cores this process may use, from its CPU affinity and cgroup "

@@ -1,8 +1,9 @@
 """The collectives ferry uses, each turning a timeout or a dead peer into an error in words.
 
 Every call takes the ``ParallelContext``; with one rank in the group it does nothing (so
-a TP=1 model pays nothing). The timeout is the process group's
-(``distributed_timeout_seconds``), set when it was created.
+a TP=1 model pays nothing). The timeout is the process group's:
+``distributed_startup_timeout_seconds`` while the ranks start, then
+``distributed_timeout_seconds`` (``end_of_startup``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from ferry.distributed.state import ParallelContext
+from ferry.distributed.state import ParallelContext, set_serving_timeout
 
 
 class CollectiveError(RuntimeError):
@@ -28,7 +29,7 @@ def _named(ctx: ParallelContext, op: str) -> Iterator[None]:
     except RuntimeError as exc:  # DistBackendError and gloo's timeouts are RuntimeErrors
         raise CollectiveError(
             f"{op} failed on {ctx.layout.describe()} after at most "
-            f"{ctx.layout.timeout_seconds:.0f}s (distributed_timeout_seconds): another rank "
+            f"{ctx.timeout_seconds:.0f}s ({ctx.timeout_setting}): another rank "
             f"died, hung or is unreachable ({type(exc).__name__}: {str(exc).strip()[:300]})"
         ) from exc
 
@@ -116,3 +117,11 @@ def all_reduce_min(ctx: ParallelContext, value: int, what: str = "the KV block c
     with _named(ctx, f"all_reduce of {what}"):
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=ctx.cpu_group)
     return int(tensor.item())
+
+
+def end_of_startup(ctx: ParallelContext) -> None:
+    """Wait (start-up timeout) until every rank has loaded its part, then give the groups
+    the serving timeout: all ranks switch at the same point, so no rank waits for a slower
+    peer's loading under the short timeout."""
+    barrier(ctx)
+    set_serving_timeout(ctx)

@@ -1,7 +1,7 @@
 """The start-up all-reduce check: every rank sums a known tensor and times a larger one.
 
 A hang here (NCCL/RCCL misconfiguration, a firewall between nodes) fails start-up within
-``distributed_timeout_seconds`` with the rank named, instead of the first request
+``distributed_startup_timeout_seconds`` with the rank named, instead of the first request
 hanging. The figures (backend, latency, bus bandwidth) are logged and returned.
 """
 from __future__ import annotations

@@ -32,7 +32,8 @@ class RankLayout:
     local_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    timeout_seconds: float = 120.0
+    timeout_seconds: float = 120.0          # collectives while serving
+    startup_timeout_seconds: float = 300.0  # the rendezvous and the rest of start-up
     from_env: bool = False     # started by torchrun: join through its store (env://)
 
     @property
@@ -58,7 +59,8 @@ def layouts_from_config(parallel: Any) -> list[RankLayout]:
     (then this process is one rank, and torchrun started the others)."""
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     world = tp * pp
-    common = dict(tp_size=tp, pp_size=pp, timeout_seconds=parallel.distributed_timeout_seconds)
+    common = dict(tp_size=tp, pp_size=pp, timeout_seconds=parallel.distributed_timeout_seconds,
+                  startup_timeout_seconds=parallel.distributed_startup_timeout_seconds)
     if all(v in os.environ for v in ("RANK", "WORLD_SIZE")):
         env_world = int(os.environ["WORLD_SIZE"])
         if env_world != world:
@@ -87,7 +89,20 @@ class ParallelContext:
     pp_group: Any = None           # the ranks holding this tensor rank in every stage
     cpu_group: Any = None          # gloo group of all ranks, for pickled messages
     backend: str = "none"
+    serving: bool = False          # start-up is over: the groups have the serving timeout
     extras: dict = field(default_factory=dict)
+
+    @property
+    def timeout_seconds(self) -> float:
+        """The groups' timeout now: the start-up one until ``set_serving_timeout``."""
+        layout = self.layout
+        return layout.timeout_seconds if self.serving else layout.startup_timeout_seconds
+
+    @property
+    def timeout_setting(self) -> str:
+        """The config key of ``timeout_seconds``, for error messages."""
+        return ("distributed_timeout_seconds" if self.serving
+                else "distributed_startup_timeout_seconds")
 
     @property
     def rank(self) -> int:
@@ -134,12 +149,14 @@ def backend_for(device: torch.device) -> str:
 def init_distributed(layout: RankLayout, device: torch.device) -> ParallelContext:
     """Join the process group of ``layout.world_size`` ranks and build the groups.
 
-    Every rank must call this (it blocks until all have joined, up to the timeout).
-    Collectives get ``layout.timeout_seconds``; messages go over a gloo group on the CPU.
+    Every rank must call this (it blocks until all have joined, up to
+    ``layout.startup_timeout_seconds``: a rank may be slow to start on a loaded machine).
+    The groups keep that timeout until ``set_serving_timeout``; messages go over a gloo
+    group on the CPU.
     """
     set_current_device(device)
     backend = backend_for(device)
-    timeout = timedelta(seconds=layout.timeout_seconds)
+    timeout = timedelta(seconds=layout.startup_timeout_seconds)
     if not dist.is_initialized():
         # torchrun's agent already serves a store at MASTER_PORT: join it through env://
         init_method = "env://" if layout.from_env else f"tcp://{_host(layout)}"
@@ -167,6 +184,15 @@ def _host(layout: RankLayout) -> str:
     return f"[{addr}]:{layout.master_port}" if ":" in addr else f"{addr}:{layout.master_port}"
 
 
-def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def set_serving_timeout(ctx: ParallelContext) -> None:
+    """Give every group of ``ctx`` the serving timeout (``layout.timeout_seconds``), so a
+    peer that hangs while serving is reported quickly. Call it on every rank at the same
+    point (after a barrier), once start-up is over."""
+    if ctx.layout.world_size == 1:
+        ctx.serving = True
+        return
+    timeout = timedelta(seconds=ctx.layout.timeout_seconds)
+    groups = {id(g): g for g in (None, ctx.tp_group, ctx.pp_group, ctx.cpu_group)}
+    for group in groups.values():   # None: the default (world) group
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
+    ctx.serving = True

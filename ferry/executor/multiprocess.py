@@ -32,7 +32,8 @@ from typing import Any
 from ferry.checkpoint import load_hf_config, resolve_model_dir
 from ferry.config import EngineConfig, RuntimeConfig
 from ferry.distributed.collectives import CollectiveError
-from ferry.distributed.state import destroy_distributed, layouts_from_config
+from ferry.distributed.state import layouts_from_config
+from ferry.distributed.teardown import destroy_group, leave
 from ferry.executor.base import Executor
 from ferry.executor.rank_worker import RankWorker, broadcast
 from ferry.executor.worker_process import spawn_workers
@@ -140,7 +141,9 @@ class MultiprocessExecutor(Executor):
         return vars(self.rank0.lora.stats).copy() if self.rank0.lora is not None else {}
 
     def shutdown(self) -> None:
-        """Tell every rank to stop, wait for the local ones, leave the group."""
+        """Tell every rank to stop, leave the group in order (``distributed/teardown.py``),
+        wait for the local workers. A rank already gone is logged, not raised: a stop was
+        asked for, so the server still exits 0."""
         if self._closing:
             return
         self._closing = True
@@ -152,15 +155,19 @@ class MultiprocessExecutor(Executor):
         try:
             with self._lock:
                 broadcast(self.rank0.ctx, ("stop",))
+            told = True
         except Exception as exc:  # noqa: BLE001 - a broken group: the workers die with us
             logger.warning("could not tell the workers to stop: %s", exc)
+            told = False
+        if told:
+            leave(self.rank0.ctx)   # every rank leaves before rank 0, the store's host
         for process, writer in self._workers:
             process.join(timeout=10)
             if process.is_alive():
                 process.terminate()
                 process.join(timeout=5)
             writer.close()
-        destroy_distributed()
+        destroy_group()
 
     # ------------------------------------------------------------------ internals
     class _Call:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ferry.config import EngineConfig, RuntimeConfig
-from ferry.distributed.collectives import all_reduce_min, broadcast_object, recv_object, send_object
+from ferry.distributed.collectives import (all_reduce_min, broadcast_object, end_of_startup,
+                                           recv_object, send_object)
 from ferry.distributed.selftest import SelfTestResult, run_self_test
 from ferry.distributed.state import ParallelContext, RankLayout, init_distributed
 from ferry.lora.adapter_config import LoRAError
@@ -66,6 +67,9 @@ class RankWorker:
             loaded.model, lora.max_loras, lora.max_cpu_loras, lora.max_lora_rank, loaded.dtype,
             loaded.device) if lora.enabled else None
         self.runner: ModelRunner | None = None
+        # Loading may take much longer on one rank than another: the long start-up
+        # timeout until here, then the short one, so a hang while serving shows quickly.
+        end_of_startup(self.ctx)
 
     # --------------------------------------------------------------- the messages
     def profile(self) -> int:

@@ -19,7 +19,8 @@ from typing import Any
 
 from ferry.config import EngineConfig
 from ferry.distributed.collectives import CollectiveError
-from ferry.distributed.state import RankLayout, destroy_distributed
+from ferry.distributed.state import RankLayout
+from ferry.distributed.teardown import destroy_group, exit_process, leave
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def run_rank(config: EngineConfig, model_dir: Path, layout: RankLayout, ranks_on
     try:
         worker = RankWorker(config, model_dir, layout, ranks_on_node)
         worker.serve_messages()
-        stopping.set()
+        stopping.set()     # told to stop: rank 0 may exit (and close the pipe) from now on
+        leave(worker.ctx)  # in order with rank 0; a peer already gone is logged, not an error
         return 0
     except CollectiveError as exc:
         logger.error("%s", exc)
@@ -63,10 +65,7 @@ def run_rank(config: EngineConfig, model_dir: Path, layout: RankLayout, ranks_on
         return 1
     finally:
         stopping.set()
-        try:
-            destroy_distributed()
-        except Exception:  # noqa: BLE001 - the group may already be broken
-            pass
+        destroy_group()
 
 
 def spawned_worker_main(config: EngineConfig, model_dir: str, layout: RankLayout,
@@ -75,10 +74,7 @@ def spawned_worker_main(config: EngineConfig, model_dir: str, layout: RankLayout
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s rank{layout.rank} %(name)s: %(message)s")
-    code = run_rank(config, Path(model_dir), layout, ranks_on_node, pipe)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)   # skip interpreter teardown of torch's threads
+    exit_process(run_rank(config, Path(model_dir), layout, ranks_on_node, pipe))
 
 
 def spawn_workers(config: EngineConfig, model_dir: Path, layouts: list[RankLayout],

@@ -167,7 +167,7 @@ SETTING_KEYS = frozenset({
     "max_request_body_bytes", "request_timeout_seconds", "log_level", "web_ui",
     "debug_trace_dir", "debug_trace_max_tokens", "debug_trace_prompt",
     "debug_trace_entropy_jump", "debug_trace_top_k", "nnodes", "node_rank", "master_addr",
-    "master_port", "distributed_timeout_seconds",
+    "master_port", "distributed_timeout_seconds", "distributed_startup_timeout_seconds",
 })
 
 

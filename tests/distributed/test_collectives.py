@@ -1,5 +1,6 @@
-"""Collectives over gloo with 2 processes: the self-test's figures, and a rank that never
-joins an all-reduce makes the other fail within the timeout with an error naming it."""
+"""Collectives over gloo with 2 processes: a rank that joins later than the serving timeout
+still starts (the start-up timeout), the self-test's figures, and once serving, a rank that
+never joins an all-reduce makes the other fail within the short timeout, naming it."""
 from __future__ import annotations
 
 import socket
@@ -16,14 +17,20 @@ def _port() -> int:
 
 
 def _rank(rank: int, port: int, results) -> None:
-    from ferry.distributed.collectives import CollectiveError, tp_all_reduce
+    from ferry.distributed.collectives import CollectiveError, end_of_startup, tp_all_reduce
     from ferry.distributed.selftest import run_self_test
     from ferry.distributed.state import RankLayout, init_distributed
 
     torch.set_num_threads(1)
-    ctx = init_distributed(RankLayout(rank=rank, tp_size=2, master_port=port, timeout_seconds=3),
-                           torch.device("cpu"))
+    if rank == 1:
+        time.sleep(5)   # joins later than the 3 s serving timeout: start-up must wait
+    layout = RankLayout(rank=rank, tp_size=2, master_port=port, timeout_seconds=3,
+                        startup_timeout_seconds=60)
+    ctx = init_distributed(layout, torch.device("cpu"))
     test = run_self_test(ctx, torch.device("cpu"), size_bytes=2**20)
+    if rank == 1:
+        time.sleep(5)   # "loads" longer than the serving timeout too
+    end_of_startup(ctx)
     results.put((rank, "selftest", test.backend, test.bus_bandwidth_gbps))
     if rank == 1:
         time.sleep(8)   # never joins the all-reduce below
@@ -50,4 +57,5 @@ def test_self_test_and_a_hang_reported_naming_the_rank():
     assert len(tests) == 2 and all(g[2] == "gloo" and g[3] > 0 for g in tests)
     error = next(g for g in got if g[1] != "selftest")
     assert "rank 0/2" in error[1] and "tensor-parallel all_reduce" in error[1], error
-    assert error[3] < 10   # the 3 s timeout, not a hang
+    assert "distributed_timeout_seconds" in error[1], error
+    assert error[3] < 10   # the 3 s serving timeout, not the 60 s start-up one
