@@ -122,7 +122,8 @@ FEATURES: tuple[Feature, ...] = (
             note="gloo on the CPU only; NCCL/RCCL untested"),
     Feature("debug_trace:attention", "Attention debug trace (entropy, top-k per layer/head)",
             ("tests/kernels/test_attention_trace.py", "tests/test_debug_trace_e2e.py"),
-            note="one PyTorch op on every backend's q and paged K; no C++/Triton trace kernel"),
+            note="C++ trace kernel on the CPU; the PyTorch op on the reference and Triton "
+                 "backends' q and paged K (no Triton trace kernel)"),
     Feature("structured_output", "Structured output (JSON schema, regex, choice, grammars)",
             ("tests/structured_output/test_backends.py",
              "tests/structured_output/test_engine_constraints.py", "tests/runner/test_grammar_mask.py",
