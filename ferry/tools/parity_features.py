@@ -121,7 +121,8 @@ FEATURES: tuple[Feature, ...] = (
             "their layers)", ("tests/distributed/test_parallel_lora.py",),
             note="gloo on the CPU only; NCCL/RCCL untested"),
     Feature("debug_trace:attention", "Attention debug trace (entropy, top-k per layer/head)",
-            ("tests/kernels/test_attention_trace.py", "tests/test_debug_trace_e2e.py"),
+            ("tests/kernels/test_attention_trace.py", "tests/test_debug_trace_e2e.py",
+             "tests/server/test_debug_trace_stream_http.py"),
             note="C++ trace kernel on the CPU; the PyTorch op on the reference and Triton "
                  "backends' q and paged K (no Triton trace kernel)"),
     Feature("structured_output", "Structured output (JSON schema, regex, choice, grammars)",
