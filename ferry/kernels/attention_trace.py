@@ -9,8 +9,9 @@ any attention backend (reference, C++, Triton) on that backend's q and KV cache.
 
 The runner asks for it through ``AttentionMetadata.trace_rows`` (runner/attention_tracing.py)
 and ``kernels.attention_trace`` dispatches it: on the cpu backend to the C++ kernel
-(``cpu/csrc/attention_trace.cpp``, tested against this op), on the reference and Triton
-backends to this op (no Triton kernel yet: this one runs on Triton's q and K).
+(``cpu/csrc/attention_trace.cpp``), on GPUs to the Triton kernel
+(``triton/attention_trace.py``), both tested against this op; on the reference backend
+to this op.
 """
 from __future__ import annotations
 

@@ -94,7 +94,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("kernel:lora_expand", "Segmented LoRA expand", ("tests/kernels/test_lora_kernels.py",),
             ("lora_expand_kernel",)),
     Feature("kernel:attention_trace", "Attention trace op (entropy, top-k)",
-            ("tests/kernels/test_attention_trace.py",)),
+            ("tests/kernels/test_attention_trace.py",), ("attention_trace_kernel",),
+            gpu_tests=("tests/kernels/test_triton_attention_trace.py",)),
     Feature("quant:gptq_int4", "GPTQ int4 weights", (QF, QE)),
     Feature("quant:gptq_int8", "GPTQ int8 weights", (QF,)),
     Feature("quant:awq_int4", "AWQ int4 weights", (QF, QE)),
@@ -123,8 +124,10 @@ FEATURES: tuple[Feature, ...] = (
     Feature("debug_trace:attention", "Attention debug trace (entropy, top-k per layer/head)",
             ("tests/kernels/test_attention_trace.py", "tests/test_debug_trace_e2e.py",
              "tests/server/test_debug_trace_stream_http.py"),
-            note="C++ trace kernel on the CPU; the PyTorch op on the reference and Triton "
-                 "backends' q and paged K (no Triton trace kernel)"),
+            ("attention_trace_kernel",),
+            note="a C++ trace kernel on the CPU, a Triton one on GPUs (interpreter-tested "
+                 "and compiled ahead of time; never run on a GPU), the PyTorch op on the "
+                 "reference backend", gpu_tests=("tests/kernels/test_triton_attention_trace.py",)),
     Feature("structured_output", "Structured output (JSON schema, regex, choice, grammars)",
             ("tests/structured_output/test_backends.py",
              "tests/structured_output/test_engine_constraints.py", "tests/runner/test_grammar_mask.py",
