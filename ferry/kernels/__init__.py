@@ -70,9 +70,12 @@ def paged_attention(query, kv_cache, meta, scale, sliding_window=None):
 
 
 def attention_trace(query, kv_cache, meta, scale, rows, sliding_window=None):
-    """The attention debug trace of ``rows`` (entropy, top-k). One PyTorch op for every
-    backend: it reads the q and the paged K the backend's attention read."""
-    return _trace.attention_trace(query, kv_cache, meta, scale, rows, rows.top_k, sliding_window)
+    """The attention debug trace of ``rows`` (entropy, top-k) from the q and the paged K the
+    backend's attention read: the C++ or Triton kernel of that backend; on the reference
+    backend the PyTorch op ``kernels/attention_trace.py``, the others' reference."""
+    ops = _ops_for(query)
+    trace = getattr(ops, "attention_trace", _trace.attention_trace)
+    return trace(query, kv_cache, meta, scale, rows, rows.top_k, sliding_window)
 
 
 def rms_norm(x, weight, eps):

@@ -7,8 +7,11 @@ and sliding-window visibility and the same scale, in float32; only for the rows 
 so a step with no traced row costs nothing. A device-agnostic PyTorch op: it runs beside
 any attention backend (reference, C++, Triton) on that backend's q and KV cache.
 
-The runner asks for it through ``AttentionMetadata.trace_rows`` (runner/attention_tracing.py).
-The C++ and Triton versions of this op are not written yet: this one runs on their q and K.
+The runner asks for it through ``AttentionMetadata.trace_rows`` (runner/attention_tracing.py)
+and ``kernels.attention_trace`` dispatches it: on the cpu backend to the C++ kernel
+(``cpu/csrc/attention_trace.cpp``), on GPUs to the Triton kernel
+(``triton/attention_trace.py``), both tested against this op; on the reference backend
+to this op.
 """
 from __future__ import annotations
 
@@ -34,8 +37,9 @@ class TraceRows:
 @dataclass
 class AttentionTrace:
     """Per traced row and head: ``entropy`` (R, H) in nats; ``top_positions`` (R, H, k)
-    int64 and ``top_weights`` (R, H, k) float32, by weight descending; a row that sees
-    fewer than k keys is padded with position -1 and weight 0."""
+    int64 and ``top_weights`` (R, H, k) float32, by weight descending, of equal weights
+    the lower position first; a row that sees fewer than k keys is padded with position
+    -1 and weight 0."""
 
     entropy: torch.Tensor
     top_positions: torch.Tensor
@@ -84,9 +88,11 @@ def attention_trace(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         probs = torch.softmax(scores, dim=-1)                                # (H, L)
         entropy[i] = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
         k = min(top_k, probs.shape[1])
-        weights, index = probs.topk(k, dim=-1)                               # (H, k)
-        top_weights[i, :, :k] = weights
-        top_positions[i, :, :k] = key_positions[index]
+        # A stable sort, not topk (whose order of ties is unspecified): of equal weights
+        # the lower position comes first, as in the C++ kernel.
+        weights, index = probs.sort(dim=-1, descending=True, stable=True)    # (H, L)
+        top_weights[i, :, :k] = weights[:, :k]
+        top_positions[i, :, :k] = key_positions[index[:, :k]]
     return AttentionTrace(entropy, top_positions, top_weights)
 
 

@@ -13,7 +13,7 @@ from ferry.server.errors import APIError, sse_error_event
 from ferry.server.protocol import ChatCompletionRequest
 from ferry.server.tool_calls.extract import calls_of, new_call_id, tool_call_dicts
 from ferry.server.tool_calls.stream import ToolCallStream
-from ferry.server.trace_store import completion_trace
+from ferry.server.trace_store import StreamedTraces, completion_trace
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
                                          ServerState, StreamUsage, add_or_raise,
                                          before_deadline, chat_logprobs, check_capacity,
@@ -103,19 +103,23 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, request_id: s
     tool_streams = ([ToolCallStream(mode, state.tool_parser) for _ in range(body.n)]
                     if mode.kind != "none" else None)
     stream_usage = StreamUsage()
+    traces = StreamedTraces(blank={"delta": {}})
     try:
         async for _, output in merge_streams([stream]):
             stream_usage.observe(0, output)
             running = stream_usage.value() if continuous else None
             for completion in output.outputs:
                 if tool_streams is not None:
-                    for choice in _tool_choices(tool_streams[completion.index],
-                                                trackers[completion.index], completion):
-                        yield chunk([choice], running)
-                    continue
-                choice = _delta_choice(state, body, trackers[completion.index], completion)
-                if choice is not None:
+                    choices = _tool_choices(tool_streams[completion.index],
+                                            trackers[completion.index], completion)
+                else:
+                    choice = _delta_choice(state, body, trackers[completion.index], completion)
+                    choices = [] if choice is None else [choice]
+                for choice in choices:
+                    traces.on_choice(choice, output.debug_trace, completion.index)
                     yield chunk([choice], running)
+            for choice in traces.owed(output.debug_trace):   # n > 1: choices done earlier
+                yield chunk([choice], running)
         if body.include_usage:
             yield chunk([], stream_usage.value())
     except STREAM_ERRORS as exc:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ferry.outputs import CompletionOutput, RequestOutput
 from ferry.server.errors import APIError, sse_error_event
-from ferry.server.trace_store import completion_trace
+from ferry.server.trace_store import StreamedTraces, completion_trace
 from ferry.server.protocol import CompletionRequest
 from ferry.server.serving_common import (SSE_DONE, SSE_HEADERS, STREAM_ERRORS, DeltaTracker,
                                          ServerState, StreamUsage, add_or_raise, before_deadline,
@@ -105,6 +105,7 @@ async def _stream(state: ServerState, body: CompletionRequest, request_id: str,
     continuous = bool(body.stream_options and body.stream_options.continuous_usage_stats)
 
     chunk = chunk_writer("text_completion", request_id, body.model, body.include_usage)
+    traces = [StreamedTraces(blank={"text": ""}) for _ in streams]   # one request per prompt
 
     try:
         async for prompt_index, output in merge_streams(streams):
@@ -114,7 +115,10 @@ async def _stream(state: ServerState, body: CompletionRequest, request_id: str,
                 index = prompt_index * body.n + completion.index
                 choice = _delta_choice(state, body, trackers, index, output, completion)
                 if choice is not None:
+                    traces[prompt_index].on_choice(choice, output.debug_trace, completion.index)
                     yield chunk([choice], running_usage)
+            for choice in traces[prompt_index].owed(output.debug_trace):   # n > 1
+                yield chunk([choice], running_usage)
         if body.include_usage:
             yield chunk([], stream_usage.value())
     except STREAM_ERRORS as exc:

@@ -49,3 +49,37 @@ def completion_trace(trace: dict | None, index: int) -> Any:
         return trace
     completions = trace["completions"]
     return completions[index] if index < len(completions) else None
+
+
+class StreamedTraces:
+    """A traced request's trace in its SSE stream, shaped as in the non-streamed response
+    (``choices[i].debug_trace``): on the chunk that finishes choice i when the trace is
+    ready by then (always with n = 1: the engine attaches it to the request's last output),
+    else, for a choice that finished before the request did (n > 1), on a chunk of its own
+    when the request finishes, with an empty delta and the choice's ``finish_reason``
+    repeated. Untraced streams are unchanged."""
+
+    def __init__(self, blank: dict[str, Any]) -> None:
+        self._blank = blank                               # the empty delta of a chunk's choice
+        self._owed: dict[int, tuple[int, str | None]] = {}   # choice -> (completion, finish)
+
+    def on_choice(self, choice: dict[str, Any], trace: dict | None, completion: int) -> None:
+        """``choice``: a chunk's choice for completion ``completion`` of a request whose
+        output carries ``trace`` (None until the request finishes); it finishes the
+        choice when its ``finish_reason`` is set."""
+        if choice.get("finish_reason") is None:
+            return
+        if trace is not None:
+            choice["debug_trace"] = completion_trace(trace, completion)
+        else:
+            self._owed[choice["index"]] = (completion, choice.get("finish_reason"))
+
+    def owed(self, trace: dict | None) -> list[dict[str, Any]]:
+        """The choices still owed their trace, once ``trace`` (the request's) is there."""
+        if trace is None or not self._owed:
+            return []
+        choices = [{"index": index, **self._blank, "logprobs": None, "finish_reason": finish,
+                    "debug_trace": completion_trace(trace, completion)}
+                   for index, (completion, finish) in sorted(self._owed.items())]
+        self._owed.clear()
+        return choices

@@ -74,12 +74,13 @@ def all_variants(target: str, dtypes: Iterable[str] | None = None) -> list[Any]:
     # By module path: the package re-exports functions under the same names as the modules.
     modules = {name: importlib.import_module(f"ferry.kernels.triton.{name}") for name in (
         "write_kv_cache", "paged_decode", "paged_prefill", "rms_norm", "fused_add_rms_norm",
-        "rotary", "silu_and_mul", "wna16", "lora")}
+        "rotary", "silu_and_mul", "wna16", "lora", "attention_trace")}
     factories = [modules["write_kv_cache"].aot_variants, modules["paged_decode"].aot_variants,
                  modules["paged_decode"].aot_reduce_variants, modules["paged_prefill"].aot_variants,
                  modules["rms_norm"].aot_variants, modules["fused_add_rms_norm"].aot_variants,
                  modules["rotary"].aot_variants, modules["silu_and_mul"].aot_variants,
-                 modules["wna16"].aot_variants, modules["lora"].aot_variants]
+                 modules["wna16"].aot_variants, modules["lora"].aot_variants,
+                 modules["attention_trace"].aot_variants]
     return [v for dtype in (dtypes or AOT_DTYPES) for factory in factories
             for v in factory(dtype, target)]
 

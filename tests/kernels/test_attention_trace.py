@@ -6,7 +6,11 @@ kernels or on the PyTorch reference; at every attention call the trace op reads 
 call's query and paged KV cache. For every layer, head and position (prompt tokens and
 the generated tokens fed back), the entropy and the top-k weights must equal those of HF's
 attention probabilities within 1e-4 (float32), and each top-k position must carry in HF
-the weight ferry reports (ties may order differently).
+the weight ferry reports (ties may order differently). On the C++ backend the trace is the
+C++ kernel's (ferry/kernels/cpu/csrc/attention_trace.cpp), taken through the dispatch.
+
+Then the C++ kernel against the PyTorch op on random paged caches: float32 and bfloat16,
+GQA, scattered block tables, sliding windows, ties (the lower position first in both).
 """
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ import pytest
 import torch
 
 import ferry.kernels
-from ferry.kernels import reference
+from attention_cases import MIXED_QUERY_LENS, MIXED_SEQ_LENS, make_batch
+from ferry.kernels import cpu, reference
+from ferry.kernels.cpu import build
 from ferry.engine.debug_trace import entropy_jumps
-from ferry.kernels.attention_trace import attention_trace, rows_of_sequences
+from ferry.kernels.attention_trace import TraceRows, attention_trace, rows_of_sequences
 
 TOP_K = 4
 ATOL = 1e-4
@@ -33,6 +39,11 @@ def _traced_run(model_dir: str, prompt: list[int], max_tokens: int, monkeypatch,
         for name in ferry.kernels.OP_NAMES:
             monkeypatch.setattr(ferry.kernels, name, getattr(reference, name))
     attend = ferry.kernels.paged_attention
+    # The reference backend: the PyTorch op; the C++ one: whatever the dispatch picks (the
+    # C++ kernel, which test_trace_matches_hf_eager_attention checks did run).
+    trace_op = ((lambda q, kv, meta, scale, rows, window:
+                 attention_trace(q, kv, meta, scale, rows, rows.top_k, window))
+                if backend == "reference" else ferry.kernels.attention_trace)
     records: dict[tuple[int, int], tuple] = {}
     calls = defaultdict(int)
 
@@ -40,8 +51,9 @@ def _traced_run(model_dir: str, prompt: list[int], max_tokens: int, monkeypatch,
         out = attend(query, kv_cache, meta, scale, sliding_window)
         layer = calls["n"] % num_layers
         calls["n"] += 1
-        rows = rows_of_sequences(meta, list(range(meta.num_seqs)), include_prompt=True)
-        trace = attention_trace(query, kv_cache, meta, scale, rows, TOP_K, sliding_window)
+        rows = rows_of_sequences(meta, list(range(meta.num_seqs)), include_prompt=True,
+                                 top_k=TOP_K)
+        trace = trace_op(query, kv_cache, meta, scale, rows, sliding_window)
         for i, position in enumerate(rows.positions):
             records[(layer, position)] = (trace.entropy[i], trace.top_positions[i],
                                           trace.top_weights[i])
@@ -76,7 +88,10 @@ def test_trace_matches_hf_eager_attention(tiny_model_dir, monkeypatch, backend, 
     model_dir = str(tiny_model_dir(arch, **overrides))
     rng = random.Random(1)
     prompt = [rng.randrange(3, 256) for _ in range(13)]          # two chunks of 8, then decodes
+    kernel_calls = _spy_on_cpp_kernel(monkeypatch) if backend == "cpp" else None
     tokens, records, num_layers = _traced_run(model_dir, prompt, 5, monkeypatch, backend)
+    if kernel_calls is not None:
+        assert len(kernel_calls) == num_layers * 6               # 2 chunks + 4 fed-back tokens
     ids = prompt + tokens[:-1]                                   # the last token is never fed
     attentions = _hf_attentions(model_dir, ids)
     assert len(attentions) == num_layers
@@ -119,3 +134,126 @@ def test_only_the_rows_asked_for_are_traced():
 def test_entropy_jumps_flag_the_token_after_the_change():
     assert entropy_jumps([1.0, 1.1, 2.5, 2.4, 0.9], threshold=1.0) == [2, 4]
     assert entropy_jumps([1.0], threshold=0.1) == []
+
+
+# ------------------------------------------------- the C++ kernel against the PyTorch op
+def _cpp_kernels_or_skip() -> None:
+    if build.find_compiler() is None or not cpu.available():
+        pytest.skip("the C++ CPU kernels are not available here")
+
+
+def _spy_on_cpp_kernel(monkeypatch) -> list[int]:
+    """Counts the calls into the compiled ``ferry_attention_trace`` (each returns its status)."""
+    _cpp_kernels_or_skip()
+    from ferry.kernels.cpu._lib import functions
+
+    calls: list[int] = []
+    kernel = functions().attention_trace
+    monkeypatch.setattr(functions(), "attention_trace",
+                        lambda *args: calls.append(kernel(*args)) or calls[-1])
+    return calls
+
+
+def _assert_same_trace(got, want, entropy_atol: float = 1e-5) -> None:
+    """Entropy and weights within float32 rounding; positions equal wherever the reference's
+    weights at neighbouring ranks are not within rounding of each other (a near-tie may
+    order either way: there, the kernel's position must carry the reference's weight)."""
+    torch.testing.assert_close(got.entropy, want.entropy, atol=entropy_atol, rtol=0)
+    torch.testing.assert_close(got.top_weights, want.top_weights, atol=1e-6, rtol=0)
+    gaps = want.top_weights.diff(dim=-1).abs()
+    near_tie = torch.zeros_like(want.top_weights, dtype=torch.bool)
+    near_tie[..., 1:] |= gaps < 1e-6
+    near_tie[..., :-1] |= gaps < 1e-6
+    assert torch.equal(got.top_positions[~near_tie], want.top_positions[~near_tie])
+    assert got.top_positions.dtype == torch.int64 and got.top_weights.dtype == torch.float32
+
+
+def _all_rows(meta) -> TraceRows:
+    return rows_of_sequences(meta, list(range(meta.num_seqs)), include_prompt=True, top_k=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (6, 2), (8, 1)])
+@pytest.mark.parametrize("window", [None, 3, 9])
+def test_cpp_kernel_matches_the_pytorch_op(dtype, num_heads, num_kv_heads, window):
+    """Decodes at block-boundary lengths, prompts, chunks on a cached prefix: every row of
+    every sequence, blocks scattered over the cache, a row seeing fewer keys than top-k."""
+    _cpp_kernels_or_skip()
+    meta, cache = make_batch(MIXED_QUERY_LENS, MIXED_SEQ_LENS, num_kv_heads, 24, dtype, "cpu",
+                             seed=num_heads + (window or 0))
+    query = torch.randn(sum(MIXED_QUERY_LENS), num_heads, 24,
+                        generator=torch.Generator().manual_seed(7)).to(dtype)
+    rows = _all_rows(meta)
+    got = cpu.attention_trace(query, cache, meta, 0.2, rows, rows.top_k, window)
+    want = attention_trace(query, cache, meta, 0.2, rows, rows.top_k, window)
+    _assert_same_trace(got, want)
+    assert (got.top_positions[rows.positions.index(0), :, 1:] == -1).all()   # sees one key
+
+
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 4)])
+def test_cpp_kernel_on_a_long_sequence_and_a_strided_query(head_dim, block_size):
+    """A 70-token prefix under 40 new tokens; q a view into a fused qkv projection (the
+    layer's layout, read in place); a few chosen rows only, not in batch order."""
+    _cpp_kernels_or_skip()
+    meta, cache = make_batch([1, 40], [70, 75], 2, head_dim, torch.float32, "cpu", seed=3,
+                             block_size=block_size)
+    qkv = torch.randn(41, (4 + 2 * 2) * head_dim)
+    query = qkv[:, :4 * head_dim].view(41, 4, head_dim)
+    assert not query.is_contiguous()
+    rows = TraceRows(rows=[40, 0, 3], seqs=[1, 0, 1], positions=[74, 69, 37], top_k=8)
+    _assert_same_trace(cpu.attention_trace(query, cache, meta, head_dim ** -0.5, rows, 8, 21),
+                       attention_trace(query, cache, meta, head_dim ** -0.5, rows, 8, 21))
+
+
+def test_ties_list_the_lower_position_first_in_both():
+    """A zero query sees every key with the same weight; a block table naming one block
+    three times gives each key three equal copies. Both ops list ties by position."""
+    _cpp_kernels_or_skip()
+    meta, cache = make_batch([1, 1], [9, 12], 2, 8, torch.float32, "cpu", seed=4)
+    meta.block_tables[1, :3] = meta.block_tables[1, 0]           # positions p, p+4, p+8 alike
+    query = torch.randn(2, 4, 8)
+    query[0] = 0
+    rows = TraceRows(rows=[0, 1], seqs=[0, 1], positions=[8, 11], top_k=6)
+    for op in (cpu.attention_trace, attention_trace):
+        trace = op(query, cache, meta, 0.5, rows, 6, None)
+        assert trace.top_positions[0].tolist() == [[0, 1, 2, 3, 4, 5]] * 4
+        torch.testing.assert_close(trace.top_weights[0], torch.full((4, 6), 1 / 9))
+        for head in trace.top_positions[1].tolist():         # three copies of each of 2 keys
+            assert sorted(p % 4 for p in head) == sorted([head[0] % 4] * 3 + [head[3] % 4] * 3)
+            assert head[:3] == sorted(head[:3]) and head[3:] == sorted(head[3:])
+    _assert_same_trace(cpu.attention_trace(query, cache, meta, 0.5, rows, 6, None),
+                       attention_trace(query, cache, meta, 0.5, rows, 6, None))
+
+
+def test_dispatch_runs_the_cpp_kernel_on_cpu_tensors(monkeypatch):
+    calls = _spy_on_cpp_kernel(monkeypatch)
+    meta, cache = make_batch([1, 5], [9, 5], 2, 16, torch.bfloat16, "cpu", seed=5)
+    query = torch.randn(6, 4, 16).to(torch.bfloat16)
+    rows = _all_rows(meta)
+    got = ferry.kernels.attention_trace(query, cache, meta, 0.25, rows, None)
+    assert calls == [0]
+    _assert_same_trace(got, attention_trace(query, cache, meta, 0.25, rows, rows.top_k))
+
+
+def test_dtypes_the_kernel_does_not_take_go_to_the_pytorch_op(monkeypatch):
+    calls = _spy_on_cpp_kernel(monkeypatch)
+    meta, cache = make_batch([3], [3], 1, 8, torch.float16, "cpu", seed=6)
+    query = torch.randn(3, 2, 8).to(torch.float16)
+    rows = _all_rows(meta)
+    got = ferry.kernels.attention_trace(query, cache, meta, 0.25, rows, None)
+    assert calls == []
+    _assert_same_trace(got, attention_trace(query, cache, meta, 0.25, rows, rows.top_k))
+
+
+def test_rows_outside_the_cache_are_refused_not_read():
+    _cpp_kernels_or_skip()
+    meta, cache = make_batch([1], [6], 1, 8, torch.float32, "cpu", seed=8)
+    query = torch.randn(1, 1, 8)
+    meta.block_tables[0, 1] = cache.shape[1] + 100               # a block past the cache
+    with pytest.raises(ValueError, match="rejected its arguments"):
+        cpu.attention_trace(query, cache, meta, 1.0, TraceRows([0], [0], [5]), 8, None)
+    too_long = TraceRows([0], [0], [meta.block_tables.shape[1] * meta.block_size])
+    with pytest.raises(ValueError, match="rejected its arguments"):
+        cpu.attention_trace(query, cache, meta, 1.0, too_long, 8, None)
+    with pytest.raises(ValueError, match="outside the batch"):
+        cpu.attention_trace(query, cache, meta, 1.0, TraceRows([1], [0], [0]), 8, None)

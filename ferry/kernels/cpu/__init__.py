@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ferry.kernels.cpu.build import load_library
 from ferry.kernels.cpu.attention import paged_attention
+from ferry.kernels.cpu.attention_trace import attention_trace
 from ferry.kernels.cpu.dense import dense_linear
 from ferry.kernels.cpu.elementwise import (apply_rotary, fused_add_rms_norm, rms_norm,
                                            silu_and_mul, write_kv_cache)
@@ -21,6 +22,6 @@ def available() -> bool:
     return load_library() is not None
 
 
-__all__ = ["apply_rotary", "available", "bf16_weight_linear", "dense_linear", "fused_add_rms_norm", "lora_expand",
+__all__ = ["apply_rotary", "attention_trace", "available", "bf16_weight_linear", "dense_linear", "fused_add_rms_norm", "lora_expand",
            "lora_shrink", "paged_attention", "rms_norm", "silu_and_mul", "wna16_linear",
            "write_kv_cache"]
