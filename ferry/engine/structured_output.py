@@ -13,8 +13,10 @@ The rules:
   matcher fills the request's row of the step's bitmask (numpy int32), which travels in
   ``SchedulerOutput.grammar_bitmask`` to the runner's sampler;
 - constrained requests verify no drafts (their masks would depend on drafts not yet
-  accepted), and with async scheduling their token in flight reaches the host first
-  (``SamplingParams.reads_output_tokens``).
+  accepted); with async scheduling their mask waits for their token in flight, which the
+  engine collects while the next step's forward pass runs (``Engine.step``; on an
+  executor that cannot defer sampling, before scheduling, as
+  ``SamplingParams.reads_output_tokens`` says).
 """
 from __future__ import annotations
 
