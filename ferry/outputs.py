@@ -64,7 +64,9 @@ class ScheduledRequest:
 class GrammarBitmask:
     """The allowed next tokens of a step's constrained requests: row ``i`` of ``bitmask``
     (a numpy (K, ceil(V / 32)) int32 array; bit ``t % 32`` of word ``t // 32`` set = token
-    ``t`` allowed) is for ``request_ids[i]``. Built on the host by the engine."""
+    ``t`` allowed) is for ``request_ids[i]``. A request that verifies k drafts has k + 1
+    consecutive rows, one per sampled position (row j: after its first j drafts). Built on
+    the host by the engine."""
 
     request_ids: list[str]
     bitmask: Any

@@ -184,7 +184,9 @@ class SamplingParams:
     def reads_output_tokens(self) -> bool:
         """True when a logits processor reads this request's output tokens on the host
         (penalties; a grammar, whose next mask depends on them). With async scheduling such a
-        request is not scheduled again until its token in flight is known."""
+        request is not scheduled again until its token in flight is known, except that a
+        grammar alone waits only before sampling where the executor can defer it
+        (``Engine._launch_before_mask``)."""
         return self.has_penalties or self.structured_outputs is not None
 
     def clone(self, **changes) -> "SamplingParams":

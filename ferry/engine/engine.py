@@ -93,6 +93,11 @@ class Engine:
         self.async_scheduling = (mode == "on" or (mode == "auto" and self.runtime.is_gpu)) and (
             getattr(executor, "supports_async_scheduling", True))
         self._in_flight: tuple[SchedulerOutput, object] | None = None
+        # A constrained request's mask for step N+1 is computed while N runs: the executor
+        # launches N+1's forward, then samples it once the mask is known.
+        self._defers_sampling = self.async_scheduling and getattr(
+            executor, "supports_deferred_sampling", False)
+        self.num_deferred_samplings = 0   # steps launched before their masks (a counter)
         costs = PreemptionCosts(copy_bytes_per_second=self.runtime.kv_copy_bytes_per_second
                                 or DEFAULT_COPY_BYTES_PER_SECOND)
         self.scheduler = Scheduler(config.scheduler, config.cache,
@@ -203,15 +208,43 @@ class Engine:
             sched_out = self._schedule()
             return failed + self._finish_step(sched_out, self.executor.execute(sched_out))
         outputs: list[RequestOutput] = []
-        if self._in_flight is not None and self.scheduler.has_host_tokens_in_flight():
+        if self._in_flight is not None and self.scheduler.has_host_tokens_in_flight(
+                grammar_overlaps=self._defers_sampling):
             outputs = self._finish_in_flight()   # e.g. penalties need every token on the host
-        sched_out = self._schedule()
-        pending = self.executor.launch(sched_out)
+        sched_out = self.scheduler.schedule()
         previous = self._in_flight
+        if previous is not None and self._mask_waits_for_tokens(sched_out):
+            outputs, pending = self._launch_before_mask(sched_out, previous)
+            previous = None
+        else:
+            sched_out.grammar_bitmask = self.structured_output.bitmask(sched_out, self.vocab_size)
+            pending = self.executor.launch(sched_out)
         self._in_flight = None if sched_out.is_empty else (sched_out, pending)
         if previous is not None:
             outputs = self._finish_step(previous[0], self.executor.collect(previous[1]))
         return failed + outputs
+
+    def _mask_waits_for_tokens(self, sched_out: SchedulerOutput) -> bool:
+        """Whether a constrained request samples this step with its previous token still
+        in flight (its mask depends on that token) and the executor can wait for it."""
+        if not self._defers_sampling:
+            return False
+        so = self.structured_output
+        return any(s.sample and s.num_placeholders and so.is_constrained(s.request_id)
+                   for s in sched_out.scheduled)
+
+    def _launch_before_mask(self, sched_out: SchedulerOutput,
+                            previous: tuple[SchedulerOutput, object]
+                            ) -> tuple[list[RequestOutput], object]:
+        """Launch the step's forward pass, finish the step in flight while the device runs
+        it (its tokens advance the matchers), then sample with the masks they give.
+        Returns the finished step's outputs and the new step's handle."""
+        pending = self.executor.launch_deferred(sched_out)
+        self.num_deferred_samplings += 1
+        outputs = self._finish_step(previous[0], self.executor.collect(previous[1]))
+        sched_out.grammar_bitmask = self.structured_output.bitmask(sched_out, self.vocab_size)
+        self.executor.sample_deferred(pending, sched_out.grammar_bitmask)
+        return outputs, pending
 
     def has_unfinished_requests(self) -> bool:
         return (self.scheduler.has_unfinished_requests() or self._in_flight is not None

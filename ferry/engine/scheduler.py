@@ -171,10 +171,14 @@ class Scheduler(WaitingAdmission, Preemption):
     def num_unfinished_requests(self) -> int:
         return len(self.running) + len(self.waiting)
 
-    def has_host_tokens_in_flight(self) -> bool:
-        """True when a request whose logits processors read its output tokens (penalties)
-        waits for a token still being sampled: that step must be finished first."""
-        return any(request.num_output_placeholders and request.sampling_params.reads_output_tokens
+    def has_host_tokens_in_flight(self, grammar_overlaps: bool = False) -> bool:
+        """True when a request whose logits processors read its output tokens (penalties,
+        a grammar) waits for a token still being sampled: that step must be finished
+        first. ``grammar_overlaps``: the engine computes a grammar's mask while the next
+        step runs (deferred sampling), so a grammar alone does not count."""
+        def reads(params) -> bool:
+            return params.has_penalties if grammar_overlaps else params.reads_output_tokens
+        return any(request.num_output_placeholders and reads(request.sampling_params)
                    for request in self.running)
 
     def get_request(self, request_id: str) -> Request | None:

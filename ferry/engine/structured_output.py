@@ -12,9 +12,13 @@ The rules:
 - after each step the request's new tokens advance its matcher; before each step the
   matcher fills the request's row of the step's bitmask (numpy int32), which travels in
   ``SchedulerOutput.grammar_bitmask`` to the runner's sampler;
-- constrained requests verify no drafts (their masks would depend on drafts not yet
-  accepted), and with async scheduling their token in flight reaches the host first
-  (``SamplingParams.reads_output_tokens``).
+- a constrained request that verifies drafts gets one mask row per sampled position:
+  the matcher advances through the drafts to fill them, then rolls back (the step's
+  tokens advance it for real). Rows after a draft the grammar forbids copy the row before:
+  that draft cannot be sampled, so those rows are thrown away; with async scheduling their mask waits for their token in flight, which the
+  engine collects while the next step's forward pass runs (``Engine.step``; on an
+  executor that cannot defer sampling, before scheduling, as
+  ``SamplingParams.reads_output_tokens`` says).
 """
 from __future__ import annotations
 
@@ -109,7 +113,6 @@ class StructuredOutputManager:
                 logger.error("request %s: token %d is outside its grammar",
                              request.request_id, token_id)
                 break
-        request.spec_token_ids = []   # no drafts for constrained requests (module docstring)
         if request.is_finished:
             self._matchers.pop(request.request_id, None)
 
@@ -117,17 +120,36 @@ class StructuredOutputManager:
         """The rows of this step's constrained requests that sample, or None."""
         if not self._matchers:
             return None   # no constrained request: nothing to look up, every step
-        ids = [s.request_id for s in output.scheduled
-               if s.sample and s.request_id in self._matchers]
-        if not ids:
+        sampling = [s for s in output.scheduled if s.sample and s.request_id in self._matchers]
+        if not sampling:
             return None
-        words = (vocab_size + 31) // 32
-        rows = np.zeros((len(ids), words), dtype=np.int32)  # (K, W)
-        matchers = [self._matchers[request_id] for request_id in ids]
+        ids = [s.request_id for s in sampling for _ in range(1 + len(s.spec_token_ids))]
+        rows = np.zeros((len(ids), (vocab_size + 31) // 32), dtype=np.int32)  # (K, W)
+        plain = [s for s in sampling if not s.spec_token_ids]
         fill = getattr(self.compiler, "fill_bitmasks", None)
-        if fill is not None:
-            fill(matchers, rows)
-        else:
-            for index, matcher in enumerate(matchers):
-                matcher.fill_bitmask(rows, index)
+        if fill is not None and len(plain) == len(sampling):
+            fill([self._matchers[s.request_id] for s in sampling], rows)
+            return GrammarBitmask(ids, rows)
+        row = 0
+        for scheduled in sampling:
+            matcher = self._matchers[scheduled.request_id]
+            _fill_draft_rows(matcher, scheduled.spec_token_ids, rows, row)
+            row += 1 + len(scheduled.spec_token_ids)
         return GrammarBitmask(ids, rows)
+
+
+def _fill_draft_rows(matcher: Any, drafts: list[int], rows: np.ndarray, start: int) -> None:
+    """Rows ``start .. start + len(drafts)``: the mask before each draft and after the last,
+    the matcher advanced through the drafts and rolled back after."""
+    matcher.fill_bitmask(rows, start)
+    accepted = 0
+    for j, draft in enumerate(drafts, start=1):
+        if accepted == j - 1 and not matcher.is_terminated() and matcher.accept_token(draft):
+            accepted += 1
+            if not matcher.is_terminated():
+                matcher.fill_bitmask(rows, start + j)
+                continue
+        # The draft before cannot be sampled, or it was a stop token: the row is thrown away.
+        rows[start + j] = rows[start + j - 1]
+    if accepted:
+        matcher.rollback(accepted)

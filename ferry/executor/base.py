@@ -19,6 +19,9 @@ class Executor(ABC):
 
     #: The device the runners use (``ferry.platform.Platform``), for the server's probes.
     platform: Any
+    #: ``launch_deferred`` + ``sample_deferred`` work: a step's forward pass can be
+    #: launched before its grammar bitmask is known (async scheduling overlaps the mask).
+    supports_deferred_sampling = False
 
     @abstractmethod
     def profile(self) -> int:
@@ -39,6 +42,14 @@ class Executor(ABC):
     @abstractmethod
     def collect(self, handle: Any) -> RunnerOutput:
         """Wait for a launched step's tokens."""
+
+    def launch_deferred(self, scheduler_output: SchedulerOutput) -> Any:
+        """Queue one step up to its logits; its sampling waits for ``sample_deferred``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot defer sampling")
+
+    def sample_deferred(self, handle: Any, grammar_bitmask: Any) -> None:
+        """Sample a ``launch_deferred`` step with its grammar bitmask (None: none)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot defer sampling")
 
     def add_lora(self, lora_id: int, path: str) -> None:
         """Load and check the LoRA adapter at ``path`` as ``lora_id`` on every runner; raises

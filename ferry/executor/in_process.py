@@ -20,6 +20,8 @@ from ferry.runner.pending_output import PendingOutput
 class InProcessExecutor(Executor):
     """Loads the model at construction; the runner exists after ``initialize_cache``."""
 
+    supports_deferred_sampling = True
+
     def __init__(self, config: EngineConfig, model_dir: Path | None = None,
                  proposer: DraftProposer | None = None) -> None:
         self.config = config
@@ -68,6 +70,12 @@ class InProcessExecutor(Executor):
 
     def collect(self, handle: PendingOutput) -> RunnerOutput:
         return handle.result()
+
+    def launch_deferred(self, scheduler_output: SchedulerOutput) -> PendingOutput:
+        return self.runner.launch(scheduler_output, defer_sampling=True)
+
+    def sample_deferred(self, handle: PendingOutput, grammar_bitmask) -> None:
+        self.runner.sample_deferred(handle, grammar_bitmask)
 
     def add_lora(self, lora_id: int, path: str) -> None:
         if self._lora is None:

@@ -23,18 +23,24 @@ _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 def attach_bitmasks(rows: list[SamplingRow], sampled: list[SampledRequest],
                     grammar_bitmask: Any) -> None:
-    """Give each constrained request's row its bitmask row (``GrammarBitmask`` or None)."""
+    """Give each constrained request's sampling rows their bitmask rows (``GrammarBitmask``
+    or None): one per sampled position, drafts included."""
     if grammar_bitmask is None:
         return
-    by_id = dict(zip(grammar_bitmask.request_ids, grammar_bitmask.bitmask))
+    first: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for index, request_id in enumerate(grammar_bitmask.request_ids):
+        first.setdefault(request_id, index)
+        count[request_id] = count.get(request_id, 0) + 1
     start = 0
     for request in sampled:
-        mask = by_id.get(request.request_id)
-        if mask is not None:
-            if request.num_rows != 1:
-                raise RuntimeError(f"request {request.request_id} is constrained and has "
-                                   "drafts; constrained requests verify none")
-            rows[start].token_bitmask = mask
+        at = first.get(request.request_id)
+        if at is not None:
+            if count[request.request_id] != request.num_rows:
+                raise RuntimeError(f"request {request.request_id} samples {request.num_rows} "
+                                   f"rows but has {count[request.request_id]} mask rows")
+            for j in range(request.num_rows):
+                rows[start + j].token_bitmask = grammar_bitmask.bitmask[at + j]
         start += request.num_rows
 
 

@@ -6,11 +6,14 @@ sample a token for each request whose chunk reached its last token (and one per 
 token it verifies).
 ``launch`` is the same step without waiting for the tokens (async scheduling): it returns
 a ``PendingOutput``, and fills the step's placeholder tokens from the previous launch's
-samples on the device.
+samples on the device. ``launch(defer_sampling=True)`` queues the forward pass and the
+logits only; ``sample_deferred`` samples them once the step's grammar bitmask is known
+(the engine computes it from the previous step's tokens while the device runs this one).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +33,16 @@ from ferry.runner.grammar_mask import attach_bitmasks
 from ferry.runner.sampler import Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DeferredSampling:
+    """A launched step's logits waiting for their grammar bitmask."""
+
+    logits: torch.Tensor                      # (R, V) float32
+    rows: list[SamplingRow]
+    generators: list[torch.Generator | None]
+    sampled: list[SampledRequest]
 
 
 class ModelRunner:
@@ -67,8 +80,9 @@ class ModelRunner:
         return output
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> PendingOutput:
-        """Queue one step; on a GPU this returns while the device still runs it."""
+    def launch(self, sched: SchedulerOutput, defer_sampling: bool = False) -> PendingOutput:
+        """Queue one step; on a GPU this returns while the device still runs it. With
+        ``defer_sampling`` the step stops at its logits: ``sample_deferred`` samples them."""
         for request_id in sched.finished_request_ids:
             self._generators.pop(request_id, None)
             if self.tracer is not None:
@@ -91,10 +105,25 @@ class ModelRunner:
             return _with_trace(PendingOutput(), traced)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # (R, V) float32
         rows, generators, sampled = self._sampling_rows(batch.sampling_requests)
-        attach_bitmasks(rows, sampled, sched.grammar_bitmask)
-        token_ids, logprobs = self.sampler.sample(logits, rows, generators)
-        self._last_sampled = (token_ids, _last_rows(sampled))
-        return _with_trace(PendingOutput(sampled, token_ids, logprobs), traced)
+        pending = _with_trace(PendingOutput(sampled), traced)
+        self._last_sampled = None   # a next launch before the sampling fails loudly
+        pending.deferred = DeferredSampling(logits, rows, generators, sampled)
+        if not defer_sampling:
+            self.sample_deferred(pending, sched.grammar_bitmask)
+        return pending
+
+    @torch.inference_mode()
+    def sample_deferred(self, pending: PendingOutput, grammar_bitmask) -> None:
+        """Sample a launched step's logits with its grammar bitmask (None: no constrained
+        row); the tokens then fill the next launch's placeholders."""
+        step = pending.deferred
+        if step is None:
+            return   # the step sampled nothing
+        pending.deferred = None
+        attach_bitmasks(step.rows, step.sampled, grammar_bitmask)
+        token_ids, logprobs = self.sampler.sample(step.logits, step.rows, step.generators)
+        self._last_sampled = (token_ids, _last_rows(step.sampled))
+        pending.set_tokens(token_ids, logprobs)
 
     def _plan_trace(self, batch: ModelInput) -> StepTrace | None:
         """The step's traced rows, handed to every attention layer through the metadata."""

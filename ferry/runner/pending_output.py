@@ -33,12 +33,20 @@ class PendingOutput:
                  tokens: torch.Tensor | None = None,
                  logprobs: list[TokenLogprobs | None] | None = None) -> None:
         """``tokens``: (R,) int64, the requests' rows in order; None for a step that sampled
-        nothing. The copy to the host starts now, behind the step's kernels."""
+        nothing or whose sampling waits (``set_tokens`` gives them then). The copy to the
+        host starts now, behind the step's kernels."""
         self._requests = requests or []
         self.attention_traces: dict[str, list[dict]] = {}   # set by the runner when traced
+        self.deferred = None   # the runner's DeferredSampling while the sampling waits
+        self._host_tokens = None
+        self._copied = None
+        self.set_tokens(tokens, logprobs)
+
+    def set_tokens(self, tokens: torch.Tensor | None,
+                   logprobs: list[TokenLogprobs | None] | None = None) -> None:
+        """The step's sampled tokens; their copy to the host starts now."""
         self._logprobs = logprobs or [None] * sum(r.num_rows for r in self._requests)
         self._host_tokens = tokens
-        self._copied = None
         if tokens is not None and tokens.device.type != "cpu":
             # Pinned memory, so the copy is a real asynchronous DMA.
             self._host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -47,6 +55,9 @@ class PendingOutput:
 
     def result(self) -> RunnerOutput:
         """Wait for the step's tokens (if it still runs) and return them."""
+        if self.deferred is not None:
+            raise RuntimeError("a step's tokens were asked for before it sampled "
+                               "(sample_deferred)")
         out = RunnerOutput(attention_traces=self.attention_traces)
         if self._host_tokens is None:
             return out

@@ -72,18 +72,25 @@ def test_none_is_plain_text(client):
 @pytest.mark.parametrize("tool_choice", ["required", NAMED_ADD], ids=["required", "named"])
 def test_streamed_fragments_concatenate_to_the_non_streamed_arguments(client, tool_choice):
     whole = _chat(client, seed=9, tool_choice=tool_choice).choices[0].message.tool_calls
-    stream = _chat(client, seed=9, tool_choice=tool_choice, stream=True)
+    stream = _chat(client, seed=9, tool_choice=tool_choice, stream=True,
+                   stream_options={"include_usage": True, "continuous_usage_stats": True})
     args: dict[int, str] = {}
     names: dict[int, str] = {}
+    fragments: dict[int, set[int]] = {}   # per call: the output lengths its fragments came at
     finish = None
     for chunk in stream:
         for choice in chunk.choices:
             finish = choice.finish_reason or finish
             for call in choice.delta.tool_calls or []:
-                args[call.index] = args.get(call.index, "") + (call.function.arguments or "")
-                if call.function.name:
+                if call.function.name:   # the call's first delta: its name, no arguments
+                    assert call.id.startswith("call_") and call.function.arguments == ""
                     names[call.index] = call.function.name
+                elif call.function.arguments:
+                    args[call.index] = args.get(call.index, "") + call.function.arguments
+                    fragments.setdefault(call.index, set()).add(chunk.usage.completion_tokens)
     assert finish == "tool_calls"
+    # The arguments came as the model wrote them, over several steps, not at the end.
+    assert all(len(fragments[i]) > 1 for i in names)
     assert [args[i] for i in sorted(args)] == [c.function.arguments for c in whole]
     assert [names[i] for i in sorted(names)] == [c.function.name for c in whole]
 

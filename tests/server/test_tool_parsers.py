@@ -3,11 +3,13 @@ and the stream splitter that must give the same calls as the whole text."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from ferry.outputs import CompletionOutput
 from ferry.server.tool_calls.constraint import ToolMode, tool_constraint, tool_mode
+from ferry.server.tool_calls.extract import calls_of
 from ferry.server.tool_calls.parsers import detect_family, make_parser
 from ferry.server.tool_calls.stream import ToolCallStream
 
@@ -53,30 +55,106 @@ def test_recorded_outputs(name, text, content, calls):
     assert (got_content or None) == content
 
 
-@pytest.mark.parametrize("name, text, content, calls", RECORDED)
-def test_streaming_gives_the_same_calls(name, text, content, calls):
-    stream = ToolCallStream(ToolMode("auto"), make_parser(name))
-    deltas = []
-    for end in range(1, len(text)):   # one character at a time
-        deltas += stream.deltas(CompletionOutput(0, text[:end], []))
-    deltas += stream.deltas(CompletionOutput(0, text, [], finish_reason="stop"))
-    streamed_content = "".join(d.get("content", "") for d in deltas)
+def _pieces(text: str, how: str) -> list[str]:
+    """The text as a stream sees it grow: a character at a time, or in token-like pieces
+    (a word with the space before it, or one punctuation mark)."""
+    if how == "chars":
+        return list(text)
+    return re.findall(r"\s*\w+|\s*[^\w\s]|\s+", text)
+
+
+def _stream(stream: ToolCallStream, text: str, how: str, finish: str = "stop"):
+    """(deltas before the finish, deltas of the finished output)."""
+    running, pieces = [], _pieces(text, how)
+    assert "".join(pieces) == text
+    grown = ""
+    for piece in pieces[:-1]:
+        grown += piece
+        running += stream.deltas(CompletionOutput(0, grown, []))
+    return running, stream.deltas(CompletionOutput(0, text, [], finish_reason=finish))
+
+
+def _calls(deltas) -> tuple[dict[int, str], dict[int, str], dict[int, int]]:
+    """(arguments, names, number of argument fragments) per call index."""
     args: dict[int, str] = {}
     names: dict[int, str] = {}
+    fragments: dict[int, int] = {}
     for d in deltas:
         for call in d.get("tool_calls", []):
-            args[call["index"]] = args.get(call["index"], "") + call["function"]["arguments"]
-            if call["function"].get("name"):
-                names[call["index"]] = call["function"]["name"]
+            index, function = call["index"], call["function"]
+            if "name" in function:   # the first delta of a call: its header
+                assert index not in names and call["id"].startswith("call_")
+                assert call["type"] == "function" and function["arguments"] == ""
+                names[index] = function["name"]
+                continue
+            assert index in names, "arguments before the call's name"
+            args[index] = args.get(index, "") + function["arguments"]
+            fragments[index] = fragments.get(index, 0) + 1
+    return args, names, fragments
+
+
+@pytest.mark.parametrize("how", ["chars", "tokens"])
+@pytest.mark.parametrize("name, text, content, calls", RECORDED)
+def test_streaming_gives_the_same_calls(name, text, content, calls, how):
+    stream = ToolCallStream(ToolMode("auto"), make_parser(name))
+    running, last = _stream(stream, text, how)
+    deltas = running + last
+    streamed_content = "".join(d.get("content", "") for d in deltas)
+    args, names, fragments = _calls(deltas)
     expected_content, expected_calls = make_parser(name).parse(text)
-    assert [args[i] for i in sorted(args)] == [c.arguments for c in expected_calls]
+    assert "tool_call" not in streamed_content and "TOOL_CALLS" not in streamed_content \
+        and "python_tag" not in streamed_content
+    if calls is None:   # a call cut short: what was sent of it stays, nothing as content
+        assert streamed_content == "" and list(names.values()) == ["add"]
+        assert '{"a": 1,'.startswith(args.get(0, ""))
+        return
+    assert [args.get(i, "") for i in sorted(names)] == [c.arguments for c in expected_calls]
     assert [names[i] for i in sorted(names)] == [c.name for c in expected_calls]
     if not expected_calls:
         assert streamed_content == text
-    else:   # never a recognised call in the content
-        assert "tool_call" not in streamed_content and "TOOL_CALLS" not in streamed_content
-    if expected_calls:
-        assert stream.finish_reason(CompletionOutput(0, text, [], finish_reason="stop")) == "tool_calls"
+        return
+    assert streamed_content.strip() == (expected_content or "")
+    # The arguments came as the model wrote them, not in one piece at the end.
+    running_args, _, running_fragments = _calls(running)
+    for index, call in enumerate(expected_calls):
+        assert running_fragments[index] > 1
+        assert call.arguments.startswith(running_args[index])
+    assert stream.finish_reason(CompletionOutput(0, text, [], finish_reason="stop")) == "tool_calls"
+
+
+# What the grammar of a required / named choice makes a model write (recorded from the
+# tiny random model at temperature 1.0; whitespace as the grammar let it come).
+CONSTRAINED = [
+    (ToolMode("required"), '[{"name": "add", "parameters": {"a": 12, "b": 34}}, '
+                           '{"name": "weather", "parameters": {"city": "Oslo"}}]'),
+    (ToolMode("required"), '[ {"name":"add","parameters":{ "a":7,"b" :0 } } ]'),
+    (ToolMode("named", "add"), '{"a": 1, "b": {"nested": [1, "}", "\\\\"]}}'),
+]
+
+
+@pytest.mark.parametrize("how", ["chars", "tokens"])
+@pytest.mark.parametrize("mode, text", CONSTRAINED, ids=["required-2", "required-1", "named"])
+def test_streaming_constrained_calls_gives_the_same_arguments(mode, text, how):
+    stream = ToolCallStream(mode, None)
+    running, last = _stream(stream, text, how)
+    assert not [d for d in running + last if "content" in d]
+    args, names, _ = _calls(running + last)
+    _, expected = calls_of(text, mode, None)
+    assert [args[i] for i in sorted(args)] == [c.arguments for c in expected]
+    assert [names[i] for i in sorted(names)] == [c.name for c in expected]
+    assert [json.loads(args[i]) for i in sorted(args)]   # raw, and still JSON
+    running_args, _, running_fragments = _calls(running)
+    assert all(running_fragments[i] > 1 for i in range(len(expected)))
+    assert all(expected[i].arguments.startswith(running_args[i]) for i in range(len(expected)))
+
+
+def test_arguments_are_the_raw_text_the_model_wrote():
+    _, calls = make_parser("hermes").parse('<tool_call>{"name": "f", "arguments": {"x":1,  '
+                                           '"y": "\\u00e9"}}</tool_call>')
+    assert calls[0].arguments == '{"x":1,  "y": "\\u00e9"}'
+    _, calls = make_parser("hermes").parse(   # arguments as a JSON string: decoded
+        '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>')
+    assert json.loads(calls[0].arguments) == {"x": 1}
 
 
 def test_family_from_the_chat_template():
