@@ -17,7 +17,7 @@ from ferry.engine.engine import Engine
 from ferry.executor.in_process import InProcessExecutor
 from ferry.sampling_params import SamplingParams
 from hf_reference import assert_greedy_matches, hf_greedy
-from test_decode_graphs import CountingReplay
+from test_decode_graphs import CountingReplay, _skip_on_the_reference_backend
 from test_engine_e2e import _budget_for_blocks
 from tiny_models import make_tiny_model
 
@@ -144,6 +144,7 @@ class EveryOtherStep(SeededDrafter):
 
 
 def test_steps_with_drafts_run_eagerly_and_the_others_replay_decode_graphs(llama_dir):
+    _skip_on_the_reference_backend()
     common = dict(dtype="float32", block_size=4, max_model_len=64, kv_cache_memory="16MiB",
                   max_num_seqs=8)
     prompts = _prompts(5)
