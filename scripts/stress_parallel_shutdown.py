@@ -85,6 +85,8 @@ def run_two_nodes(model: str) -> dict[str, tuple[int, str]]:
 
 
 LAYOUTS = {"tp2": run_tp2, "two-node": run_two_nodes}
+# What ferry/distributed/teardown.py logs when a rank did not leave in order.
+OUT_OF_ORDER = ("not every rank", "could not tell rank 0", "could not tell the workers")
 
 
 def main() -> int:
@@ -99,7 +101,7 @@ def main() -> int:
     model = str(make_tiny_model("qwen2", Path(tempfile.mkdtemp(prefix="ferry-stress-"))))
     failures = 0
     for layout in args.layouts:
-        bad = 0
+        bad = unordered = 0
         for run in range(args.runs):
             started = time.monotonic()
             try:
@@ -108,12 +110,14 @@ def main() -> int:
                 codes = {"start": (-999, repr(exc)[-3000:])}
             failed = {name: c for name, c in codes.items() if c[0] != 0}
             bad += bool(failed)
+            unordered += any(m in text for _, text in codes.values() for m in OUT_OF_ORDER)
             print(f"{layout} run {run + 1}: " + ", ".join(f"{n}={c[0]}" for n, c in codes.items())
                   + f" ({time.monotonic() - started:.0f}s)", flush=True)
             for name, (code, text) in failed.items():
                 print(f"--- {layout} run {run + 1} {name} exited {code}; log tail:\n"
                       f"{text if args.show_logs else text[-1500:]}\n---", flush=True)
-        print(f"{layout}: {bad} of {args.runs} runs with a non-zero exit", flush=True)
+        print(f"{layout}: {bad} of {args.runs} runs with a non-zero exit, {unordered} with a "
+              f"rank that did not leave in order (logged)", flush=True)
         failures += bad
     return 1 if failures else 0
 

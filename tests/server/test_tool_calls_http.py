@@ -93,6 +93,8 @@ def test_streamed_fragments_concatenate_to_the_non_streamed_arguments(client, to
     assert all(len(fragments[i]) > 1 for i in names)
     assert [args[i] for i in sorted(args)] == [c.function.arguments for c in whole]
     assert [names[i] for i in sorted(names)] == [c.function.name for c in whole]
+    for index, name in names.items():   # the concatenation parses and fits the tool
+        jsonschema.validate(json.loads(args[index]), SCHEMAS[name])
 
 
 def test_a_tool_conversation_is_accepted(client):

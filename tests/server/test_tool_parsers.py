@@ -7,7 +7,9 @@ import re
 
 import pytest
 
+from ferry.engine.detokenizer import IncrementalDetokenizer
 from ferry.outputs import CompletionOutput
+from ferry.sampling_params import SamplingParams
 from ferry.server.tool_calls.constraint import ToolMode, tool_constraint, tool_mode
 from ferry.server.tool_calls.extract import calls_of
 from ferry.server.tool_calls.parsers import detect_family, make_parser
@@ -55,17 +57,43 @@ def test_recorded_outputs(name, text, content, calls):
     assert (got_content or None) == content
 
 
-def _pieces(text: str, how: str) -> list[str]:
-    """The text as a stream sees it grow: a character at a time, or in token-like pieces
-    (a word with the space before it, or one punctuation mark)."""
+HOWS = ["chars", "words", "tokens"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tiny_models import make_tokenizer
+    return make_tokenizer()
+
+
+def _detokenized(text: str, tokenizer) -> list[str]:
+    """The text as the engine shows it: the tokenizer's ids fed one at a time through the
+    incremental detokenizer (a step may show nothing, e.g. half a character)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, [], SamplingParams(skip_special_tokens=False))
+    pieces = []
+    for token_id in ids:
+        detok.update([token_id])
+        pieces.append(detok.take_new_text())
+    detok.finish()
+    pieces[-1] += detok.take_new_text()
+    assert len(ids) > 1
+    return pieces
+
+
+def _pieces(text: str, how: str, tokenizer=None) -> list[str]:
+    """The text as a stream sees it grow: a character at a time, in word-like pieces (a
+    word with the space before it, or one punctuation mark), or token by token."""
     if how == "chars":
         return list(text)
+    if how == "tokens":
+        return _detokenized(text, tokenizer)
     return re.findall(r"\s*\w+|\s*[^\w\s]|\s+", text)
 
 
-def _stream(stream: ToolCallStream, text: str, how: str, finish: str = "stop"):
+def _stream(stream: ToolCallStream, text: str, how: str, tokenizer, finish: str = "stop"):
     """(deltas before the finish, deltas of the finished output)."""
-    running, pieces = [], _pieces(text, how)
+    running, pieces = [], _pieces(text, how, tokenizer)
     assert "".join(pieces) == text
     grown = ""
     for piece in pieces[:-1]:
@@ -93,11 +121,11 @@ def _calls(deltas) -> tuple[dict[int, str], dict[int, str], dict[int, int]]:
     return args, names, fragments
 
 
-@pytest.mark.parametrize("how", ["chars", "tokens"])
+@pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("name, text, content, calls", RECORDED)
-def test_streaming_gives_the_same_calls(name, text, content, calls, how):
+def test_streaming_gives_the_same_calls(name, text, content, calls, how, tokenizer):
     stream = ToolCallStream(ToolMode("auto"), make_parser(name))
-    running, last = _stream(stream, text, how)
+    running, last = _stream(stream, text, how, tokenizer)
     deltas = running + last
     streamed_content = "".join(d.get("content", "") for d in deltas)
     args, names, fragments = _calls(deltas)
@@ -132,11 +160,11 @@ CONSTRAINED = [
 ]
 
 
-@pytest.mark.parametrize("how", ["chars", "tokens"])
+@pytest.mark.parametrize("how", HOWS)
 @pytest.mark.parametrize("mode, text", CONSTRAINED, ids=["required-2", "required-1", "named"])
-def test_streaming_constrained_calls_gives_the_same_arguments(mode, text, how):
+def test_streaming_constrained_calls_gives_the_same_arguments(mode, text, how, tokenizer):
     stream = ToolCallStream(mode, None)
-    running, last = _stream(stream, text, how)
+    running, last = _stream(stream, text, how, tokenizer)
     assert not [d for d in running + last if "content" in d]
     args, names, _ = _calls(running + last)
     _, expected = calls_of(text, mode, None)

@@ -159,6 +159,40 @@ def test_settings_reach_the_request(page, demo_server):
     assert page.input_value("#seed") == "7"
 
 
+def test_the_json_toggle_sends_the_schema_and_the_answer_follows_it(page, demo_server):
+    page.goto(demo_server.url)
+    assert page.locator("#json-schema-field").is_hidden()
+    page.check("#json-mode")
+    page.fill("#json-schema", "{not json")
+    _ask(page, "Reverse: dog")
+    _wait(page, "document.querySelector('#status').textContent.includes('not valid JSON')")
+    assert page.locator(".message").count() == 0            # nothing sent, the text kept
+    assert page.input_value("#prompt") == "Reverse: dog"
+    schema = {"enum": ["alpha", "beta"]}
+    page.fill("#json-schema", json.dumps(schema))
+    with page.expect_request("**/v1/chat/completions") as info:
+        page.click("#send")
+    _wait_idle(page)
+    sent = json.loads(info.value.post_data)
+    assert sent["response_format"] == {"type": "json_schema",
+                                       "json_schema": {"name": "webui", "schema": schema}}
+    assert json.loads(_answers(page)[0]) in schema["enum"]   # constrained, on the demo model
+    page.reload()                                 # the toggle and the schema are kept
+    assert page.is_checked("#json-mode") and page.locator("#json-schema-field").is_visible()
+    page.fill("#json-schema", "")                 # empty: any JSON object
+    page.click("#new-chat")
+    with page.expect_request("**/v1/chat/completions") as info:
+        _ask(page, "Uppercase: tree")
+    _wait_idle(page)
+    assert json.loads(info.value.post_data)["response_format"] == {"type": "json_object"}
+    assert _answers(page)[0].startswith("{")     # an object (the demo model may not close it)
+    page.uncheck("#json-mode")
+    with page.expect_request("**/v1/chat/completions") as info:
+        page.click("#regenerate")
+    _wait_idle(page)
+    assert "response_format" not in json.loads(info.value.post_data)
+
+
 def test_metrics_panel_shows_tokens_per_second(page, demo_server):
     page.goto(demo_server.url)
     _ask(page, "Uppercase: metrics")

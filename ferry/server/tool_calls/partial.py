@@ -173,3 +173,12 @@ def skip(text: str, at: int, chars: str = "") -> int:
     while at < len(text) and (text[at].isspace() or text[at] in chars):
         at += 1
     return at
+
+
+def find_marker(text: str, marker: str, at: int) -> tuple[int, int]:
+    """(index of ``marker`` in ``text`` from ``at`` or -1, where the next search may start):
+    a text that only grows is searched once, not from the start every step."""
+    found = text.find(marker, at)
+    if found >= 0:
+        return found, found
+    return -1, max(at, len(text) - len(marker) + 1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ferry.server.tool_calls.partial import CallScanner, ValueSpan, skip
+from ferry.server.tool_calls.partial import CallScanner, ValueSpan, find_marker, skip
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class HermesReader(_Reader):
 
     def _next_call(self, text: str):
         while True:
-            at = text.find(self.marker, self._at)
+            at, self._at = find_marker(text, self.marker, self._at)
             if at < 0:
                 return None
             start = skip(text, at + len(self.marker))
@@ -150,8 +150,12 @@ class Llama3Reader(_SequenceReader):
     marker = "<|python_tag|>"
     separators = ";"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._search = 0
+
     def _begin(self, text: str) -> int | None:
-        at = text.find(self.marker)
+        at, self._search = find_marker(text, self.marker, self._search)
         if at >= 0:
             return at + len(self.marker)
         start = skip(text, 0)
@@ -169,7 +173,7 @@ class MistralReader(_Reader):
 
     def calls(self, text: str) -> list[PartialCall]:
         if self._array is None and not self._calls:
-            at = text.find(self.marker)
+            at, self._at = find_marker(text, self.marker, self._at)
             start = skip(text, at + len(self.marker)) if at >= 0 else len(text)
             if start < len(text) and text[start] == "[":
                 self._array = ArrayReader(start)   # v3: a JSON array after the marker
@@ -178,7 +182,7 @@ class MistralReader(_Reader):
         return super().calls(text)
 
     def _next_call(self, text: str):
-        at = text.find(self.marker, self._at)
+        at, self._at = find_marker(text, self.marker, self._at)
         if at < 0:
             return None
         match = self._named.match(text, at + len(self.marker))

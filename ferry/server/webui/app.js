@@ -13,8 +13,8 @@ const traces = new WeakMap();  // message -> its attention trace (kept in memory
 
 // ------------------------------------------------------------------ settings
 const SETTING_INPUTS = { system: "system-prompt", temperature: "temperature", top_p: "top-p",
-                         max_tokens: "max-tokens", seed: "seed" };
-const CHECKBOXES = { trace: "debug-trace" };
+                         max_tokens: "max-tokens", seed: "seed", json_schema: "json-schema" };
+const CHECKBOXES = { trace: "debug-trace", json: "json-mode" };
 
 function restoreSettings() {
   const settings = loadSettings();
@@ -27,6 +27,12 @@ function restoreSettings() {
     $(id).addEventListener("change", storeSettings);
   }
   $("model").addEventListener("change", storeSettings);
+  showSchemaField();
+  $("json-mode").addEventListener("change", showSchemaField);
+}
+
+function showSchemaField() {
+  $("json-schema-field").hidden = !$("json-mode").checked;
 }
 
 function storeSettings() {
@@ -48,6 +54,21 @@ function samplingFields() {
     if (Number.isFinite(value)) fields[key] = key === "max_tokens" || key === "seed" ? Math.trunc(value) : value;
   }
   return fields;
+}
+
+/** The request's response_format with "Answer as JSON" on (else none): the schema typed
+ *  in, or any JSON object when it is empty. Throws on a schema that is not JSON. */
+function responseFormat() {
+  if (!$("json-mode").checked) return {};
+  const raw = $("json-schema").value.trim();
+  if (!raw) return { response_format: { type: "json_object" } };
+  let schema;
+  try {
+    schema = JSON.parse(raw);
+  } catch (error) {
+    throw new Error(`The JSON schema is not valid JSON: ${error.message}`);
+  }
+  return { response_format: { type: "json_schema", json_schema: { name: "webui", schema } } };
 }
 
 // ------------------------------------------------------------------ models and key
@@ -186,8 +207,15 @@ function requestMessages(conversation) {
 /** Stream an assistant answer to the conversation's messages so far. */
 async function generate() {
   const conversation = store.current();
+  let format;
+  try {
+    format = responseFormat();
+  } catch (error) {
+    setStatus(error.message);   // nothing is sent: the schema is fixed first
+    return;
+  }
   const body = { model: $("model").value || undefined, messages: requestMessages(conversation),
-                 ...samplingFields() };
+                 ...samplingFields(), ...format };
   if ($("debug-trace").checked) body.debug_trace = true;
   const message = { role: "assistant", content: "" };
   conversation.messages.push(message);
@@ -229,6 +257,12 @@ async function generate() {
 async function send() {
   const text = $("prompt").value;
   if (!text.trim() || controller) return;
+  try {
+    responseFormat();   // a schema that is not JSON keeps the message in the box
+  } catch (error) {
+    setStatus(error.message);
+    return;
+  }
   const conversation = store.current();
   conversation.messages.push({ role: "user", content: text });
   if (conversation.messages.filter((m) => m.role === "user").length === 1) store.retitle(conversation);
