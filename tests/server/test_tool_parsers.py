@@ -176,6 +176,30 @@ def test_streaming_constrained_calls_gives_the_same_arguments(mode, text, how, t
     assert all(expected[i].arguments.startswith(running_args[i]) for i in range(len(expected)))
 
 
+SECOND_CALL_CUT = [   # max_tokens ends the text inside a later call, before or after its name
+    'Checking.\n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "mul", "arguments": {"a": 3,',
+    '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n{"na',
+]
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("text", SECOND_CALL_CUT, ids=["after-name", "before-name"])
+def test_a_later_call_cut_by_max_tokens_sends_no_call_syntax_as_content(text, how, tokenizer):
+    stream = ToolCallStream(ToolMode("auto"), make_parser("hermes"))
+    running, last = _stream(stream, text, how, tokenizer, finish="length")
+    deltas = running + last
+    streamed_content = "".join(d.get("content", "") for d in deltas)
+    args, names, _ = _calls(deltas)
+    assert "tool_call" not in streamed_content and "{" not in streamed_content
+    assert streamed_content.strip() == ("Checking." if text.startswith("Checking") else "")
+    assert names[0] == "add" and json.loads(args[0]) == {"a": 1}
+    if 1 in names:   # the cut call keeps what was sent of it
+        assert names[1] == "mul" and '{"a": 3,'.startswith(args.get(1, ""))
+    assert stream.finish_reason(CompletionOutput(0, text, [], finish_reason="length")) \
+        == "length"
+
+
 def test_arguments_are_the_raw_text_the_model_wrote():
     _, calls = make_parser("hermes").parse('<tool_call>{"name": "f", "arguments": {"x":1,  '
                                            '"y": "\\u00e9"}}</tool_call>')

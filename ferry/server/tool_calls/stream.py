@@ -65,7 +65,8 @@ class ToolCallStream:
         if not calls:
             # Without a call started, the rest is content; else it is the cut call's text.
             return [] if self.calls else self._content(text, len(text))
-        return self._content_after_calls(text, content) + self._call_deltas(calls)
+        cut = completion.finish_reason == "length" or len(self.calls) > len(calls)
+        return self._content_after_calls(text, content, cut) + self._call_deltas(calls)
 
     def _call_deltas(self, calls: list) -> list[dict[str, Any]]:
         """Deltas for what ``calls`` (name, arguments so far) add to what was sent."""
@@ -83,12 +84,18 @@ class ToolCallStream:
                 out.append({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
         return out
 
-    def _content_after_calls(self, text: str, content: str | None) -> list[dict[str, Any]]:
-        """Content the parser kept beyond what was streamed (text after the calls)."""
+    def _content_after_calls(self, text: str, content: str | None,
+                             cut: bool) -> list[dict[str, Any]]:
+        """Content the parser kept beyond what was streamed (text after the calls). When
+        the text ends inside a call (``cut``: max_tokens, or a call the stream started
+        that did not parse), that call's syntax is not content: the stream held it or
+        already sent it as a call."""
         streamed = text[:self.sent].strip()
         if self.mode.kind != "auto" or not content or not content.startswith(streamed):
             return []
         rest = content[len(streamed):]
+        at = rest.rfind(self.parser.marker) if cut else -1
+        rest = rest[:at] if at >= 0 else rest
         return [{"content": rest}] if rest.strip() else []
 
     def _content(self, text: str, upto: int) -> list[dict[str, Any]]:
