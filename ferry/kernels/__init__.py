@@ -14,6 +14,8 @@ two are tested against, and the fallback wherever they cannot run.
 """
 from __future__ import annotations
 
+import logging
+import os
 from types import ModuleType
 
 import torch
@@ -21,6 +23,8 @@ import torch
 from ferry.kernels import attention_trace as _trace
 from ferry.kernels import reference
 from ferry.platform import kernel_backend
+
+logger = logging.getLogger(__name__)
 
 # The ops every backend implements (the tests reroute them all to one backend).
 OP_NAMES = ("write_kv_cache", "paged_attention", "rms_norm", "fused_add_rms_norm",
@@ -109,6 +113,21 @@ def bf16_weight_linear(x, weight, bias=None):
     return _ops_for(x).bf16_weight_linear(x, weight, bias)
 
 
+def decoder_stack(shape, layers, cos_sin_cache):
+    """The fused float32 decoder stack of the C++ backend (``kernels/cpu/decoder_stack.py``)
+    for these layer weights, or None: another backend runs them, ``FERRY_CPU_DECODER_STACK``
+    is 0, or a weight does not fit (logged). The layer-by-layer path is its reference."""
+    if os.environ.get("FERRY_CPU_DECODER_STACK", "1") == "0":
+        return None
+    if _ops_for(cos_sin_cache).__name__ != "ferry.kernels.cpu":
+        return None
+    from ferry.kernels.cpu.decoder_stack import F32DecoderStack
+    stack = F32DecoderStack.build(shape, layers, cos_sin_cache)
+    if stack is None:
+        logger.info("Decode steps run layer by layer: %s.", F32DecoderStack.why_not)
+    return stack
+
+
 def lora_shrink(x, lora_a, mapping):
     return _ops_for(x).lora_shrink(x, lora_a, mapping)
 
@@ -117,6 +136,7 @@ def lora_expand(v, lora_b, y, mapping):
     return _ops_for(y).lora_expand(v, lora_b, y, mapping)
 
 
-__all__ = ["OP_NAMES", "apply_rotary", "attention_trace", "bf16_weight_linear", "dense_linear", "fused_add_rms_norm", "lora_expand",
+__all__ = ["OP_NAMES", "apply_rotary", "attention_trace", "bf16_weight_linear", "decoder_stack",
+           "dense_linear", "fused_add_rms_norm", "lora_expand",
            "lora_shrink", "paged_attention", "prepare", "rms_norm", "silu_and_mul", "wna16_linear",
            "write_kv_cache"]

@@ -20,6 +20,7 @@ from ferry.layers.linear import Linear, MergedLinear, QKVLinear
 from ferry.layers.norm import RMSNorm
 from ferry.layers.rotary import RotaryEmbedding, get_rope_parameters
 from ferry.layers.weight_methods import WeightMethods, child_prefix
+from ferry.models.fused_decode import DecoderStackRunner
 from ferry.kernels.attn_metadata import AttentionMetadata
 
 
@@ -149,13 +150,18 @@ class DecoderModel(nn.Module):
             DecoderLayer(hf_config, options, i, dtype, child_prefix(prefix, f"layers.{i}"), weight_methods)
             for i in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, dtype)
+        self.fused_layers = DecoderStackRunner()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)                         # (T, hidden)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        fused = self.fused_layers.run(self.layers, hidden, positions, kv_caches, attn_metadata)
+        if fused is not None:   # every layer in one C++ call (models/fused_decode.py)
+            hidden, residual = fused
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
