@@ -6,22 +6,37 @@ from dataclasses import dataclass
 
 import torch
 
+F32, WNA16 = "f32", "wna16"
+
+
+@dataclass
+class Projection:
+    """One linear of a layer, as its ``LinearMethod`` runs it (``fused_projection``):
+
+    - ``f32``: ``weight`` the float32 (out, in) matrix stored column-major;
+    - ``wna16``: ``weight`` the canonical uint8 codes of ``kernels.wna16_linear`` (N, K or
+      K/2), with its ``scales`` and ``zeros`` (N, G), ``bits`` and ``group_size``.
+    """
+
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    bits: int = 0
+    group_size: int = 0
+
 
 @dataclass
 class LayerTensors:
-    """One decoder layer's weights as the Python layers hold them: (out, in) matmul weights
-    stored column-major, biases or None, RMSNorm weights."""
+    """One decoder layer: its RMSNorm weights and four projections."""
 
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Projection
+    o: Projection
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    gate_up: Projection
+    down: Projection
     sliding_window: int | None = None
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferry import kernels
+from ferry.kernels.decoder_stack_spec import F32, Projection
 from ferry.layers.parameter import new_parameter
 from ferry.platform import empty_on_huge_pages
 
@@ -51,6 +52,12 @@ class LinearMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """(T, input_size) -> (T, output_size), plus ``bias`` when given."""
 
+    def fused_projection(self, layer: nn.Module) -> Projection | None:
+        """The loaded weights as a fused decoder stack runs them (``kernels.decoder_stack``),
+        when ``apply`` is exactly one of its projection kinds; None (the default): the layer
+        runs its own ``apply``."""
+        return None
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """A plain (out, in) weight in the model dtype and ``kernels.dense_linear``; column-major on
@@ -67,6 +74,13 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return kernels.dense_linear(x, layer.weight, bias)   # (T, in) -> (T, out)
+
+    def fused_projection(self, layer: nn.Module) -> Projection | None:
+        return Projection(F32, layer.weight.detach(), _detached(layer.bias))
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
 
 
 def store_column_major(param: nn.Parameter) -> None:

@@ -6,9 +6,10 @@ stack implements (``kernels.decoder_stack``), and per step at whether the step n
 anything the layers do besides their kernels. The layer-by-layer forward stays the
 reference and runs whenever the answer is no:
 
-- at build: a weight format other than unquantized (quantized, a tensor-parallel shard),
-  Qwen3's q/k norm, a backend other than the C++ one, a dtype other than float32;
-- per step: more rows than the GEMV takes (long prefill chunks), an FP8 KV cache, a
+- at build: a projection whose ``LinearMethod`` has no ``fused_projection`` (FP8, W8A8,
+  act-order splits, a row-parallel shard), Qwen3's q/k norm, a backend other than the
+  C++ one, a dtype other than float32;
+- per step: more rows than the kernels take (long prefill chunks), an FP8 KV cache, a
   traced request (the trace reads each layer's scores), LoRA requests in the step,
   padding rows.
 """
@@ -22,7 +23,6 @@ from torch import nn
 from ferry import kernels
 from ferry.kernels.attn_metadata import AttentionMetadata
 from ferry.kernels.decoder_stack_spec import LayerTensors, StackShape
-from ferry.layers.linear_method import UnquantizedLinearMethod
 
 _PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
@@ -74,12 +74,12 @@ def _build(layers: nn.ModuleList) -> Any:
 
 
 def _plain(layer: nn.Module) -> bool:
-    """Unquantized projections, no q/k norm: what the fused stack computes."""
+    """Projections the stack runs as their methods do, no q/k norm."""
     if layer.self_attn.q_norm is not None:
         return False
     for name in _PROJECTIONS:
         linear = layer.get_submodule(name)
-        if type(linear.weight_method) is not UnquantizedLinearMethod or linear.weight_method.adds_lora:
+        if linear.weight_method.adds_lora or linear.weight_method.fused_projection(linear) is None:
             return False
     return True
 
@@ -87,12 +87,11 @@ def _plain(layer: nn.Module) -> bool:
 def _layer_tensors(layer: nn.Module) -> LayerTensors:
     attn, mlp = layer.self_attn, layer.mlp
 
-    def data(t):   # the storage itself, so the kernel's pointers stay valid
-        return None if t is None else t.detach()
+    def projection(linear):
+        return linear.weight_method.fused_projection(linear)
 
     return LayerTensors(
-        input_norm=data(layer.input_layernorm.weight), qkv=data(attn.qkv_proj.weight),
-        qkv_bias=data(attn.qkv_proj.bias), o=data(attn.o_proj.weight), o_bias=data(attn.o_proj.bias),
-        post_norm=data(layer.post_attention_layernorm.weight), gate_up=data(mlp.gate_up_proj.weight),
-        gate_up_bias=data(mlp.gate_up_proj.bias), down=data(mlp.down_proj.weight),
-        down_bias=data(mlp.down_proj.bias), sliding_window=attn.attn.sliding_window)
+        input_norm=layer.input_layernorm.weight.detach(), qkv=projection(attn.qkv_proj),
+        o=projection(attn.o_proj), post_norm=layer.post_attention_layernorm.weight.detach(),
+        gate_up=projection(mlp.gate_up_proj), down=projection(mlp.down_proj),
+        sliding_window=attn.attn.sliding_window)

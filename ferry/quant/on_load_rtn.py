@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ferry import kernels
+from ferry.kernels.decoder_stack_spec import WNA16, Projection
 from ferry.kernels.quant_linear import PreparedWna16, prepare_wna16, quantize_rtn, wna16_apply
 from ferry.layers.embedding_method import EmbeddingMethod, UnquantizedEmbeddingMethod
 from ferry.layers.linear_method import LinearMethod
@@ -60,6 +61,11 @@ class RtnLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         prepared: PreparedWna16 = layer.quantized
         return wna16_apply(x, prepared, bias)                         # (T, in) -> (T, out)
+
+    def fused_projection(self, layer: nn.Module) -> Projection | None:
+        q: PreparedWna16 = layer.quantized
+        bias = None if layer.bias is None else layer.bias.detach()
+        return Projection(WNA16, q.qweight, bias, q.scales, q.zeros, q.bits, q.group_size)
 
 
 class Bf16HeadMethod(UnquantizedEmbeddingMethod):

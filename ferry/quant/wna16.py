@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ferry.kernels.decoder_stack_spec import WNA16, Projection
 from ferry.kernels.quant_linear import pack_canonical, wna16_linear
 from ferry.layers.linear_method import LinearMethod
 from ferry.layers.parameter import copy_checked, new_parameter
@@ -80,6 +81,13 @@ class WNA16LinearMethod(LinearMethod):
         outs = [self._part(layer, i, x, None) for i in range(layer.wna16_parts)]
         out = torch.cat(outs, dim=-1)
         return out + bias if bias is not None else out
+
+    def fused_projection(self, layer: nn.Module) -> Projection | None:
+        if layer.wna16_parts != 1 or layer.perm0 is not None:
+            return None   # act-order splits: several kernel calls and a gather
+        bias = None if layer.bias is None else layer.bias.detach()
+        return Projection(WNA16, layer.qweight0, bias, layer.scales0, layer.zeros0, self.bits,
+                          layer.wna16_group_size)
 
     def _part(self, layer: nn.Module, i: int, x: torch.Tensor, bias) -> torch.Tensor:
         perm = getattr(layer, f"perm{i}")

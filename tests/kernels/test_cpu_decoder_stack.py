@@ -12,6 +12,7 @@ from ferry.checkpoint import load_hf_config
 from ferry.kernels.cpu import decoder_stack
 from ferry.kernels.cpu.dense import max_kernel_rows
 from ferry.models.loader import get_model
+from ferry.quant.on_load_rtn import RtnWeightMethods
 from paged_helpers import BlockAllocator, make_kv_caches, make_metadata
 
 BLOCK_SIZE, NUM_BLOCKS = 4, 64
@@ -34,8 +35,9 @@ def stack_calls(monkeypatch) -> list[int]:
     return calls
 
 
-def _model(path):
-    return get_model(str(path), load_hf_config(str(path)), torch.float32, torch.device("cpu"))
+def _model(path, weight_methods=None):
+    return get_model(str(path), load_hf_config(str(path)), torch.float32, torch.device("cpu"),
+                     weight_methods=weight_methods)
 
 
 def _steps(vocab: int):
@@ -67,13 +69,16 @@ def _run(model, seqs, steps, fused: bool):
     return outputs, caches
 
 
-@pytest.mark.parametrize("arch, overrides", [
-    ("llama", {}),
-    ("qwen2", {}),                                             # q/k/v biases
-    ("mistral", {"sliding_window": 6}),                        # a window the decodes pass
+@pytest.mark.parametrize("arch, overrides, rtn", [
+    ("llama", {}, None),
+    ("qwen2", {}, None),                                       # q/k/v biases
+    ("mistral", {"sliding_window": 6}, None),                  # a window the decodes pass
+    ("llama", {}, (8, 32, True)),                              # int8 codes (wna16 kernel)
+    ("qwen2", {}, (4, 32, False)),                             # int4, zero points, biases
 ])
-def test_fused_stack_equals_the_layers(arch, overrides, tiny_model_dir, stack_calls):
-    model = _model(tiny_model_dir(arch, **overrides))
+def test_fused_stack_equals_the_layers(arch, overrides, rtn, tiny_model_dir, stack_calls):
+    methods = RtnWeightMethods(*rtn) if rtn else None
+    model = _model(tiny_model_dir(arch, **overrides), methods)
     seqs, steps = _steps(model.vocab_size)
     want, want_caches = _run(model, seqs, steps, fused=False)
     assert stack_calls == []
@@ -117,7 +122,7 @@ def test_weights_it_cannot_take_are_refused_with_the_reason(tiny_model_dir):
     model = _model(tiny_model_dir("llama"))
     layer = model.model.layers[0]
     tensors = [fused_decode._layer_tensors(layer)]
-    tensors[0].o = tensors[0].o.contiguous()                   # row-major
+    tensors[0].o.weight = tensors[0].o.weight.contiguous()     # row-major
     shape = fused_decode.StackShape(
         hidden=layer.input_layernorm.weight.shape[0], num_heads=layer.self_attn.num_heads,
         num_kv_heads=layer.self_attn.num_kv_heads, head_dim=layer.self_attn.head_dim,

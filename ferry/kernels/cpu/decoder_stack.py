@@ -17,13 +17,14 @@ from ferry.kernels.attn_metadata import AttentionMetadata
 from ferry.kernels.checks import check_paged_attention_args
 from ferry.kernels.cpu._lib import load_library
 from ferry.kernels.cpu.dense import max_kernel_rows
-from ferry.kernels.decoder_stack_spec import LayerTensors, StackShape
+from ferry.kernels.cpu.quant_linear import MAX_KERNEL_ROWS as WNA16_MAX_ROWS
+from ferry.kernels.decoder_stack_spec import F32, WNA16, LayerTensors, Projection, StackShape
 
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
 # Field orders match csrc/decoder_stack.cpp's structs.
-_WEIGHTS = ("input_norm", "qkv", "qkv_bias", "o", "o_bias", "post_norm", "gate_up",
-            "gate_up_bias", "down", "down_bias")
+_PROJECTIONS = ("qkv", "o", "gate_up", "down")
+_KIND_CODES = {F32: 0, WNA16: 1}
 
 
 class _StackShape(ctypes.Structure):
@@ -32,9 +33,15 @@ class _StackShape(ctypes.Structure):
                 ("max_position", _I64), ("eps", _F32), ("scale", _F32), ("cos_sin_cache", _P)]
 
 
+class _Projection(ctypes.Structure):
+    _fields_ = [("kind", _I64), ("weight", _P), ("bias", _P), ("scales", _P), ("zeros", _P),
+                ("bits", _I64), ("group_size", _I64)]
+
+
 class _LayerWeights(ctypes.Structure):
-    _fields_ = [*((name, _P) for name in _WEIGHTS), ("key_cache", _P), ("value_cache", _P),
-                ("sliding_window", _I64)]
+    _fields_ = [("input_norm", _P), ("post_norm", _P),
+                *((name, _Projection) for name in _PROJECTIONS),
+                ("key_cache", _P), ("value_cache", _P), ("sliding_window", _I64)]
 
 
 class _StepInputs(ctypes.Structure):
@@ -54,24 +61,36 @@ def _library():
     return lib
 
 
-def _expected_shapes(shape: StackShape) -> dict[str, tuple[int, ...]]:
+def _projection_shapes(shape: StackShape) -> dict[str, tuple[int, int]]:
+    """(outputs, inputs) of each projection."""
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     h, inter = shape.hidden, shape.intermediate
-    return {"input_norm": (h,), "post_norm": (h,), "qkv": (q + 2 * kv, h), "qkv_bias": (q + 2 * kv,),
-            "o": (h, q), "o_bias": (h,), "gate_up": (2 * inter, h), "gate_up_bias": (2 * inter,),
-            "down": (h, inter), "down_bias": (h,)}
+    return {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}
 
 
-def _unusable_weight(name: str, tensor: torch.Tensor | None, expected: tuple[int, ...]) -> str | None:
-    """Why ``tensor`` cannot go to the kernel (None: it can)."""
-    if tensor is None:
-        return None if name.endswith("bias") else f"{name} is missing"
-    if tensor.dtype != torch.float32 or not tensor.is_cpu or tuple(tensor.shape) != expected:
-        return f"{name} is {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}"
-    if tensor.dim() == 2:
-        column_major = tensor.stride() == (1, tensor.shape[0])
-        return None if column_major else f"{name} is not stored column-major"
-    return None if tensor.is_contiguous() else f"{name} is not contiguous"
+def _float_vector(tensor: torch.Tensor | None, size: int) -> bool:
+    return tensor is None or (tensor.dtype == torch.float32 and tensor.is_cpu
+                              and tuple(tensor.shape) == (size,) and tensor.is_contiguous())
+
+
+def _unusable(name: str, p: Projection, out_in: tuple[int, int]) -> str | None:
+    """Why projection ``p`` cannot go to the kernel (None: it can)."""
+    n, k = out_in
+    if not _float_vector(p.bias, n):
+        return f"{name}'s bias is not a float32 vector of {n}"
+    w = p.weight
+    if p.kind == F32:
+        if w.dtype != torch.float32 or not w.is_cpu or tuple(w.shape) != (n, k):
+            return f"{name} is {w.dtype} {tuple(w.shape)} on {w.device}"
+        return None if w.stride() == (1, n) else f"{name} is not stored column-major"
+    if p.kind == WNA16:
+        codes = (n, k // 2 if p.bits == 4 else k)
+        scales_ok = all(t is not None and t.dtype == torch.float32 and t.is_contiguous()
+                        and t.shape[0] == n for t in (p.scales, p.zeros))
+        if w.dtype != torch.uint8 or tuple(w.shape) != codes or not w.is_contiguous() or not scales_ok:
+            return f"{name}'s {p.bits}-bit codes or float32 scales do not fit"
+        return None
+    return f"{name} is a {p.kind} projection"
 
 
 class F32DecoderStack:
@@ -90,10 +109,13 @@ class F32DecoderStack:
                                   shape.eps, shape.scale, cos_sin_cache.data_ptr())
         self._weights = (_LayerWeights * len(layers))()
         for slot, layer in zip(self._weights, layers):
-            for name in _WEIGHTS:
-                tensor = getattr(layer, name)
-                setattr(slot, name, tensor.data_ptr() if tensor is not None else None)
+            slot.input_norm, slot.post_norm = layer.input_norm.data_ptr(), layer.post_norm.data_ptr()
+            for name in _PROJECTIONS:
+                setattr(slot, name, _projection(getattr(layer, name)))
             slot.sliding_window = layer.sliding_window or 0
+        # Rows one step may have: the GEMV's limit, the int kernel's when a layer uses it.
+        quantized = any(getattr(layer, name).kind == WNA16 for layer in layers for name in _PROJECTIONS)
+        self.max_rows = min(max_kernel_rows(), WNA16_MAX_ROWS) if quantized else max_kernel_rows()
         self._caches: tuple[int, ...] = ()
         self._scratch = torch.empty(0, dtype=torch.float32)
         self.hidden_size = shape.hidden
@@ -105,13 +127,16 @@ class F32DecoderStack:
         if lib is None:
             cls.why_not = "the C++ kernels or their AVX-512 GEMV are not available"
             return None
-        expected = _expected_shapes(shape)
+        shapes = _projection_shapes(shape)
         for index, layer in enumerate(layers):
-            for name in _WEIGHTS:
-                reason = _unusable_weight(name, getattr(layer, name), expected[name])
-                if reason is not None:
-                    cls.why_not = f"layer {index}: {reason}"
-                    return None
+            reasons = [_unusable(name, getattr(layer, name), shapes[name]) for name in _PROJECTIONS]
+            if not (_float_vector(layer.input_norm, shape.hidden)
+                    and _float_vector(layer.post_norm, shape.hidden)):
+                reasons.append("its norms are not float32 vectors")
+            reason = next((r for r in reasons if r is not None), None)
+            if reason is not None:
+                cls.why_not = f"layer {index}: {reason}"
+                return None
         if (cos_sin_cache.dtype != torch.float32 or not cos_sin_cache.is_contiguous()
                 or cos_sin_cache.shape[1] != shape.head_dim or not layers):
             cls.why_not = "the rotary table does not fit"
@@ -121,7 +146,7 @@ class F32DecoderStack:
     def takes(self, num_tokens: int, kv_caches: list[torch.Tensor]) -> bool:
         """A step of ``num_tokens`` rows over these caches fits the kernel."""
         first = kv_caches[0]
-        return (0 < num_tokens <= max_kernel_rows() and len(kv_caches) == len(self._layers)
+        return (0 < num_tokens <= self.max_rows and len(kv_caches) == len(self._layers)
                 and all(cache.dtype == torch.float32 and cache.is_cpu and cache.is_contiguous()
                         and cache.shape == first.shape for cache in kv_caches))
 
@@ -169,3 +194,11 @@ class F32DecoderStack:
         if self._scratch.numel() < needed:
             self._scratch = torch.empty(needed, dtype=torch.float32)
         return self._scratch
+
+
+def _projection(p: Projection) -> _Projection:
+    def address(tensor):
+        return tensor.data_ptr() if tensor is not None else None
+
+    return _Projection(_KIND_CODES[p.kind], p.weight.data_ptr(), address(p.bias),
+                       address(p.scales), address(p.zeros), p.bits, p.group_size)

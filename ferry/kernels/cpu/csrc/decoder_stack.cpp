@@ -1,5 +1,6 @@
 // Every decoder layer of a float32 decode step in one call: the same kernels the layers
-// call one by one (f32_gemv.cpp, elementwise.cpp, paged_attention.cpp), in the same order,
+// call one by one (f32_gemv.cpp or wna16.cpp for the projections, elementwise.cpp,
+// paged_attention.cpp), in the same order,
 // on the same inputs. Twin of the Python layers (models/common.py), checked against them in
 // tests/kernels/test_cpu_decoder_stack.py.
 //
@@ -36,6 +37,10 @@ int ferry_silu_and_mul(int dtype, const void* x, int64_t x_stride, int64_t rows,
 int ferry_write_kv_cache(int dtype, const void* key, int64_t k_stride, const void* value,
                          int64_t v_stride, const int64_t* slot_mapping, int64_t tokens,
                          int64_t width, void* key_cache, void* value_cache);
+int ferry_wna16_gemm(int dtype, const void* x, int64_t x_stride, int64_t rows, int64_t k, int64_t n,
+                     const uint8_t* qweight, const void* scales, const void* zeros, int bits,
+                     int64_t group_size, const void* bias, void* out, int allow_simd,
+                     int num_threads);
 int ferry_paged_attention(int dtype, const void* query, const void* key_cache,
                           const void* value_cache, const int32_t* block_tables,
                           int64_t block_table_stride, const int32_t* query_start_loc,
@@ -55,12 +60,38 @@ struct StackShape {
   const float* cos_sin_cache;  // (max_position, head_dim)
 };
 
-struct LayerWeights {
-  const float *input_norm, *qkv, *qkv_bias, *o, *o_bias, *post_norm;
-  const float *gate_up, *gate_up_bias, *down, *down_bias;  // column-major (in, out) storage
-  float *key_cache, *value_cache;                          // (blocks, block_size, Hkv, D)
-  int64_t sliding_window;                                  // 0: none
+// A linear as its LinearMethod runs it (decoder_stack_spec.Projection).
+struct Projection {
+  int64_t kind;           // kF32 or kWna16
+  const void* weight;     // kF32: float (in, out) storage; kWna16: the uint8 codes
+  const float* bias;      // or null
+  const float* scales;    // kWna16: (n, groups)
+  const float* zeros;
+  int64_t bits, group_size;
 };
+constexpr int64_t kF32 = 0, kWna16 = 1;
+
+struct LayerWeights {
+  const float *input_norm, *post_norm;
+  Projection qkv, o, gate_up, down;
+  float *key_cache, *value_cache;  // (blocks, block_size, Hkv, D)
+  int64_t sliding_window;          // 0: none
+};
+
+// out (rows, n) = x (rows, k; row stride x_stride) through projection p.
+int linear(const Projection& p, const float* x, int64_t x_stride, int64_t rows, int64_t k,
+           int64_t n, float* out, int threads) {
+  if (p.kind == kF32) {
+    return ferry_f32_gemv(x, x_stride, rows, k, n, static_cast<const float*>(p.weight), p.bias,
+                          out, threads);
+  }
+  if (p.kind == kWna16) {
+    return ferry_wna16_gemm(kFloat32, x, x_stride, rows, k, n,
+                            static_cast<const uint8_t*>(p.weight), p.scales, p.zeros,
+                            static_cast<int>(p.bits), p.group_size, p.bias, out, 1, threads);
+  }
+  return 1;
+}
 
 struct StepInputs {
   int64_t tokens, num_seqs, block_table_stride;
@@ -101,8 +132,7 @@ int attention(const StackShape& s, const LayerWeights& w, const StepInputs& in, 
   const int64_t t = in.tokens;
   const int64_t q_width = s.num_heads * s.head_dim, kv_width = s.num_kv_heads * s.head_dim;
   const int64_t qkv_width = q_width + 2 * kv_width;
-  int status = ferry_f32_gemv(b.normed, s.hidden, t, s.hidden, qkv_width, w.qkv, w.qkv_bias,
-                              b.qkv, threads);
+  int status = linear(w.qkv, b.normed, s.hidden, t, s.hidden, qkv_width, b.qkv, threads);
   // q and k are the first columns of each qkv row, v the last: views with row stride qkv_width.
   status = status ? status : ferry_apply_rotary(kFloat32, b.qkv, qkv_width, b.qkv + q_width,
                                                 qkv_width, in.positions, s.cos_sin_cache, t,
@@ -132,19 +162,16 @@ int layer(const StackShape& s, const LayerWeights& w, const StepInputs& in, floa
                                       b.normed, residual, threads);
   }
   status = status ? status : attention(s, w, in, b, threads);
-  status = status ? status : ferry_f32_gemv(b.attn, s.num_heads * s.head_dim, t,
-                                            s.num_heads * s.head_dim, h, w.o, w.o_bias, hidden,
-                                            threads);
+  const int64_t q_width = s.num_heads * s.head_dim;
+  status = status ? status : linear(w.o, b.attn, q_width, t, q_width, h, hidden, threads);
   status = status ? status : ferry_fused_add_rms_norm(kFloat32, hidden, h, residual, h,
                                                       w.post_norm, s.eps, t, h, b.normed,
                                                       residual, threads);
   const int64_t inter = s.intermediate;
-  status = status ? status : ferry_f32_gemv(b.normed, h, t, h, 2 * inter, w.gate_up,
-                                            w.gate_up_bias, b.gate_up, threads);
+  status = status ? status : linear(w.gate_up, b.normed, h, t, h, 2 * inter, b.gate_up, threads);
   status = status ? status : ferry_silu_and_mul(kFloat32, b.gate_up, 2 * inter, t, inter, b.act,
                                                 threads);
-  return status ? status : ferry_f32_gemv(b.act, inter, t, inter, h, w.down, w.down_bias, hidden,
-                                          threads);
+  return status ? status : linear(w.down, b.act, inter, t, inter, h, hidden, threads);
 }
 
 bool positions_valid(const StackShape& s, const StepInputs& in) {
