@@ -115,7 +115,9 @@ FEATURES: tuple[Feature, ...] = (
              "tests/engine/test_scheduler_lora_admission.py")),
     Feature("tensor_parallel", "Tensor parallelism (torch.distributed; gloo on the CPU)",
             (PT, "tests/distributed/test_parallel_server.py", "tests/distributed/test_sharding.py",
-             "tests/distributed/test_rank_loading.py", "tests/distributed/test_collectives.py"),
+             "tests/distributed/test_rank_loading.py", "tests/distributed/test_collectives.py",
+             "tests/distributed/test_parallel_quant.py", "tests/distributed/test_quant_rank_parts.py",
+             "tests/distributed/test_parallel_fp8_kv.py"),
             note="one GPU has never run it; NCCL/RCCL untested"),
     Feature("pipeline_parallel", "Pipeline parallelism", (PT,)),
     Feature("lora:parallel", "LoRA adapters on tensor/pipeline-parallel ranks (sharded like "
