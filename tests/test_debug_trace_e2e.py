@@ -138,3 +138,60 @@ def test_http_extension_and_the_trace_route():
     with TestClient(build_app(off, ServerConfig())) as client:
         resp = client.post("/v1/chat/completions", json={**body, "debug_trace": True})
         assert resp.status_code == 400 and "--debug-trace" in resp.json()["error"]["message"]
+
+
+def _fake_quantizing_write(real):
+    """A float32 cache holding what an FP8 cache would: K/V rounded to e4m3 and back."""
+    def fake_quant(x):
+        return x.float().clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
+    return lambda key, value, kv_cache, slots: real(fake_quant(key), fake_quant(value),
+                                                    kv_cache, slots)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_fp8_kv_cache_traces_match_the_dequantized_cache(llama_dir, monkeypatch, backend):
+    """With ``kv_cache_dtype: fp8`` a traced request gets its trace, computed from the
+    dequantized keys the FP8 attention reads: equal (float32 rounding) to the trace of a
+    float32 cache holding the same fake-quantized K/V. The untraced request beside it in
+    the batch gets none and the same tokens."""
+    from ferry.kernels import reference
+
+    if backend == "reference":   # every op, the trace included, on the PyTorch reference
+        monkeypatch.setitem(ferry.kernels._ops_by_device_type, "cpu", reference)
+    elif ferry.kernels.prepare(torch.device("cpu")) != "cpu":
+        pytest.skip("the C++ CPU kernels are not available here")
+    else:   # the C++ FP8 trace kernel, not a fallback to the PyTorch op
+        from ferry.kernels.cpu._lib import functions
+
+        fp8_kernel, calls = functions().attention_trace_fp8, []
+        monkeypatch.setattr(functions(), "attention_trace_fp8",
+                            lambda *args: calls.append(fp8_kernel(*args)) or calls[-1])
+    settings = dict(dtype="float32", kv_cache_memory="16MiB", debug_trace="attention",
+                    debug_trace_prompt=True, debug_trace_top_k=3, max_num_batched_tokens=8)
+    prompts = [_prompt(6), _prompt(7, n=9)]
+    params = [GREEDY.clone(debug_trace=True), GREEDY]
+
+    fp8_llm = LLM(llama_dir, kv_cache_dtype="fp8", **settings)
+    assert fp8_llm.engine.executor.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    traced, untraced = fp8_llm.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setattr(ferry.kernels, "write_kv_cache",
+                        _fake_quantizing_write(ferry.kernels.write_kv_cache))
+    want, want_untraced = LLM(llama_dir, **settings).generate(prompts, params, use_tqdm=False)
+
+    if backend == "cpp":
+        num_layers = fp8_llm.engine.executor.runner.model.num_layers
+        assert calls and set(calls) == {0} and len(calls) % num_layers == 0
+    assert untraced.debug_trace is None
+    assert untraced.outputs[0].token_ids == want_untraced.outputs[0].token_ids
+    assert traced.outputs[0].token_ids == want.outputs[0].token_ids
+    got, expected = traced.debug_trace, want.debug_trace
+    assert got is not None and got["layers"], "no attention trace over the FP8 KV cache"
+    n = len(prompts[0]["prompt_token_ids"])
+    assert got["positions"] == expected["positions"] == list(range(n + GREEDY.max_tokens - 1))
+    for got_layer, want_layer in zip(got["layers"], expected["layers"], strict=True):
+        for got_head, want_head in zip(got_layer["heads"], want_layer["heads"], strict=True):
+            torch.testing.assert_close(torch.tensor(got_head["entropy"]),
+                                       torch.tensor(want_head["entropy"]), atol=1e-5, rtol=0)
+            for got_top, want_top in zip(got_head["top"], want_head["top"], strict=True):
+                torch.testing.assert_close(torch.tensor(got_top), torch.tensor(want_top),
+                                           atol=1e-5, rtol=0)

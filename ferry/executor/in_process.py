@@ -42,7 +42,8 @@ class InProcessExecutor(Executor):
     def initialize_cache(self, num_blocks: int) -> RuntimeConfig:
         loaded, config = self._loaded, self.config
         block_bytes = kv_block_bytes(loaded.model.num_layers, loaded.model.num_kv_heads,
-                                     loaded.model.head_dim, config.cache.block_size, loaded.dtype)
+                                     loaded.model.head_dim, config.cache.block_size,
+                                     loaded.kv_cache_dtype)
         num_host_blocks = int(config.cache.swap_space * 2**30) // block_bytes
         self.runner = ModelRunner(loaded.model, num_blocks=num_blocks,
                                   block_size=config.cache.block_size, device=loaded.device,

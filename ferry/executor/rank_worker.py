@@ -27,6 +27,7 @@ from ferry.lora.slots import LoRASlots, build_lora_slots
 from ferry.models.tensor_parallel import rank_weight_bytes
 from ferry.outputs import RunnerOutput, SchedulerOutput
 from ferry.platform import detect_platform, usable_cpu_count
+from ferry.runner.memory import kv_block_bytes
 from ferry.runner.model_runner import ModelRunner
 from ferry.runner.model_setup import LoadedModel, RankSetup, count_kv_blocks, dtype_name, load_model
 from ferry.runner.pending_output import PendingOutput
@@ -79,19 +80,24 @@ class RankWorker:
     def initialize_cache(self, num_blocks: int) -> RuntimeConfig:
         loaded, config = self.loaded, self.config
         kwargs = dict(num_blocks=num_blocks, block_size=config.cache.block_size,
-                      device=loaded.device, kv_dtype=loaded.dtype, lora=self.lora)
+                      device=loaded.device, kv_dtype=loaded.kv_cache_dtype, lora=self.lora)
         if self.ctx.pp_size > 1:
             self.runner = PipelineStageRunner(loaded.model, ctx=self.ctx, **kwargs)
         else:
             self.runner = ModelRunner(loaded.model, **kwargs)
         # Device graphs stay off across ranks: a capture that failed on one rank only
         # would leave the ranks running different collectives (a hang).
+        # kv_block_bytes is this rank's (its KV heads, its stage's layers): the bytes a
+        # block takes on each device, what the KV cache was sized by.
+        model = loaded.model
         return RuntimeConfig(
-            dtype=dtype_name(loaded.dtype), kv_cache_dtype=dtype_name(loaded.dtype),
+            dtype=dtype_name(loaded.dtype), kv_cache_dtype=dtype_name(loaded.kv_cache_dtype),
             max_model_len=loaded.max_model_len, num_blocks=num_blocks,
             block_size=config.cache.block_size, device=str(loaded.device),
             device_kind=self.platform.kind, gpu_vendor=self.platform.vendor,
-            vocab_size=loaded.model.vocab_size)
+            vocab_size=model.vocab_size, quant_type=loaded.quant_type,
+            kv_block_bytes=kv_block_bytes(model.num_layers, model.num_kv_heads, model.head_dim,
+                                          config.cache.block_size, loaded.kv_cache_dtype))
 
     def launch(self, sched: SchedulerOutput) -> PendingOutput:
         return self.runner.launch(sched)

@@ -20,6 +20,10 @@ class Attention(nn.Module):
     scales are Python floats (1.0 unless the checkpoint's are set on the layer). Every
     backend only converts the stored values on read: the scales fold into the softmax
     scale (q . k_scale k') and the output (v_scale sum p v'), so no kernel needs them.
+
+    For a step with a traced request (``attn_metadata.trace_rows``) the layer also records
+    the debug trace of those rows from the cache it just attended over, with the scale its
+    attention used: over an FP8 cache the dequantized scores q . k_scale k'.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -46,10 +50,7 @@ class Attention(nn.Module):
             return self._forward_fp8(q, k, v, kv_cache, attn_metadata)
         kernels.write_kv_cache(k, v, kv_cache, attn_metadata.slot_mapping)
         out = kernels.paged_attention(q, kv_cache, attn_metadata, self.scale, self.sliding_window)
-        if attn_metadata.trace_rows is not None:   # only steps with a traced request
-            attn_metadata.trace_out.append(kernels.attention_trace(
-                q, kv_cache, attn_metadata, self.scale, attn_metadata.trace_rows,
-                self.sliding_window))
+        self._trace(q, kv_cache, attn_metadata, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _forward_fp8(self, q, k, v, kv_cache, attn_metadata) -> torch.Tensor:
@@ -61,6 +62,15 @@ class Attention(nn.Module):
         kernels.write_kv_cache(k, v, kv_cache, attn_metadata.slot_mapping)   # saturating cast
         out = kernels.paged_attention(q, kv_cache, attn_metadata, self.scale * k_scale,
                                       self.sliding_window)                   # (T, H, D)
+        self._trace(q, kv_cache, attn_metadata, self.scale * k_scale)
         if v_scale != 1.0:
             out = out * v_scale
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _trace(self, q, kv_cache, attn_metadata, scale: float) -> None:
+        """Append the debug trace of the step's traced rows, scored as the attention just
+        did (same q, cache and scale). Steps without a traced request skip it entirely."""
+        if attn_metadata.trace_rows is not None:
+            attn_metadata.trace_out.append(kernels.attention_trace(
+                q, kv_cache, attn_metadata, scale, attn_metadata.trace_rows,
+                self.sliding_window))

@@ -59,6 +59,17 @@ class LinearMethod(ABC):
         return None
 
 
+def input_part(layer: nn.Module) -> tuple[int, int]:
+    """(index of this layer's first input in the whole layer, inputs of the whole layer).
+
+    ``(0, layer.input_size)`` unless tensor parallelism gave the layer one rank's slice of
+    the inputs (a row-parallel layer records ``layer.tp_input_part``): a format whose
+    checkpoint tensors number the inputs or their groups (an act-order ``g_idx``, a stored
+    weight shape) reads them against the whole layer.
+    """
+    return getattr(layer, "tp_input_part", None) or (0, layer.input_size)
+
+
 class UnquantizedLinearMethod(LinearMethod):
     """A plain (out, in) weight in the model dtype and ``kernels.dense_linear``; column-major on
     the CPU."""

@@ -3,7 +3,8 @@
 For every checkpoint tensor the model needs, the slice comes from the parameter's layout
 attributes and its layer's ``tp_kind`` (``tensor_parallel.py``): column and vocab layers
 split along ``output_dim``, row layers along ``input_dim``, anything else (norms, a
-row-parallel bias, a per-tensor scale) is read whole. The rank's extent along that dim is
+row-parallel bias, a per-tensor scale, a row layer's per-channel scales: one group over
+all its inputs) is read whole. The rank's extent along that dim is
 the parameter's (or, for a merged layer, the shard's, in stored elements when the dim is
 packed), so a quantized method's packed weights and group scales shard with no format
 code; a checkpoint size that is not that extent times the ranks is an error naming the
@@ -63,6 +64,10 @@ def rank_slice(param: torch.Tensor, layer: nn.Module, shard_id: Any, shape: list
     if kind == VOCAB:   # padded to a multiple of tp_size: the last rank may hold padding
         start = tp_rank * local
         return dim, min(start, full), min(start + local, full), local
+    if kind == ROW and full == local == 1:
+        # one quantization group over all the inputs (per-channel scales and zeros):
+        # every rank's inputs use the same values, so each reads them whole
+        return None, 0, 0, 0
     replicated = shard_id in getattr(layer, "tp_replicated_shards", ())
     if local <= 0 or full % local or (full // local != tp_size and not (
             replicated and tp_size % (full // local) == 0)):

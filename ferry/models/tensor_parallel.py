@@ -107,6 +107,8 @@ class RowParallelMethod(LinearMethod):
             raise ValueError(f"{layer.prefix}: this rank's {input_size} inputs are not a "
                              f"multiple of the quantization group size {group_size}; use a "
                              f"tensor_parallel_size that keeps whole groups on each rank")
+        # where this rank's inputs sit in the whole layer (ferry.layers.linear_method.input_part)
+        layer.tp_input_part = (self.ctx.tp_rank * input_size, self.ctx.tp_size * input_size)
         self.inner.create_weights(layer, input_size, output_sizes, params_dtype)
 
     def process_weights_after_loading(self, layer) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ferry.layers.linear_method import LinearMethod
+from ferry.layers.linear_method import LinearMethod, input_part
 from ferry.layers.parameter import new_parameter
 from ferry.quant.fp8 import FP8LinearMethod
 from ferry.quant.kv_scales import attach_kv_scales
@@ -189,7 +189,7 @@ class PackedLinearMethod(WNA16LinearMethod):
             layer.weight_zero_point = new_parameter((out // f, groups), torch.int32, output_dim=0,
                                                     input_dim=1, packed_dim=0, pack_factor=f)
         layer.weight_shape = new_parameter((2,), torch.int64, output_dim=None, input_dim=None)
-        layer.weight_shape.weight_loader = _shape_checker(input_size)
+        layer.weight_shape.weight_loader = _shape_checker(input_part(layer)[1])
         if self.has_g_idx:
             layer.weight_g_idx = g_idx_parameter(layer, input_size, "weight_g_idx")
 
@@ -210,6 +210,8 @@ class PackedLinearMethod(WNA16LinearMethod):
 
 
 def _shape_checker(input_size: int):
+    """The stored shape's inputs must be the whole layer's (``input_size``; a row-parallel
+    rank holds a slice of them)."""
     def load(param: torch.Tensor, loaded: torch.Tensor, shard_id=None) -> None:
         if loaded.numel() != 2 or int(loaded[-1]) != input_size:
             raise ValueError(f"weight_shape {loaded.tolist()} does not match the layer's "

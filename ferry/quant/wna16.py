@@ -17,7 +17,7 @@ from torch import nn
 
 from ferry.kernels.decoder_stack_spec import WNA16, Projection
 from ferry.kernels.quant_linear import pack_canonical, wna16_linear
-from ferry.layers.linear_method import LinearMethod
+from ferry.layers.linear_method import LinearMethod, input_part
 from ferry.layers.parameter import copy_checked, new_parameter
 from ferry.quant.selection import shard_index
 
@@ -61,7 +61,8 @@ class WNA16LinearMethod(LinearMethod):
         decoded = self.decode(layer)
         for name in self.checkpoint_params():
             delattr(layer, name)
-        group_size, _ = self.groups(layer.input_size)
+        group_size, num_groups = self.groups(layer.input_size)
+        localise_g_idx(layer, decoded, self.group_size, num_groups)
         parts = split_by_permutation(layer, decoded)
         layer.wna16_parts = len(parts)
         for i, (rows, perm, g_idx) in enumerate(parts):
@@ -102,6 +103,37 @@ def _register(layer: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
         setattr(layer, name, None)
     else:
         layer.register_buffer(name, tensor, persistent=False)
+
+
+def localise_g_idx(layer: nn.Module, decoded: Decoded, group_size: int, num_groups: int) -> None:
+    """The whole layer's group numbers in ``g_idx`` -> this layer part's.
+
+    A row-parallel rank holds inputs ``start ..`` of the whole layer and, sliced alike,
+    the scales of its groups ``start // group_size ..`` (``group_size`` as configured;
+    -1: one group over all inputs, which every rank holds); its slice of ``g_idx`` still
+    numbers the whole layer's groups. ValueError when one of its inputs belongs to a
+    group outside its slice: an act-order (``desc_act``) permutation across the ranks'
+    slices, whose groups no rank holds whole.
+    """
+    start, whole = input_part(layer)
+    if decoded.g_idx is None or whole == layer.input_size:
+        return
+    first = start // group_size if group_size not in (-1, 0, None) else 0
+
+    def local(g_idx: torch.Tensor) -> torch.Tensor:
+        g_idx = g_idx - first
+        if ((g_idx < 0) | (g_idx >= num_groups)).any():
+            raise ValueError(
+                f"{layer.prefix}: this rank's inputs {start}..{start + layer.input_size - 1} "
+                f"of {whole} include inputs of quantization groups held by another rank "
+                f"(an act-order / desc_act g_idx that mixes the ranks' slices); ferry "
+                f"cannot split such a layer along its inputs: use tensor_parallel_size=1, "
+                f"pipeline parallelism, or a checkpoint quantized without act-order")
+        return g_idx
+
+    decoded.g_idx = local(decoded.g_idx)
+    if getattr(layer, "g_idx_shards", None):
+        layer.g_idx_shards = {shard: local(g) for shard, g in layer.g_idx_shards.items()}
 
 
 def split_by_permutation(layer: nn.Module, decoded: Decoded

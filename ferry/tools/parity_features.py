@@ -118,7 +118,9 @@ FEATURES: tuple[Feature, ...] = (
              "tests/engine/test_scheduler_lora_admission.py")),
     Feature("tensor_parallel", "Tensor parallelism (torch.distributed; gloo on the CPU)",
             (PT, "tests/distributed/test_parallel_server.py", "tests/distributed/test_sharding.py",
-             "tests/distributed/test_rank_loading.py", "tests/distributed/test_collectives.py"),
+             "tests/distributed/test_rank_loading.py", "tests/distributed/test_collectives.py",
+             "tests/distributed/test_parallel_quant.py", "tests/distributed/test_quant_rank_parts.py",
+             "tests/distributed/test_parallel_fp8_kv.py"),
             note="one GPU has never run it; NCCL/RCCL untested"),
     Feature("pipeline_parallel", "Pipeline parallelism", (PT,)),
     Feature("lora:parallel", "LoRA adapters on tensor/pipeline-parallel ranks (sharded like "
@@ -131,6 +133,22 @@ FEATURES: tuple[Feature, ...] = (
             note="a C++ trace kernel on the CPU, a Triton one on GPUs (interpreter-tested "
                  "and compiled ahead of time; never run on a GPU), the PyTorch op on the "
                  "reference backend", gpu_tests=("tests/kernels/test_triton_attention_trace.py",)),
+    Feature("trace:fp8_kv_cache", "Attention debug trace over an FP8 KV cache (the "
+            "dequantized scores)",
+            ("tests/test_debug_trace_e2e.py::test_fp8_kv_cache_traces_match_the_dequantized_cache",
+             "tests/kernels/test_fp8_kv_cache.py::"
+             "test_debug_trace_over_fp8_cache_is_that_of_the_dequantized_keys",
+             "tests/kernels/test_attention_trace.py::"
+             "test_cpp_kernel_over_an_fp8_cache_is_the_op_on_its_dequantized_keys"),
+            note="GPU: the Triton trace kernel's kv=fp8 variant (sm_90, gfx942), "
+                 "interpreter-tested only",
+            gpu_tests=("tests/kernels/test_triton_attention_trace.py::"
+                       "test_fp8_cache_is_the_op_on_its_dequantized_keys",)),
+    Feature("web_ui:attention_trace", "Web UI: the heatmap of a traced message, from the "
+            "stream's final chunk",
+            ("tests/server/test_webui_browser.py::"
+             "test_a_traced_message_shows_the_trace_of_its_final_chunk",),
+            note="headless Chromium; device-independent (the page reads the server's trace)"),
     Feature("structured_output", "Structured output (JSON schema, regex, choice, grammars)",
             ("tests/structured_output/test_backends.py",
              "tests/structured_output/test_engine_constraints.py", "tests/runner/test_grammar_mask.py",
@@ -197,6 +215,13 @@ def existing_features() -> dict[str, str]:
     from ferry.models.lora_plan import rank_lora_plan
 
     found["lora:parallel"] = f"ferry.models.lora_plan.{rank_lora_plan.__name__}"
+    from ferry.layers.attention import Attention   # its FP8 path traces too
+
+    found["trace:fp8_kv_cache"] = f"ferry.layers.attention.{Attention._trace.__qualname__}"
+    from importlib import resources
+
+    if resources.files("ferry.server").joinpath("webui", "heatmap.js").is_file():
+        found["web_ui:attention_trace"] = "ferry/server/webui/heatmap.js"
     unclassified = []
     for key, field in config_fields().items():
         target = FEATURE_KEYS.get(key)

@@ -10,7 +10,8 @@ the weight ferry reports (ties may order differently). On the C++ backend the tr
 C++ kernel's (ferry/kernels/cpu/csrc/attention_trace.cpp), taken through the dispatch.
 
 Then the C++ kernel against the PyTorch op on random paged caches: float32 and bfloat16,
-GQA, scattered block tables, sliding windows, ties (the lower position first in both).
+an FP8 cache (against the op on its dequantized keys), GQA, scattered block tables, sliding
+windows, ties (the lower position first in both).
 """
 from __future__ import annotations
 
@@ -188,6 +189,33 @@ def test_cpp_kernel_matches_the_pytorch_op(dtype, num_heads, num_kv_heads, windo
     want = attention_trace(query, cache, meta, 0.2, rows, rows.top_k, window)
     _assert_same_trace(got, want)
     assert (got.top_positions[rows.positions.index(0), :, 1:] == -1).all()   # sees one key
+
+
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,window", [(2, 2, None), (6, 2, 3), (8, 1, 9)])
+def test_cpp_kernel_over_an_fp8_cache_is_the_op_on_its_dequantized_keys(
+        monkeypatch, query_dtype, num_heads, num_kv_heads, window):
+    """An FP8 (e4m3fn) cache: the FP8 kernel (no fallback to the op) scores the keys widened
+    to float32, as the op does on a float32 copy of the dequantized cache."""
+    _cpp_kernels_or_skip()
+    from ferry.kernels.cpu._lib import functions
+
+    calls: list[int] = []
+    kernel = functions().attention_trace_fp8
+    monkeypatch.setattr(functions(), "attention_trace_fp8",
+                        lambda *args: calls.append(kernel(*args)) or calls[-1])
+    meta, cache = make_batch(MIXED_QUERY_LENS, MIXED_SEQ_LENS, num_kv_heads, 24, torch.float32,
+                             "cpu", seed=num_heads + (window or 0))
+    fp8_cache = (cache * 4).to(torch.float8_e4m3fn)
+    query = torch.randn(sum(MIXED_QUERY_LENS), num_heads, 24,
+                        generator=torch.Generator().manual_seed(7)).to(query_dtype)
+    rows = _all_rows(meta)
+    got = ferry.kernels.attention_trace(query, fp8_cache, meta, 0.05, rows, window)
+    assert calls == [0]
+    _assert_same_trace(got, attention_trace(query, fp8_cache.float(), meta, 0.05, rows,
+                                            rows.top_k, window))
+    _assert_same_trace(got, attention_trace(query, fp8_cache, meta, 0.05, rows, rows.top_k,
+                                            window))   # the op reads fp8 itself too
 
 
 @pytest.mark.parametrize("head_dim,block_size", [(64, 16), (128, 4)])

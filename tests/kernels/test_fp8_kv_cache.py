@@ -91,6 +91,68 @@ def test_attention_over_fp8_cache_matches_fake_quantized_reference(monkeypatch, 
     torch.testing.assert_close(written * k_scale, _fake_quant(k, k_scale).view(tokens, kv_heads, dim)[valid])
 
 
+@pytest.mark.parametrize("backend", [name for name, _ in _backends()])
+@pytest.mark.parametrize("k_scale", [1.0, 0.05])
+def test_debug_trace_over_fp8_cache_is_that_of_the_dequantized_keys(monkeypatch, backend,
+                                                                     k_scale):
+    """A step with traced rows over an fp8 cache: the layer records one trace, equal to the
+    PyTorch op's on a float32 cache holding the dequantized keys (k' * k_scale) at the
+    model's scale, with the backend's own trace kernel; the attention output is the same
+    as in the step without traced rows."""
+    from ferry.kernels.attention_trace import attention_trace, rows_of_sequences
+
+    ops = dict(_backends())[backend]
+    monkeypatch.setitem(ferry.kernels._ops_by_device_type, "cpu", ops)   # the trace too
+    kernel_calls = _count_trace_kernel_calls(monkeypatch, backend)
+    heads, kv_heads, dim = 6, 2, 32
+    meta, float_cache = make_batch(MIXED_QUERY_LENS, MIXED_SEQ_LENS, kv_heads, dim, torch.float32,
+                                   "cpu", seed=4)
+    meta = dataclasses.replace(meta, slot_mapping=_slots(meta))
+    tokens = sum(MIXED_QUERY_LENS)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(tokens, heads * dim, generator=gen) * 2
+    k = torch.randn(tokens, kv_heads * dim, generator=gen) * 3 * k_scale
+    v = torch.randn(tokens, kv_heads * dim, generator=gen)
+    fp8_cache = torch.empty_like(float_cache, dtype=FP8)
+    fp8_cache[0] = (float_cache[0] * 3).clamp(-448, 448).to(FP8)
+    fp8_cache[1] = float_cache[1].to(FP8)
+    layer = Attention(heads, kv_heads, dim, dim ** -0.5, sliding_window=9)
+    layer.k_scale = k_scale
+    plain = layer(q, k, v, fp8_cache.clone(), meta)
+    rows = rows_of_sequences(meta, [0, 3], include_prompt=True, top_k=5)   # not every sequence
+    traced_meta = dataclasses.replace(meta, trace_rows=rows, trace_out=[])
+    out = layer(q, k, v, fp8_cache, traced_meta)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)   # tracing changes nothing
+    [trace] = traced_meta.trace_out
+    assert kernel_calls == ([] if backend == "reference" else [0])   # its kernel, no fallback
+    dequantized = fp8_cache.float()
+    dequantized[0] *= k_scale
+    want = attention_trace(q.view(tokens, heads, dim), dequantized, meta, dim ** -0.5, rows, 5, 9)
+    torch.testing.assert_close(trace.entropy.cpu(), want.entropy, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trace.top_weights.cpu(), want.top_weights, atol=1e-6, rtol=0)
+    assert torch.equal(trace.top_positions.cpu(), want.top_positions)
+
+
+def _count_trace_kernel_calls(monkeypatch, backend: str) -> list[int]:
+    """The calls into the backend's own trace kernel over an fp8 cache: the statuses of the
+    compiled ``ferry_attention_trace_fp8`` (C++), a 0 per launch (Triton)."""
+    calls: list[int] = []
+    if backend == "cpu":
+        from ferry.kernels.cpu._lib import functions
+
+        kernel = functions().attention_trace_fp8
+        monkeypatch.setattr(functions(), "attention_trace_fp8",
+                            lambda *args: calls.append(kernel(*args)) or calls[-1])
+    elif backend == "triton":
+        import importlib   # by module path: the package attribute is the function
+
+        triton_trace = importlib.import_module("ferry.kernels.triton.attention_trace")
+        launch = triton_trace.launch
+        monkeypatch.setattr(triton_trace, "launch",
+                            lambda *args, **kw: calls.append(0) or launch(*args, **kw))
+    return calls
+
+
 def test_fp8_doubles_the_blocks_of_a_16_bit_cache():
     block16 = memory.kv_block_bytes(8, 8, 64, 16, torch.bfloat16)
     block8 = memory.kv_block_bytes(8, 8, 64, 16, FP8_KV_DTYPE)
@@ -193,6 +255,7 @@ def test_fp8_cache_kernels_are_in_the_aot_matrix_where_triton_has_e4m3():
     from ferry.tools import aot
     for target in aot.TARGETS:
         fp8 = {v.kernel_name for v in aot.all_variants(target, ["bf16"]) if "kv=fp8" in v.config}
-        expected = ({"write_kv_cache_kernel", "paged_decode_kernel", "paged_prefill_kernel"}
+        expected = ({"write_kv_cache_kernel", "paged_decode_kernel", "paged_prefill_kernel",
+                     "attention_trace_kernel"}
                     if target in ("sm_90", "gfx942") else set())
         assert fp8 == expected, target

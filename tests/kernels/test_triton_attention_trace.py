@@ -1,10 +1,13 @@
 """The Triton attention trace kernel (ferry/kernels/triton/attention_trace.py) against the
-PyTorch reference op: float32 and bf16 caches, GQA, scattered block tables, decodes at
+PyTorch reference op: float32, bf16 and FP8 caches (the FP8 one against the op on its
+dequantized keys), GQA, scattered block tables, decodes at
 block boundaries, chunks on a prefix, sliding windows, ties (lower position first in
 both), a row seeing fewer keys than top-k. Through Triton's interpreter on CPU tensors
 without a GPU (TRITON_INTERPRET=1, set by tests/conftest.py), compiled on "cuda" with one.
 """
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -15,6 +18,10 @@ from attention_cases import MIXED_QUERY_LENS, MIXED_SEQ_LENS, make_batch  # noqa
 from triton_devices import DEVICES  # noqa: E402
 from ferry.kernels.attention_trace import TraceRows, attention_trace, rows_of_sequences  # noqa: E402
 from ferry.kernels.triton.attention_trace import attention_trace as triton_trace  # noqa: E402
+from ferry.kernels.triton._common import launch  # noqa: E402
+
+# By its module path: the package attribute ``ferry.kernels.triton.attention_trace`` is the op.
+trace_module = importlib.import_module("ferry.kernels.triton.attention_trace")
 
 
 def _assert_same_trace(got, want) -> None:
@@ -42,6 +49,29 @@ def test_matches_the_pytorch_op(device, dtype, num_heads, num_kv_heads, window):
     want = attention_trace(query, cache, meta, 0.2, rows, 5, window)
     meta.block_tables = meta.block_tables.to(device)
     got = triton_trace(query.to(device), cache.to(device), meta, 0.2, rows, 5, window)
+    _assert_same_trace(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,window", [(2, 2, None), (6, 2, 3)])
+def test_fp8_cache_is_the_op_on_its_dequantized_keys(monkeypatch, device, dtype, num_heads,
+                                                     num_kv_heads, window):
+    """An FP8 (e4m3fn) cache is cast on load, as the FP8 attention reads it: the kernel's
+    trace is the op's on a float32 copy of the dequantized cache."""
+    meta, cache = make_batch(MIXED_QUERY_LENS, MIXED_SEQ_LENS, num_kv_heads, 24, torch.float32,
+                             "cpu", seed=num_heads + 1)
+    fp8_cache = (cache * 4).to(torch.float8_e4m3fn)
+    query = torch.randn(sum(MIXED_QUERY_LENS), num_heads, 24,
+                        generator=torch.Generator().manual_seed(8)).to(dtype)
+    rows = rows_of_sequences(meta, list(range(meta.num_seqs)), include_prompt=True, top_k=5)
+    want = attention_trace(query, fp8_cache.float(), meta, 0.05, rows, 5, window)
+    meta.block_tables = meta.block_tables.to(device)
+    launches = []   # the kernel runs, no fallback to the op
+    monkeypatch.setattr(trace_module, "launch",
+                        lambda *a, **k: launches.append(1) or launch(*a, **k))
+    got = triton_trace(query.to(device), fp8_cache.to(device), meta, 0.05, rows, 5, window)
+    assert launches == [1]
     _assert_same_trace(got, want)
 
 

@@ -267,35 +267,47 @@ def trace_server():
     proc.stop()
 
 
-def test_a_traced_message_shows_its_heatmap(page, trace_server):
+def test_a_traced_message_shows_the_trace_of_its_final_chunk(page, trace_server):
+    """The page reads the trace off the stream's final chunk (no second request): the
+    heatmap has a cell per layer and head, shaded and titled from that trace's entropies,
+    the flagged heads outlined, and a click lists the head's attended tokens."""
+    import httpx
+
     page.goto(trace_server.url)
     page.check("#debug-trace")
-    with page.expect_request("**/v1/chat/completions") as info:
+    with page.expect_response("**/v1/chat/completions") as info:
         _ask(page, "Reverse: stone")
     _wait_idle(page)
-    assert json.loads(info.value.post_data)["debug_trace"] is True
+    assert json.loads(info.value.request.post_data)["debug_trace"] is True
     assert _answers(page) == ["enots"]
     _wait(page, "document.querySelectorAll('.message.assistant .heatmap td').length > 0")
-    trace = _fetched_trace(trace_server, page)
+    request_id, trace = _final_chunk_trace(info.value.text())
+    assert httpx.get(f"{trace_server.url}/debug/trace/{request_id}",
+                     timeout=10).json()["debug_trace"] == trace       # the server's trace
+    fetched = page.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
+    assert not [url for url in fetched if "/debug/trace/" in url]
     cells = page.locator(".heatmap td")
     assert cells.count() == trace["num_layers"] * trace["num_heads"]
+    last = trace["layers"][-1]["heads"][-1]["entropy"]
+    assert cells.last.get_attribute("title").endswith(
+        f"mean entropy {sum(last) / len(last):.3f} nats")
     assert page.locator(".heatmap td.flagged").count() == len(
         {(a["layer"], a["head"]) for a in trace["anomalies"]})
     cells.first.click()
     items = page.locator(".heatmap .details li")
     assert items.count() == len(trace["positions"])
+    first = trace["layers"][0]["heads"][0]
+    assert f"(H={first['entropy'][0]:.2f})" in items.first.inner_text()
     assert "%" in items.first.inner_text()           # the attended tokens and their weights
     _screenshot(page, "webui-heatmap.png")
 
 
-def _fetched_trace(server, page) -> dict:
-    """The trace the page fetched, read again from the server."""
-    import httpx
-
-    last = page.evaluate("JSON.parse(localStorage.getItem('ferry.conversations'))[0]")
-    assert last["messages"][-1]["role"] == "assistant"
-    # The page asked GET /debug/trace/{id}; the newest trace on the server is that one.
-    ids = page.evaluate("performance.getEntriesByType('resource').map(e => e.name)"
-                        ".filter(n => n.includes('/debug/trace/'))")
-    assert len(ids) == 1
-    return httpx.get(ids[0], timeout=10).json()["debug_trace"]
+def _final_chunk_trace(body: str) -> tuple[str, dict]:
+    """The request id and the ``debug_trace`` of the SSE body's last chunk (the one that
+    finishes the choice; the usage chunk after it has no choices)."""
+    chunks = [json.loads(line[len("data: "):]) for line in body.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    [traced] = [c for c in chunks if any("debug_trace" in ch for ch in c["choices"])]
+    assert traced["choices"][0]["finish_reason"] == "stop"
+    assert traced is [c for c in chunks if c["choices"]][-1]
+    return traced["id"], traced["choices"][0]["debug_trace"]

@@ -37,6 +37,8 @@ _SIGNATURES = {
     "ferry_lora_shrink": [_INT, _P, _I64, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _INT],
     "ferry_attention_trace": [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _I64,
                               _I64, _I64, _F32, _I64, _I64, _P, _P, _P, _INT],
+    "ferry_attention_trace_fp8": [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _I64,
+                                  _I64, _I64, _I64, _F32, _I64, _I64, _P, _P, _P, _INT],
     "ferry_lora_expand": [_INT, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _INT],
 }
 

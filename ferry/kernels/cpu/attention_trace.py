@@ -1,9 +1,10 @@
 """The attention debug trace through the C++ kernel (``csrc/attention_trace.cpp``).
 
 Same signature and results as ``ferry.kernels.attention_trace.attention_trace`` (the
-PyTorch reference op); inputs the kernel does not take (float16, a cache dtype other than
-the query's, FP8, a non-contiguous cache) go to the reference. Of equal weights the kernel
-lists the lower position first.
+PyTorch reference op); an FP8 (e4m3fn) cache goes to the kernel's FP8 twin, which widens
+each key on read as the FP8 attention does; inputs the kernel does not take (float16, a
+cache of another dtype, a non-contiguous cache) go to the reference. Of equal weights the
+kernel lists the lower position first.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import torch
 from ferry.kernels.attention_trace import AttentionTrace, TraceRows
 from ferry.kernels.attention_trace import attention_trace as reference_trace
 from ferry.kernels.attn_metadata import AttentionMetadata
-from ferry.kernels.cpu._lib import DTYPE_CODES, check, functions, heads_layout
+from ferry.kernels.cpu._lib import DTYPE_CODES, FP8_CACHE_DTYPE, check, functions, heads_layout
 
 
 def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     return (functions() is not None and query.dtype in DTYPE_CODES
-            and kv_cache.dtype == query.dtype and kv_cache.is_contiguous()
+            and kv_cache.dtype in (query.dtype, FP8_CACHE_DTYPE) and kv_cache.is_contiguous()
             and heads_layout(query) is not None)
 
 
@@ -36,7 +37,9 @@ def attention_trace(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         return AttentionTrace(entropy, top_positions, top_weights)
     rows = torch.tensor([trace.rows, trace.seqs, trace.positions], dtype=torch.int64)
     block_tables = meta.block_tables.to(torch.int32).contiguous()
-    status = functions().attention_trace(
+    kernel = (functions().attention_trace_fp8 if kv_cache.dtype == FP8_CACHE_DTYPE
+              else functions().attention_trace)
+    status = kernel(
         DTYPE_CODES[query.dtype], query.data_ptr(), heads_layout(query), kv_cache[0].data_ptr(),
         kv_cache.shape[1], block_tables.data_ptr(), block_tables.shape[1], rows[0].data_ptr(),
         rows[1].data_ptr(), rows[2].data_ptr(), num_rows, num_heads, kv_cache.shape[3],

@@ -1,6 +1,6 @@
 """The attention kernels over an FP8 (e4m3) KV cache, for the AOT matrix.
 
-The decode and prefill kernels read an fp8 cache as they read any cache of another
+The decode and prefill kernels (and the debug trace's, ``attention_trace.py``) read an fp8 cache as they read any cache of another
 dtype than the query: cast on load to the dot dtype (the layer folds k_scale into the
 softmax scale and v_scale into the output, ``ferry.layers.attention``). This lists the
 compilations with an fp8 cache pointer so the matrix proves they build on every target.
@@ -18,10 +18,12 @@ FP8_AOT_HEAD_DIM = 128   # one head dim per kernel: the cast on load does not de
 FP8_KV_TARGETS = ("sm_90", "gfx942")
 
 
-def fp8_cache_variants(variants: list[KernelVariant], dtype: str, arch: str) -> list[KernelVariant]:
-    """Copies of the 16-bit variants at FP8_AOT_HEAD_DIM with an fp8 cache."""
+def fp8_cache_variants(variants: list[KernelVariant], dtype: str, arch: str,
+                       cache_pointer: str = "kv_cache_ptr") -> list[KernelVariant]:
+    """Copies of the 16-bit variants at FP8_AOT_HEAD_DIM with an fp8 cache (the argument
+    named ``cache_pointer``)."""
     if dtype == "fp32" or arch not in FP8_KV_TARGETS:
         return []
-    return [dataclasses.replace(v, types={**v.types, "kv_cache_ptr": "*fp8e4nv"},
+    return [dataclasses.replace(v, types={**v.types, cache_pointer: "*fp8e4nv"},
                                 config=f"{v.config} kv=fp8")
             for v in variants if v.head_dim == FP8_AOT_HEAD_DIM]

@@ -9,6 +9,9 @@ reference), a second sums the entropy, then ``top_k`` more passes each pick the 
 largest weight, of equal weights the lower position, exactly the reference's order. A
 debug trace runs only for traced rows, so its k + 2 passes over the keys (recomputed, no
 scratch the size of the context) are the price of exact ties and bounded memory.
+
+An FP8 (e4m3) cache is read as the attention kernels read it, cast to float32 on load;
+the layer folds k_scale into ``scale``, so the scores are the dequantized keys'.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from ferry.kernels.attention_trace import attention_trace as reference_trace
 from ferry.kernels.attn_metadata import AttentionMetadata
 from ferry.kernels.triton._common import (AOT_HEAD_DIMS, AOT_PAGE_SIZE, KernelVariant,
                                           check_same_device, launch, next_power_of_2)
+from ferry.kernels.triton.attention_fp8 import fp8_cache_variants
 
 BLOCK_N = 64   # key positions per tile
 
@@ -122,8 +126,9 @@ def attention_trace(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
                     scale: float, trace: TraceRows, top_k: int = 8,
                     sliding_window: int | None = None) -> AttentionTrace:
     """Same signature and results as ``ferry.kernels.attention_trace.attention_trace``; a
-    cache of another dtype than the query's (FP8) or with a strided last dim goes there."""
-    if kv_cache.dtype != query.dtype or kv_cache.stride(-1) != 1:
+    cache of the query's dtype or FP8 runs here, another or one with a strided last dim
+    goes there."""
+    if kv_cache.dtype not in (query.dtype, torch.float8_e4m3fn) or kv_cache.stride(-1) != 1:
         return reference_trace(query, kv_cache, meta, scale, trace, top_k, sliding_window)
     _check_args(query, kv_cache, meta, trace, top_k)
     num_rows, num_heads, head_dim = len(trace.rows), query.shape[1], query.shape[2]
@@ -167,13 +172,15 @@ def _check_args(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMeta
 
 
 def aot_variants(dtype: str, arch: str) -> list[KernelVariant]:
-    """One compilation per head dim (the cache in the query's dtype)."""
+    """One compilation per head dim (the cache in the query's dtype), and one over an fp8
+    cache where the target has e4m3."""
     types = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "block_tables_ptr": "*i32",
              "rows_ptr": "*i64", "seqs_ptr": "*i64", "positions_ptr": "*i64",
              "entropy_ptr": "*fp32", "top_positions_ptr": "*i64", "top_weights_ptr": "*fp32",
              "num_heads": "i32", "group": "i32", "scale": "fp32", "sliding_window": "i32", "top_k": "i32"}
-    return [KernelVariant(attention_trace_kernel, types,
-                          {"HEAD_DIM": d, "BLOCK_D": next_power_of_2(d),
-                           "BLOCK_N": BLOCK_N, "PAGE_SIZE": AOT_PAGE_SIZE},
-                          num_warps=4, config=f"D={d}", dtype=dtype, head_dim=d)
-            for d in AOT_HEAD_DIMS]
+    variants = [KernelVariant(attention_trace_kernel, types,
+                              {"HEAD_DIM": d, "BLOCK_D": next_power_of_2(d),
+                               "BLOCK_N": BLOCK_N, "PAGE_SIZE": AOT_PAGE_SIZE},
+                              num_warps=4, config=f"D={d}", dtype=dtype, head_dim=d)
+                for d in AOT_HEAD_DIMS]
+    return variants + fp8_cache_variants(variants, dtype, arch, cache_pointer="k_cache_ptr")

@@ -1,4 +1,4 @@
-// This server's API: the models list, streamed chat completions (SSE), /metrics, traces.
+// This server's API: the models list, streamed chat completions (SSE), /metrics.
 // The API key, when the server has one, lives in sessionStorage only (this tab, until it
 // closes) and goes out as "Authorization: Bearer <key>" to this same origin.
 
@@ -58,8 +58,11 @@ export async function* sseData(body) {
 
 /**
  * POST /v1/chat/completions with "stream": true. Calls onDelta(text) per new piece and
- * onChunk(chunk) per parsed chunk; resolves to {finishReason, usage, id}. Aborting
- * `signal` stops the stream (the server then aborts the request and frees its KV).
+ * onChunk(chunk) per parsed chunk; resolves to {finishReason, usage, id, trace}: `trace`
+ * is the attention trace of a traced request (`debug_trace: true`), which the server puts
+ * on the chunk that finishes the choice, so no second request (and no retention window)
+ * is involved. Aborting `signal` stops the stream (the server then aborts the request and
+ * frees its KV).
  */
 export async function streamChat(body, { signal, onDelta, onChunk }) {
   const response = await fetch("/v1/chat/completions", {
@@ -68,7 +71,7 @@ export async function streamChat(body, { signal, onDelta, onChunk }) {
     body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
   });
   if (!response.ok) throw await errorOf(response);
-  const result = { finishReason: null, usage: null, id: null };
+  const result = { finishReason: null, usage: null, id: null, trace: null };
   for await (const data of sseData(response.body)) {
     if (data === "[DONE]") break;
     const chunk = JSON.parse(data);
@@ -79,6 +82,7 @@ export async function streamChat(body, { signal, onDelta, onChunk }) {
     for (const choice of chunk.choices || []) {
       if (choice.delta && choice.delta.content) onDelta(choice.delta.content);
       if (choice.finish_reason) result.finishReason = choice.finish_reason;
+      if (choice.debug_trace && !choice.index) result.trace = choice.debug_trace;   // n = 1
     }
   }
   return result;
@@ -89,12 +93,4 @@ export async function fetchMetrics() {
   const response = await fetch("/metrics");
   if (!response.ok) throw await errorOf(response);
   return response.text();
-}
-
-/** The attention trace of a finished request: GET /debug/trace/{id}. */
-export async function fetchTrace(requestId) {
-  const response = await fetch(`/debug/trace/${encodeURIComponent(requestId)}`,
-                               { headers: headers() });
-  if (!response.ok) throw await errorOf(response);
-  return (await response.json()).debug_trace;
 }

@@ -1,6 +1,6 @@
 // The chat page: conversations, streaming, stop, regenerate, edit and resend, settings,
 // the model/adapter selector, the API key prompt and the live metrics panel.
-import { AuthError, apiKey, fetchMetrics, fetchTrace, listModels, setApiKey, streamChat } from "./api.js";
+import { AuthError, apiKey, fetchMetrics, listModels, setApiKey, streamChat } from "./api.js";
 import { renderHeatmap } from "./heatmap.js";
 import { renderMarkdown } from "./markdown.js";
 import { startMetrics } from "./metrics.js";
@@ -236,7 +236,7 @@ async function generate() {
     });
     message.finishReason = result.finishReason;
     setStatus(result.usage ? `${result.usage.completion_tokens} tokens` : "");
-    if (body.debug_trace && result.id) traces.set(message, await fetchTrace(result.id));
+    if (result.trace) traces.set(message, result.trace);   // from the stream's final chunk
   } catch (error) {
     if (error.name === "AbortError") {
       message.stopped = true;

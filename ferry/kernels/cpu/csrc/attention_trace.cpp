@@ -10,22 +10,29 @@
 // A work item is one (traced row, KV head): it walks the row's visible blocks once and
 // scores every query head of that KV head's group against each key, so GQA reads a key
 // once per group, not once per head. Items run on ferry's pool (thread_pool.h).
+//
+// Over an FP8 (e4m3fn) cache (ferry_attention_trace_fp8) each key is widened to float32 as
+// it is read, as ferry_paged_attention_fp8 does; the layer folds k_scale into `scale`, so
+// the scores are those of the dequantized keys, the ones the attention's output used.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "dtype.h"
+#include "fp8.h"
 
 namespace {
 
 using ferry::to_float;
 
-template <typename T>
+// T: the query's type; C: the cache's (T itself, or ferry::Fp8 for an FP8 cache).
+template <typename T, typename C = T>
 struct Problem {
   const T* query;               // row r, head h at query + rows[r] * query_token_stride + h * D
   int64_t query_token_stride;
-  const T* key_cache;           // (num_blocks, block_size, Hkv, D)
+  const C* key_cache;           // (num_blocks, block_size, Hkv, D)
   int64_t num_blocks;
   const int32_t* block_tables;  // (B, block_table_stride)
   int64_t block_table_stride;
@@ -101,8 +108,8 @@ float softmax_entropy(float* scores, int64_t count) {
   return entropy;
 }
 
-template <typename T>
-void trace_item(const Problem<T>& p, int64_t item, Scratch& s) {
+template <typename T, typename C>
+void trace_item(const Problem<T, C>& p, int64_t item, Scratch& s) {
   const int64_t r = item / p.num_kv_heads, kv_head = item % p.num_kv_heads;
   const int64_t dim = p.head_dim, group = p.num_heads / p.num_kv_heads;
   const int64_t position = p.positions[r];
@@ -117,7 +124,7 @@ void trace_item(const Problem<T>& p, int64_t item, Scratch& s) {
   const int64_t token_stride = p.num_kv_heads * dim;
   for (int64_t pos = lo; pos <= position; ++pos) {
     const int64_t block = table[pos / p.block_size];
-    const T* key = p.key_cache + (block * p.block_size + pos % p.block_size) * token_stride +
+    const C* key = p.key_cache + (block * p.block_size + pos % p.block_size) * token_stride +
                    kv_head * dim;
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = s.query.data() + g * dim;
@@ -137,8 +144,8 @@ void trace_item(const Problem<T>& p, int64_t item, Scratch& s) {
 }
 
 // Non-zero when a row would read outside the block table or the cache.
-template <typename T>
-int check_rows(const Problem<T>& p, int64_t num_rows) {
+template <typename T, typename C>
+int check_rows(const Problem<T, C>& p, int64_t num_rows) {
   for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t position = p.positions[r];
     if (p.rows[r] < 0 || p.seqs[r] < 0 || position < 0) return 4;
@@ -152,8 +159,8 @@ int check_rows(const Problem<T>& p, int64_t num_rows) {
   return 0;
 }
 
-template <typename T>
-int run(const Problem<T>& p, int64_t num_rows, int num_threads) {
+template <typename T, typename C>
+int run(const Problem<T, C>& p, int64_t num_rows, int num_threads) {
   if (p.num_kv_heads <= 0 || p.num_heads % p.num_kv_heads != 0 || p.head_dim <= 0 ||
       p.block_size <= 0 || p.top_k <= 0) {
     return 1;
@@ -165,6 +172,28 @@ int run(const Problem<T>& p, int64_t num_rows, int num_threads) {
     trace_item(p, item, scratch[worker]);
   });
   return 0;
+}
+
+// The kernel on caches of element type C (T, the query's, or ferry::Fp8).
+template <typename C>
+int trace(int dtype, const void* query, int64_t query_token_stride, const void* key_cache,
+          int64_t num_blocks, const int32_t* block_tables, int64_t block_table_stride,
+          const int64_t* rows, const int64_t* seqs, const int64_t* positions, int64_t num_rows,
+          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+          float scale, int64_t sliding_window, int64_t top_k, float* entropy,
+          int64_t* top_positions, float* top_weights, int num_threads) {
+  int status = 3;
+  ferry::dispatch(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    using Cache = std::conditional_t<std::is_void_v<C>, T, C>;
+    const Problem<T, Cache> p{static_cast<const T*>(query), query_token_stride,
+                              static_cast<const Cache*>(key_cache), num_blocks, block_tables,
+                              block_table_stride, rows, seqs, positions, num_heads,
+                              num_kv_heads, head_dim, block_size, scale, sliding_window, top_k,
+                              entropy, top_positions, top_weights};
+    status = run(p, num_rows, num_threads);
+  });
+  return status;
 }
 
 }  // namespace
@@ -180,17 +209,25 @@ int ferry_attention_trace(int dtype, const void* query, int64_t query_token_stri
                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale,
                           int64_t sliding_window, int64_t top_k, float* entropy,
                           int64_t* top_positions, float* top_weights, int num_threads) {
-  int status = 3;
-  ferry::dispatch(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    const Problem<T> p{static_cast<const T*>(query), query_token_stride,
-                       static_cast<const T*>(key_cache), num_blocks, block_tables,
-                       block_table_stride, rows, seqs, positions, num_heads, num_kv_heads,
-                       head_dim, block_size, scale, sliding_window, top_k, entropy,
-                       top_positions, top_weights};
-    status = run(p, num_rows, num_threads);
-  });
-  return status;
+  return trace<void>(dtype, query, query_token_stride, key_cache, num_blocks, block_tables,
+                     block_table_stride, rows, seqs, positions, num_rows, num_heads,
+                     num_kv_heads, head_dim, block_size, scale, sliding_window, top_k, entropy,
+                     top_positions, top_weights, num_threads);
+}
+
+// The same over an FP8 (e4m3fn) key cache; dtype is the query's.
+int ferry_attention_trace_fp8(int dtype, const void* query, int64_t query_token_stride,
+                              const void* key_cache, int64_t num_blocks,
+                              const int32_t* block_tables, int64_t block_table_stride,
+                              const int64_t* rows, const int64_t* seqs, const int64_t* positions,
+                              int64_t num_rows, int64_t num_heads, int64_t num_kv_heads,
+                              int64_t head_dim, int64_t block_size, float scale,
+                              int64_t sliding_window, int64_t top_k, float* entropy,
+                              int64_t* top_positions, float* top_weights, int num_threads) {
+  return trace<ferry::Fp8>(dtype, query, query_token_stride, key_cache, num_blocks, block_tables,
+                           block_table_stride, rows, seqs, positions, num_rows, num_heads,
+                           num_kv_heads, head_dim, block_size, scale, sliding_window, top_k,
+                           entropy, top_positions, top_weights, num_threads);
 }
 
 }  // extern "C"
