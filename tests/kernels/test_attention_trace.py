@@ -60,6 +60,8 @@ def _traced_run(model_dir: str, prompt: list[int], max_tokens: int, monkeypatch,
                                           trace.top_weights[i])
         return out
 
+    # The spies wrap the per-layer kernels: keep the layers from the fused decoder stack.
+    monkeypatch.setenv("FERRY_CPU_DECODER_STACK", "0")
     llm = LLM(model_dir, dtype="float32", kv_cache_memory="16MiB", max_num_batched_tokens=8,
               enable_prefix_caching=False)
     num_layers = llm.engine.executor.runner.model.num_layers
