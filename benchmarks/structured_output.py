@@ -13,6 +13,7 @@ within the measured steps (an array of at least 50 objects), so all B stay const
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -97,22 +98,23 @@ def main() -> None:
     path = args.model_dir
     if not (path / "config.json").exists():
         build_model(path)
-    if True:
-        print("| backend | batch | free ms/step | constrained ms/step | overhead |")
-        print("|---|---|---|---|---|")
-        for backend in args.backends:
-            llm = LLM(model=str(path), kv_cache_memory="1GiB", max_num_seqs=64,
-                      structured_output_backend=backend)
-            median_step_ms(llm, 2, True, 4, 0)   # warm up (and compile the schema once)
-            for batch in args.batches:
-                free, json_ = [], []
-                for repeat in range(args.repeats):   # interleaved A/B
-                    free.append(median_step_ms(llm, batch, False, args.steps, 1000 * repeat))
-                    json_.append(median_step_ms(llm, batch, True, args.steps, 1000 * repeat))
-                f, c = statistics.median(free), statistics.median(json_)
-                print(f"| {backend} | {batch} | {f:.1f} | {c:.1f} | {100 * (c / f - 1):+.1f}% |",
-                      flush=True)
-            del llm
+    print(f"load average (1 min) at start: {os.getloadavg()[0]:.2f}", flush=True)
+    print("| backend | batch | free ms/step | constrained ms/step | overhead |")
+    print("|---|---|---|---|---|")
+    for backend in args.backends:
+        llm = LLM(model=str(path), kv_cache_memory="1GiB", max_num_seqs=64,
+                  structured_output_backend=backend)
+        median_step_ms(llm, 2, True, 4, 0)   # warm up (and compile the schema once)
+        for batch in args.batches:
+            free, json_ = [], []
+            for repeat in range(args.repeats):   # interleaved A/B
+                free.append(median_step_ms(llm, batch, False, args.steps, 1000 * repeat))
+                json_.append(median_step_ms(llm, batch, True, args.steps, 1000 * repeat))
+            f, c = statistics.median(free), statistics.median(json_)
+            print(f"| {backend} | {batch} | {f:.1f} | {c:.1f} | {100 * (c / f - 1):+.1f}% |",
+                  flush=True)
+        del llm
+    print(f"load average (1 min) at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

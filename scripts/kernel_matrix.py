@@ -6,6 +6,10 @@ table says whether it compiles, and its registers, spills and shared memory.
 
     python scripts/kernel_matrix.py                      # full matrix -> docs/kernels.md
     python scripts/kernel_matrix.py --dtypes bf16 --targets sm_90 gfx942 --out /tmp/k.md
+    python scripts/kernel_matrix.py --kernels attention_trace_kernel   # refresh one kernel
+
+With ``--kernels`` only those kernels compile, and their tables replace the ones already in
+the file (the other kernels' tables and the header stay, with a line naming the refresh).
 
 The generated part of the file sits between two marker comments; the prose around it is
 kept. Exits 1 when any variant fails to compile or overflows shared memory.
@@ -90,17 +94,52 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(head + section + tail)
 
 
+def _sections(block: str) -> tuple[str, dict[str, str], list[str]]:
+    """A generated block -> (text before the first kernel table, kernel -> its table,
+    the failure lines)."""
+    block = block.split(END, 1)[0]
+    body, failures = block.split("### Failures", 1) if "### Failures" in block else (block, "")
+    parts = body.split("\n### `")
+    tables = {part.split("`", 1)[0]: "### `" + part.strip("\n") + "\n" for part in parts[1:]}
+    return parts[0].rstrip("\n") + "\n", tables, [l for l in failures.splitlines() if l.startswith("- ")]
+
+
+def merge(old_block: str, new_block: str, kernels: list[str], seconds: float) -> str:
+    """The old generated block with the tables (and failures) of ``kernels`` taken from
+    ``new_block``."""
+    head, tables, failures = _sections(old_block)
+    _, fresh, fresh_failures = _sections(new_block)
+    missing = [k for k in kernels if k not in fresh]
+    if missing:
+        raise SystemExit(f"no results for kernels {missing}")
+    tables.update({k: fresh[k] for k in kernels})
+    failures = [l for l in failures if l.split("`")[1] not in kernels] + fresh_failures
+    note = (f"Refreshed by `--kernels {' '.join(kernels)}` on {time.strftime('%Y-%m-%d')} "
+            f"({seconds:.0f} s); the other tables are from the full run.")
+    head = "\n".join(line for line in head.splitlines() if not line.startswith("Refreshed by"))
+    lines = [head.rstrip("\n"), "", note, "", "\n".join(tables.values())]
+    if failures:
+        lines += ["### Failures", "", *failures, ""]
+    return "\n".join(lines) + END
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--dtypes", nargs="+", default=list(AOT_DTYPES), choices=list(AOT_DTYPES))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--kernels", nargs="+", default=None,
+                        help="compile only these kernels and replace their tables in --out")
     args = parser.parse_args()
     started = time.perf_counter()
-    results = compile_matrix_in_subprocess(args.targets, args.dtypes)
+    results = compile_matrix_in_subprocess(args.targets, args.dtypes, args.kernels)
     seconds = time.perf_counter() - started
-    write_section(args.out, render(results, args.targets, seconds))
+    section = render(results, args.targets, seconds)
+    if args.kernels and args.out.exists() and BEGIN in args.out.read_text():
+        old = BEGIN + args.out.read_text().split(BEGIN, 1)[1].split(END, 1)[0] + END
+        section = merge(old, section, args.kernels, seconds)
+    write_section(args.out, section)
     failed = [r for r in results if not r.fits]
     print(f"{len(results)} compilations, {len(failed)} failed, {seconds:.0f} s -> {args.out}")
     return 1 if failed else 0

@@ -87,7 +87,9 @@ def _wait_draining(url: str, timeout: float = 10.0) -> None:
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(small_server):
-    thread, state = _stream_in_background(small_server.url, max_tokens=600)
+    # 1900 tokens (the 2,048-token context allows it): the request must still be running
+    # after the drain checks below, and a decode step of the tiny model is well under 1 ms
+    thread, state = _stream_in_background(small_server.url, max_tokens=1900)
     assert state["first"].wait(60), "no token arrived"
     assert state["error"] is None
     small_server.send_signal(signal.SIGTERM)
@@ -105,20 +107,24 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(small_server):
     thread.join(120)
     assert not thread.is_alive()
     assert state["error"] is None, state["error"]
-    assert state["finish"] == "length" and state["usage"]["completion_tokens"] == 600
+    assert state["finish"] == "length" and state["usage"]["completion_tokens"] == 1900
     assert small_server.wait_exit(timeout=60) == 0
 
 
 def test_sigterm_aborts_what_outlives_the_grace_period(server_model_dir):
+    # Four streams of 1900 tokens need 1900 decode steps: far more than the 0.25 s grace
+    # period even on a fast machine (a tiny model's step is a fraction of a millisecond).
     proc = start_server(["--model", str(server_model_dir), "--served-model-name", "tiny",
-                         "--kv-cache-memory", "32MiB", "--shutdown-grace-seconds", "1"])
+                         "--kv-cache-memory", "32MiB", "--shutdown-grace-seconds", "0.25"])
     try:
-        thread, state = _stream_in_background(proc.url, max_tokens=1900)
-        assert state["first"].wait(60), "no token arrived"
+        streams = [_stream_in_background(proc.url, max_tokens=1900) for _ in range(4)]
+        for _, state in streams:
+            assert state["first"].wait(60), "no token arrived"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait_exit(timeout=60) == 0
-        thread.join(30)
-        assert state["finish"] is None, "the request should have been cut short"
-        assert state["error"] is None and state["error_event"]["code"] == "server_unavailable"
+        for thread, state in streams:
+            thread.join(30)
+            assert state["finish"] is None, "the request should have been cut short"
+            assert state["error"] is None and state["error_event"]["code"] == "server_unavailable"
     finally:
         proc.stop()

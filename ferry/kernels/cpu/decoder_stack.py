@@ -118,7 +118,6 @@ class F32DecoderStack:
         self.max_rows = min(max_kernel_rows(), WNA16_MAX_ROWS) if quantized else max_kernel_rows()
         self._caches: tuple[int, ...] = ()
         self._scratch = torch.empty(0, dtype=torch.float32)
-        self.hidden_size = shape.hidden
 
     @classmethod
     def build(cls, shape: StackShape, layers: list[LayerTensors],
