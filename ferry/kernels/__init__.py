@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 # The ops every backend implements (the tests reroute them all to one backend).
 OP_NAMES = ("write_kv_cache", "paged_attention", "rms_norm", "fused_add_rms_norm",
             "apply_rotary", "silu_and_mul", "dense_linear", "wna16_linear", "bf16_weight_linear",
-            "lora_shrink", "lora_expand")
+            "lora_shrink", "lora_expand", "apply_token_bitmask")
 
 # device type -> backend module. Dispatch runs per op per layer per step: after the first
 # call on a device type it is one dict lookup.
@@ -113,6 +113,11 @@ def bf16_weight_linear(x, weight, bias=None):
     return _ops_for(x).bf16_weight_linear(x, weight, bias)
 
 
+def apply_token_bitmask(logits, bitmask, rows=None):
+    """Structured output's token mask on the logits (``reference.apply_token_bitmask``)."""
+    return _ops_for(logits).apply_token_bitmask(logits, bitmask, rows)
+
+
 def decoder_stack(shape, layers, cos_sin_cache):
     """The fused float32 decoder stack of the C++ backend (``kernels/cpu/decoder_stack.py``)
     for these layer weights, or None: another backend runs them, ``FERRY_CPU_DECODER_STACK``
@@ -136,7 +141,7 @@ def lora_expand(v, lora_b, y, mapping):
     return _ops_for(y).lora_expand(v, lora_b, y, mapping)
 
 
-__all__ = ["OP_NAMES", "apply_rotary", "attention_trace", "bf16_weight_linear", "decoder_stack",
+__all__ = ["OP_NAMES", "apply_rotary", "apply_token_bitmask", "attention_trace", "bf16_weight_linear", "decoder_stack",
            "dense_linear", "fused_add_rms_norm", "lora_expand",
            "lora_shrink", "paged_attention", "prepare", "rms_norm", "silu_and_mul", "wna16_linear",
            "write_kv_cache"]

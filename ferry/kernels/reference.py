@@ -226,3 +226,34 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 from ferry.kernels.lora_reference import lora_expand, lora_shrink  # noqa: E402,F401  (LoRA ops)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                        rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Structured output's mask: a new (N, V) float tensor where the logits of tokens that
+    mask row i forbids are -inf in logits row ``rows[i]`` (row i when ``rows`` is None).
+
+    bitmask: (C, W) int32 on the logits' device, bit ``t % 32`` of word ``t // 32`` set
+    when token t is allowed. A row left with no finite logit (an earlier processor removed
+    every allowed token, e.g. ``min_tokens`` banning the EOS the grammar needs) gets 0 for
+    its allowed tokens instead: the grammar always wins, and no host sync.
+    """
+    allowed = unpack_bitmask(bitmask, logits.shape[1])             # (C, V)
+    picked = logits if rows is None else logits[rows]               # (C, V)
+    masked = picked.masked_fill(~allowed, float("-inf"))
+    empty = torch.isneginf(masked).all(dim=-1, keepdim=True)        # (C, 1)
+    masked = torch.where(empty & allowed, torch.zeros((), device=logits.device), masked)
+    return masked if rows is None else logits.index_copy(0, rows, masked)
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(C, W) int32 -> (C, V) bool: bit ``t % 32`` of word ``t // 32`` is token ``t``."""
+    device = bitmask.device
+    shifts = _BIT_SHIFTS.get(device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # (C, W, 32)
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()  # (C, V)

@@ -2,8 +2,8 @@
 
 The engine builds the step's bitmask on the host (``GrammarBitmask``, numpy int32, one row
 per constrained request); here the rows are stacked into one (C, W) host tensor, copied
-to the device once, unpacked to (C, V) booleans and applied with one ``masked_fill``, for
-every kernel backend alike (this is plain PyTorch on the logits). EOS is in a row's mask
+to the device once and applied by ``kernels.apply_token_bitmask`` (a C++ pass over the
+rows on the CPU; PyTorch, unpacking to (C, V) booleans, elsewhere). EOS is in a row's mask
 only where the grammar may end, so a constrained request stops only when its output is
 complete.
 """
@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ferry import kernels
+from ferry.kernels.reference import unpack_bitmask  # noqa: F401  (re-exported for tests)
 from ferry.runner.input_batch import index_tensor
 from ferry.runner.logits_processors import SamplingRow
 from ferry.runner.pending_output import SampledRequest
-
-_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
 def attach_bitmasks(rows: list[SamplingRow], sampled: list[SampledRequest],
@@ -44,16 +44,6 @@ def attach_bitmasks(rows: list[SamplingRow], sampled: list[SampledRequest],
         start += request.num_rows
 
 
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(C, W) int32 -> (C, V) bool: bit ``t % 32`` of word ``t // 32`` is token ``t``."""
-    device = bitmask.device
-    shifts = _BIT_SHIFTS.get(device)
-    if shifts is None:
-        shifts = _BIT_SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # (C, W, 32)
-    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()  # (C, V)
-
-
 class GrammarMaskProcessor:
     """Sets to ``-inf`` the logits of tokens a row's grammar forbids. Reads the bitmask
     the engine computed from the output tokens, so it needs them on the host."""
@@ -64,19 +54,8 @@ class GrammarMaskProcessor:
         chosen = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
         if not chosen:
             return logits
-        vocab = logits.shape[1]
         host = torch.from_numpy(np.stack([rows[i].token_bitmask for i in chosen]))  # (C, W)
-        allowed = unpack_bitmask(host.to(logits.device, non_blocking=True), vocab)  # (C, V)
+        bitmask = host.to(logits.device, non_blocking=True)
         if len(chosen) == len(rows):
-            return _masked(logits, allowed)
-        index = index_tensor(chosen, logits.device)
-        return logits.index_copy(0, index, _masked(logits[index], allowed))
-
-
-def _masked(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """(C, V) logits with forbidden tokens at -inf. Where an earlier processor already
-    removed every allowed token (``min_tokens`` banning the EOS the grammar needs), the
-    allowed tokens get equal logits instead: the grammar always wins, and no sync."""
-    masked = logits.masked_fill(~allowed, float("-inf"))
-    empty = torch.isneginf(masked).all(dim=-1, keepdim=True)  # (C, 1)
-    return torch.where(empty & allowed, torch.zeros((), device=logits.device), masked)
+            return kernels.apply_token_bitmask(logits, bitmask)
+        return kernels.apply_token_bitmask(logits, bitmask, index_tensor(chosen, logits.device))

@@ -96,6 +96,8 @@ FEATURES: tuple[Feature, ...] = (
             ("lora_shrink_kernel",)),
     Feature("kernel:lora_expand", "Segmented LoRA expand", ("tests/kernels/test_lora_kernels.py",),
             ("lora_expand_kernel",)),
+    Feature("kernel:apply_token_bitmask", "Structured output's grammar mask on the logits",
+            ("tests/kernels/test_token_bitmask.py", "tests/runner/test_grammar_mask.py")),
     Feature("kernel:attention_trace", "Attention trace op (entropy, top-k)",
             ("tests/kernels/test_attention_trace.py",), ("attention_trace_kernel",),
             gpu_tests=("tests/kernels/test_triton_attention_trace.py",)),

@@ -16,12 +16,13 @@ from ferry.kernels.cpu.elementwise import (apply_rotary, fused_add_rms_norm, rms
                                            silu_and_mul, write_kv_cache)
 from ferry.kernels.cpu.quant_linear import bf16_weight_linear, wna16_linear
 from ferry.kernels.cpu.lora import lora_expand, lora_shrink
+from ferry.kernels.cpu.token_bitmask import apply_token_bitmask
 
 
 def available() -> bool:
     return load_library() is not None
 
 
-__all__ = ["apply_rotary", "attention_trace", "available", "bf16_weight_linear", "dense_linear", "fused_add_rms_norm", "lora_expand",
+__all__ = ["apply_rotary", "apply_token_bitmask", "attention_trace", "available", "bf16_weight_linear", "dense_linear", "fused_add_rms_norm", "lora_expand",
            "lora_shrink", "paged_attention", "rms_norm", "silu_and_mul", "wna16_linear",
            "write_kv_cache"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from ferry.kernels.quant_reference import bf16_weight_linear
 # Unquantized weights: the vendor GEMM (cuBLAS/hipBLASLt through torch) is the fast path.
 from ferry.kernels.reference import dense_linear
+# The grammar mask: a few elementwise torch ops on the logits, already on the device.
+from ferry.kernels.reference import apply_token_bitmask
 from ferry.kernels.triton.attention_trace import attention_trace
 from ferry.kernels.triton.fused_add_rms_norm import fused_add_rms_norm
 from ferry.kernels.triton.lora import lora_expand, lora_shrink
@@ -22,6 +24,7 @@ from ferry.kernels.triton.write_kv_cache import write_kv_cache
 
 __all__ = [
     "apply_rotary",
+    "apply_token_bitmask",
     "attention_trace",
     "bf16_weight_linear",
     "dense_linear",
