@@ -161,22 +161,30 @@ def _exponential_noise(probs: torch.Tensor,
                        generators: list[torch.Generator | None]) -> torch.Tensor:
     """(R, V) Exp(1) draws: seeded rows from their own generator, the rest in one draw."""
     rows, vocab = probs.shape
-    noise = torch.empty_like(probs)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if len(unseeded) == rows:
-        noise.exponential_()
+        noise = _exp1((rows, vocab), probs.device)
     else:
+        noise = torch.empty_like(probs)
         if unseeded:
             index = index_tensor(unseeded, probs.device)
-            noise[index] = torch.empty(len(unseeded), vocab, device=probs.device).exponential_()
+            noise[index] = _exp1((len(unseeded), vocab), probs.device)
         for i, gen in enumerate(generators):
             if gen is not None:
                 # Drawn alone, on the generator's device, so the draw does not depend on
                 # which other requests share the batch.
-                row = torch.empty(vocab, device=gen.device).exponential_(generator=gen)
-                noise[i] = row.to(probs.device)
+                noise[i] = _exp1((vocab,), gen.device, gen).to(probs.device)
     # An exact 0 draw would give p/0 = inf (or nan for p = 0): keep q strictly positive.
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def _exp1(shape: tuple[int, ...], device: torch.device,
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exp(1) draws as -log(U), U uniform in [0, 1): the same distribution as
+    ``exponential_``, which on the CPU is ~6x slower (0.48 vs 0.08 ms for a 32,000-token
+    row): at batch 64 that was ~30 ms of every sampled step. U = 0 gives +inf: that token
+    loses the race, as it would with probability ~1 anyway."""
+    return torch.rand(shape, device=device, generator=generator).log_().neg_()
 
 
 # ---------------------------------------------------------------- logprobs
