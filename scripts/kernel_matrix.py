@@ -120,7 +120,7 @@ def merge(old_block: str, new_block: str, kernels: list[str], seconds: float) ->
     lines = [head.rstrip("\n"), "", note, "", "\n".join(tables.values())]
     if failures:
         lines += ["### Failures", "", *failures, ""]
-    return "\n".join(lines) + END
+    return "\n".join(lines) + "\n" + END
 
 
 def main() -> int:
