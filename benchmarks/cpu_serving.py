@@ -13,7 +13,7 @@ vocab 32,000, float32) is built once with random weights. Three parts:
    compared, which checks the GGUF.
 2. **Serving.** ``ferry bench serve`` (streaming ``/v1/completions``, closed loop, 96 in /
    96 out, ``ignore_eos``) against ``ferry serve`` at concurrency 1, 4, 16 and 64,
-   ``--repeats`` runs each; medians and min/max of output tok/s and TPOT p50, and the
+   ``--repeats`` runs each of ``--prompts-per-stream`` x concurrency requests; medians and min/max of output tok/s and TPOT p50, and the
    server's peak RSS. llama-cpp-python's server runs one request at a time, so llama.cpp is
    compared at concurrency 1 only, by its in-process decode time (no HTTP: a bound in its
    favour).
@@ -241,11 +241,12 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def serve_runs(url: str, concurrency: int, repeats: int, busy: bool) -> list[dict]:
+def serve_runs(url: str, concurrency: int, repeats: int, busy: bool,
+               prompts_per_stream: int) -> list[dict]:
     runs = []
     for _ in range(repeats):
         with neighbour(busy):
-            summary = bench_serve(url, num_prompts=max(8, 4 * concurrency),
+            summary = bench_serve(url, num_prompts=max(8, prompts_per_stream * concurrency),
                                   input_len=PROMPT_LEN, output_len=OUTPUT_LEN,
                                   concurrency=concurrency, max_duration=300.0)
         runs.append({"output_tok_s": summary["output_throughput"],
@@ -273,10 +274,12 @@ def serving_section(model_dir: Path, args: argparse.Namespace) -> dict:
                     concurrency=4)                                      # warm-up
         for concurrency in args.concurrency:
             results[f"c{concurrency}"] = summarize(
-                f"concurrency {concurrency}", serve_runs(url, concurrency, args.repeats, False))
+                f"concurrency {concurrency}", serve_runs(url, concurrency, args.repeats, False,
+                                                   args.prompts_per_stream))
         if args.neighbour_concurrency:
             c = args.neighbour_concurrency
-            busy = summarize(f"concurrency {c} + busy", serve_runs(url, c, args.repeats, True))
+            busy = summarize(f"concurrency {c} + busy", serve_runs(url, c, args.repeats, True,
+                                                                    args.prompts_per_stream))
             quiet = results.get(f"c{c}")
             if quiet:
                 busy["slowdown_vs_quiet"] = (quiet["median_output_tok_s"]
@@ -292,6 +295,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompts-per-stream", type=int, default=8,
+                        help="requests per round = this x concurrency (longer rounds: the "
+                             "ramp-up and the tail weigh less, so rounds agree better)")
     parser.add_argument("--neighbour-concurrency", type=int, default=16,
                         help="concurrency run again with a CPU-burning neighbour (0: skip)")
     parser.add_argument("--skip-decode", action="store_true")
