@@ -23,7 +23,10 @@ and one after them (``SamplingRow`` says which tokens the row sees). Order of op
 4. Greedy rows take the argmax. Random rows: divide by temperature, top-k, top-p (the
    smallest set of tokens whose mass reaches ``top_p``; the top token always stays),
    min-p (drop tokens whose probability is below ``min_p`` times the largest), then sample
-   with the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)``.
+   by inverse CDF: one uniform draw per row against the cumulative sum of its
+   probabilities (``searchsorted``; no host sync on a GPU). One draw per row rather than
+   the exponential race's V (``argmax(probs / q)``, ``q ~ Exp(1)``): at batch 64 and a
+   32,000-token vocabulary the race's noise cost ~9 ms of a CPU step, the CDF ~1 ms.
 
 Every step is vectorized across the batch with per-row parameter tensors, and skipped
 entirely when no row needs it (an all-greedy batch without penalties is one argmax).
@@ -112,14 +115,14 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def _sample(logits: torch.Tensor, params: list[SamplingParams],
             generators: list[torch.Generator | None]) -> torch.Tensor:
-    """(R,) long: temperature, top-k, top-p, min-p, then the exponential race."""
+    """(R,) long: temperature, top-k, top-p, min-p, then an inverse-CDF draw."""
     device = logits.device
     temperature = float_tensor([p.temperature for p in params], device)
     logits = logits / temperature.unsqueeze(1)  # (R, V)
     logits = _top_k_top_p(logits, params)
     probs = torch.softmax(logits, dim=-1)  # (R, V)
     probs = _min_p(probs, params)
-    return (probs / _exponential_noise(probs, generators)).argmax(dim=-1)
+    return _inverse_cdf_draw(probs, _uniform_per_row(generators, device))
 
 
 def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -157,34 +160,28 @@ def _min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     return probs.masked_fill(probs < threshold, 0.0)
 
 
-def _exponential_noise(probs: torch.Tensor,
-                       generators: list[torch.Generator | None]) -> torch.Tensor:
-    """(R, V) Exp(1) draws: seeded rows from their own generator, the rest in one draw."""
-    rows, vocab = probs.shape
-    unseeded = [i for i, g in enumerate(generators) if g is None]
-    if len(unseeded) == rows:
-        noise = _exp1((rows, vocab), probs.device)
-    else:
-        noise = torch.empty_like(probs)
-        if unseeded:
-            index = index_tensor(unseeded, probs.device)
-            noise[index] = _exp1((len(unseeded), vocab), probs.device)
-        for i, gen in enumerate(generators):
-            if gen is not None:
-                # Drawn alone, on the generator's device, so the draw does not depend on
-                # which other requests share the batch.
-                noise[i] = _exp1((vocab,), gen.device, gen).to(probs.device)
-    # An exact 0 draw would give p/0 = inf (or nan for p = 0): keep q strictly positive.
-    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+def _uniform_per_row(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """(R,) U[0, 1) draws: a seeded row's from its own generator (one number per row and
+    step, so its stream does not depend on which requests share the batch), the rest in
+    one draw."""
+    if all(g is None for g in generators):
+        return torch.rand(len(generators), device=device)
+    draws = [torch.rand(1, device=device) if g is None
+             else torch.rand(1, generator=g, device=g.device).to(device) for g in generators]
+    return torch.cat(draws)
 
 
-def _exp1(shape: tuple[int, ...], device: torch.device,
-          generator: torch.Generator | None = None) -> torch.Tensor:
-    """Exp(1) draws as -log(U), U uniform in [0, 1): the same distribution as
-    ``exponential_``, which on the CPU is ~6x slower (0.48 vs 0.08 ms for a 32,000-token
-    row): at batch 64 that was ~30 ms of every sampled step. U = 0 gives +inf: that token
-    loses the race, as it would with probability ~1 anyway."""
-    return torch.rand(shape, device=device, generator=generator).log_().neg_()
+def _inverse_cdf_draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """(R,) the first token whose cumulative mass exceeds ``uniform * total``: token i is
+    drawn with probability probs[i] / total (the rows need not sum to 1: min-p zeroes
+    tokens without renormalizing), and a zero-probability token never (its CDF step is
+    empty)."""
+    cdf = probs.cumsum(dim=-1)                                   # (R, V)
+    total = cdf[:, -1:]                                          # (R, 1)
+    # u * total can round up to total itself; just below it, the draw still lands on the
+    # last token with mass (searchsorted finds the first CDF value above the target).
+    target = torch.minimum(uniform.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
 # ---------------------------------------------------------------- logprobs

@@ -356,3 +356,11 @@ def test_a_row_sees_only_its_first_num_tokens():
     logits[:, 7] = 1.0          # below 5 and 6 until they are penalized
     chosen, _ = Sampler().sample(logits, rows, [None, None])
     assert chosen.tolist() == [6, 7]            # row 0 has not seen the draft 6 yet
+
+
+def test_a_draw_at_the_top_of_the_cdf_never_takes_a_zero_probability_token():
+    from ferry.runner.sampler import _inverse_cdf_draw
+    probs = torch.tensor([[0.25, 0.75, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1e-30, 0.0, 0.0, 0.0]])
+    top = torch.full((3,), 1.0 - 2.0**-24)   # the largest float32 below 1
+    assert _inverse_cdf_draw(probs, top).tolist() == [1, 1, 0]
+    assert _inverse_cdf_draw(probs, torch.zeros(3)).tolist() == [0, 1, 0]
