@@ -34,6 +34,7 @@ from ferry.quant.fp8 import FP8_MAX, check_whole_blocks, dynamic_scale, fp8_quan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quant"))
 from checkpoints import write_quantized, write_w8  # noqa: E402
+from quant_cases import W8_CASES, WIDE, write_case  # noqa: E402
 
 CASES = {
     "gptq-g32-asym": dict(fmt="gptq", group_size=32, sym=False),
@@ -100,35 +101,6 @@ def test_a_group_straddling_two_ranks_is_refused(tiny_model_dir, tmp_path):
         check_whole_blocks(row, 96, [256], (128, 128))
 
 
-# head_dim 128: each rank's q, k, v, gate, up rows and o, down inputs are whole 128x128 blocks
-WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, head_dim=128,
-            num_key_value_heads=2)
-W8_CASES = {
-    "vllm-fp8-tensor-dynamic": dict(kind="fp8", weight_strategy="tensor", activation="tensor",
-                                    vllm_style=True),
-    "vllm-fp8-tensor-static": dict(kind="fp8", weight_strategy="tensor", activation="static",
-                                   vllm_style=True),
-    "vllm-fp8-block128": dict(kind="fp8", weight_strategy="block", activation="group",
-                              block=(128, 128), vllm_style=True),
-    "ct-fp8-tensor-static": dict(kind="fp8", weight_strategy="tensor", activation="static"),
-    "ct-fp8-tensor-dynamic": dict(kind="fp8", weight_strategy="tensor", activation="tensor"),
-    "ct-fp8-channel-token": dict(kind="fp8", weight_strategy="channel", activation="token"),
-    "ct-fp8-channel-static": dict(kind="fp8", weight_strategy="channel", activation="static"),
-    "ct-fp8-channel-weight-only": dict(kind="fp8", weight_strategy="channel", activation=None),
-    "ct-int8-channel-token": dict(kind="int8", weight_strategy="channel", activation="token"),
-    "ct-int8-tensor-static": dict(kind="int8", weight_strategy="tensor", activation="static"),
-    "gptq-int8-g32": dict(fmt="gptq", bits=8, group_size=32, sym=False),
-}
-
-
-def _w8_checkpoint(tiny_model_dir, tmp_path, case: str) -> Path:
-    options = dict(W8_CASES[case])
-    src = tiny_model_dir("llama", **WIDE) if options.get("block") else tiny_model_dir("llama")
-    if "fmt" in options:
-        return write_quantized(src, tmp_path / "q", tmp_path / "ref", **options)[0]
-    return write_w8(src, tmp_path / "q", tmp_path / "ref", options.pop("kind"), **options)[0]
-
-
 def _shard_rows(layer: LinearBase, out: torch.Tensor) -> dict:
     """A (column) layer's output split by merged shard: {shard id: its columns}."""
     offsets = getattr(layer, "shard_offsets", None) or {None: (0, out.shape[-1])}
@@ -154,7 +126,7 @@ def _rank_outputs_against_one_process(single: LinearBase, ranks: list[LinearBase
 
 @pytest.mark.parametrize("case", list(W8_CASES))
 def test_each_8bit_rank_part_is_the_one_process_layer(tiny_model_dir, tmp_path, case):
-    path = _w8_checkpoint(tiny_model_dir, tmp_path, case)
+    path = write_case(tiny_model_dir, tmp_path, case)
     single = _linears(_rank_model(path, 0, tp_size=1))
     ranks = [_linears(_rank_model(path, r)) for r in (0, 1)]
     gen = torch.Generator().manual_seed(0)
