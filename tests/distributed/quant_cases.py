@@ -37,3 +37,11 @@ def write_case(tiny_model_dir, dst: Path, case: str) -> Path:
     if "fmt" in options:
         return write_quantized(src, dst / "q", dst / "ref", **options)[0]
     return write_w8(src, dst / "q", dst / "ref", options.pop("kind"), **options)[0]
+
+
+def write_fp8_blocks_split_by_ranks(tiny_model_dir, dst: Path) -> Path:
+    """vLLM ``fp8`` 128x128 blocks on a Llama of head_dim 64: with TP=2 each rank's k and v
+    rows (64) would be half a block (one process loads it)."""
+    src = tiny_model_dir("llama", **{**WIDE, "head_dim": 64})
+    return write_w8(src, dst / "q", dst / "ref", "fp8", weight_strategy="block",
+                    activation="group", block=(128, 128), vllm_style=True)[0]

@@ -19,8 +19,7 @@ import pytest
 
 from ferry import LLM
 from process_tree import worker_pids
-from quant_cases import WIDE
-from checkpoints import write_w8  # noqa: I001 - on the path once quant_cases is imported
+from quant_cases import write_fp8_blocks_split_by_ranks
 
 SCRIPT = textwrap.dedent('''
     import os, sys, time
@@ -48,12 +47,6 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _fp8_blocks_splitting_kv(tiny_model_dir, tmp_path):
-    src = tiny_model_dir("llama", **{**WIDE, "head_dim": 64})
-    return write_w8(src, tmp_path / "q", tmp_path / "ref", "fp8", weight_strategy="block",
-                    activation="group", block=(128, 128), vllm_style=True)[0]
-
-
 def test_heads_that_do_not_divide_are_refused_before_any_worker_starts(tiny_model_dir):
     path = tiny_model_dir("llama", hidden_size=48, num_attention_heads=3, num_key_value_heads=1,
                           head_dim=16)
@@ -65,7 +58,7 @@ def test_heads_that_do_not_divide_are_refused_before_any_worker_starts(tiny_mode
 
 def test_a_load_failing_on_every_rank_raises_rank0s_error_and_leaves_no_workers(
         tiny_model_dir, tmp_path):
-    bad = _fp8_blocks_splitting_kv(tiny_model_dir, tmp_path)
+    bad = write_fp8_blocks_split_by_ranks(tiny_model_dir, tmp_path)
     script = tmp_path / "start.py"
     script.write_text(SCRIPT)
     pythonpath = os.pathsep.join([str(Path(__file__).parent), *sys.path])

@@ -33,8 +33,8 @@ from ferry.quant import resolve_quantization
 from ferry.quant.fp8 import FP8_MAX, check_whole_blocks, dynamic_scale, fp8_quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "quant"))
-from checkpoints import write_quantized, write_w8  # noqa: E402
-from quant_cases import W8_CASES, WIDE, write_case  # noqa: E402
+from checkpoints import write_quantized  # noqa: E402
+from quant_cases import W8_CASES, write_case, write_fp8_blocks_split_by_ranks  # noqa: E402
 
 CASES = {
     "gptq-g32-asym": dict(fmt="gptq", group_size=32, sym=False),
@@ -167,10 +167,7 @@ def test_on_load_fp8_rank_parts(tiny_model_dir):
 
 
 def test_fp8_blocks_straddling_two_ranks_are_refused(tiny_model_dir, tmp_path):
-    # head_dim 64: each rank's k and v rows (64) are half a 128-row block
-    src = tiny_model_dir("llama", **{**WIDE, "head_dim": 64})
-    path, _ = write_w8(src, tmp_path / "q", tmp_path / "ref", "fp8", weight_strategy="block",
-                       activation="group", block=(128, 128), vllm_style=True)
+    path = write_fp8_blocks_split_by_ranks(tiny_model_dir, tmp_path)
     _rank_model(path, 0, tp_size=1)   # one process loads it
     with pytest.raises(ValueError, match=r"qkv_proj: output sizes \[128, 64, 64\] are not "
                                          r"multiples of weight_block_size 128 \(this rank's share"):
