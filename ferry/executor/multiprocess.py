@@ -11,7 +11,11 @@ adapters reach every rank the same way (``add_lora`` / ``remove_lora`` messages)
 Failure is loud and bounded: a local worker that exits is seen at once (its process
 sentinel) and a collective that fails or waits longer than
 ``distributed_timeout_seconds`` raises with the rank named; both end the engine's process
-with exit code 1 and a message, since a model missing a rank cannot answer. While idle,
+with exit code 1 and a message, since a model missing a rank cannot answer. A start-up
+that fails on rank 0 (a model that does not load: every rank usually fails alike) raises
+rank 0's own error to the caller instead, after ending the workers: a worker that exits
+while rank 0 is still starting gets ``STARTUP_GRACE_SECONDS`` for rank 0 to fail by
+itself, so the user reads the cause, not "a worker exited" (the worker logs its error). While idle,
 rank 0 pings the workers every quarter of the timeout, so an idle server never times out
 and a remote worker learns within the timeout that rank 0 is gone.
 """
@@ -42,6 +46,8 @@ from ferry.models.parallel_model import check_parallel_fit
 from ferry.outputs import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+STARTUP_GRACE_SECONDS = 5.0
 
 
 def free_local_port() -> int:
@@ -84,6 +90,7 @@ class MultiprocessExecutor(Executor):
         self._lock = threading.Lock()
         self._closing = False
         self._last_message = time.monotonic()
+        self._start_settled = threading.Event()   # rank 0 started, or its start-up failed
         self._workers = spawn_workers(config, model_dir, layouts[1:], len(layouts))
         atexit.register(self.shutdown)
         threading.Thread(target=self._monitor, daemon=True, name="ferry-worker-monitor").start()
@@ -92,6 +99,11 @@ class MultiprocessExecutor(Executor):
         except CollectiveError as exc:
             self._fail(str(exc))
             raise
+        except BaseException:
+            self.shutdown()             # the workers end, and their exits are expected now
+            self._start_settled.set()
+            raise
+        self._start_settled.set()
         self.platform = self.rank0.platform
         self.self_test = self.rank0.self_test
         # Async scheduling needs the sampled tokens on rank 0's runner: pipelines lack them.
@@ -151,6 +163,7 @@ class MultiprocessExecutor(Executor):
             for process, writer in self._workers:
                 writer.close()
                 process.join(timeout=10)
+            destroy_group()   # rank 0 may have joined: a later start in this process joins anew
             return
         try:
             with self._lock:
@@ -205,9 +218,14 @@ class MultiprocessExecutor(Executor):
         while sentinels:
             for sentinel in wait_for_sentinels(list(sentinels)):
                 process = sentinels.pop(sentinel)
+                process.join(timeout=1)   # its exit code
+                starting = not self._start_settled.is_set()
+                if starting:   # rank 0 likely fails the same way: let its error be the one
+                    self._start_settled.wait(STARTUP_GRACE_SECONDS)
                 if not self._closing:
+                    when = " while starting (its error is logged above)" if starting else ""
                     self._fail(f"worker process {process.name} (pid {process.pid}) exited with "
-                               f"code {process.exitcode}; the model is missing that rank")
+                               f"code {process.exitcode}{when}; the model is missing that rank")
 
     def _heartbeat(self) -> None:
         period = self.config.parallel.distributed_timeout_seconds / 4

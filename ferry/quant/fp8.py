@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ferry.layers.linear_method import LinearMethod
+from ferry.layers.linear_method import LinearMethod, input_part
 from ferry.layers.parameter import new_parameter
 from ferry.platform import device_arch
 from ferry.quant.wna16 import per_shard_scalar
@@ -47,6 +47,23 @@ def rows_from_shards(layer: nn.Module, per_shard: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(per_shard, torch.tensor(sizes, device=per_shard.device))[:, None]
 
 
+def check_whole_blocks(layer: nn.Module, input_size: int, output_sizes: list[int],
+                       block: tuple[int, int]) -> None:
+    """Each output shard is whole ``block_n`` blocks; a row-parallel rank's inputs whole
+    ``block_k`` blocks (its block scales would otherwise straddle two ranks)."""
+    bn, bk = block
+    start, whole = input_part(layer)
+    split = (f" (this rank's share with tensor parallelism; use a tensor_parallel_size "
+             f"that keeps whole {bn}x{bk} blocks on each rank)")
+    if any(size % bn for size in output_sizes):
+        tp = split if getattr(layer, "tp_kind", None) else ""
+        raise ValueError(f"{layer.prefix}: output sizes {output_sizes} are not multiples of "
+                         f"weight_block_size {bn}{tp}")
+    if whole != input_size and input_size % bk:
+        raise ValueError(f"{layer.prefix}: this rank's inputs {start}..{start + input_size - 1} "
+                         f"of {whole} are not whole blocks of weight_block_size {bk}{split}")
+
+
 def fp8_supported(device: torch.device) -> bool:
     """FP8 matmul units: NVIDIA sm_89 and newer, AMD MI300 (gfx942) and newer."""
     arch = device_arch(device)
@@ -75,9 +92,7 @@ class FP8LinearMethod(LinearMethod):
             scale = new_parameter((out, 1), torch.float32, output_dim=0, input_dim=None)
         else:
             bn, bk = self.block
-            if any(size % bn for size in output_sizes):
-                raise ValueError(f"{layer.prefix}: output sizes {output_sizes} are not "
-                                 f"multiples of weight_block_size {bn}")
+            check_whole_blocks(layer, input_size, output_sizes, self.block)
             scale = new_parameter((out // bn, -(-input_size // bk)), torch.float32, output_dim=0,
                                   input_dim=1, packed_dim=0, pack_factor=bn)
         setattr(layer, self.scale_name, scale)

@@ -122,8 +122,15 @@ FEATURES: tuple[Feature, ...] = (
             (PT, "tests/distributed/test_parallel_server.py", "tests/distributed/test_sharding.py",
              "tests/distributed/test_rank_loading.py", "tests/distributed/test_collectives.py",
              "tests/distributed/test_parallel_quant.py", "tests/distributed/test_quant_rank_parts.py",
-             "tests/distributed/test_parallel_fp8_kv.py"),
+             "tests/distributed/test_parallel_fp8_kv.py",
+             "tests/distributed/test_parallel_start_failure.py"),
             note="one GPU has never run it; NCCL/RCCL untested"),
+    Feature("tensor_parallel:quant", "Quantized layers on tensor-parallel ranks (GPTQ 4/8-bit, "
+            "AWQ, compressed-tensors W4A16/FP8/W8A8, vLLM FP8 incl. 128x128 blocks, on-load "
+            "int8/FP8)",
+            ("tests/distributed/test_parallel_quant.py",
+             "tests/distributed/test_quant_rank_parts.py"),
+            note="gloo on the CPU only; FP8 GEMMs (torch._scaled_mm) never run under TP"),
     Feature("pipeline_parallel", "Pipeline parallelism", (PT,)),
     Feature("lora:parallel", "LoRA adapters on tensor/pipeline-parallel ranks (sharded like "
             "their layers)", ("tests/distributed/test_parallel_lora.py",),
@@ -217,6 +224,9 @@ def existing_features() -> dict[str, str]:
     from ferry.models.lora_plan import rank_lora_plan
 
     found["lora:parallel"] = f"ferry.models.lora_plan.{rank_lora_plan.__name__}"
+    from ferry.models.tensor_parallel import RowParallelMethod   # wraps any format's method
+
+    found["tensor_parallel:quant"] = f"ferry.models.tensor_parallel.{RowParallelMethod.__name__}"
     from ferry.layers.attention import Attention   # its FP8 path traces too
 
     found["trace:fp8_kv_cache"] = f"ferry.layers.attention.{Attention._trace.__qualname__}"
