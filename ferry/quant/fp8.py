@@ -62,6 +62,9 @@ def check_whole_blocks(layer: nn.Module, input_size: int, output_sizes: list[int
     if whole != input_size and input_size % bk:
         raise ValueError(f"{layer.prefix}: this rank's inputs {start}..{start + input_size - 1} "
                          f"of {whole} are not whole blocks of weight_block_size {bk}{split}")
+    if input_size % bk:   # the activations are quantized in groups of block_k inputs
+        raise ValueError(f"{layer.prefix}: input size {input_size} is not a multiple of "
+                         f"weight_block_size {bk} (activation groups of {bk} inputs)")
 
 
 def fp8_supported(device: torch.device) -> bool:

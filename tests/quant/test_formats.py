@@ -251,3 +251,14 @@ def test_on_load_fp8_matches_its_own_dequantized_weights(llama):
                 scale = (w.abs().amax(1, keepdim=True) / 448).clamp(min=1e-12)
                 w.copy_(fp8_quantize(w, scale).float() * scale)
     check_logits(model, hf, ACT_QUANT_REL, "on-load fp8")
+
+
+def test_fp8_blocks_need_whole_activation_groups_in_one_process():
+    from types import SimpleNamespace
+
+    from ferry.quant.fp8 import check_whole_blocks
+    layer = SimpleNamespace(prefix="model.layers.0.mlp.down_proj", input_size=96)
+    check_whole_blocks(SimpleNamespace(prefix="ok", input_size=128), 128, [64], (32, 64))
+    with pytest.raises(ValueError, match=r"down_proj: input size 96 is not a multiple of "
+                                         r"weight_block_size 64"):
+        check_whole_blocks(layer, 96, [64], (32, 64))
