@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ferry import kernels
 from ferry.kernels import quant_reference as ref
 from ferry.kernels.cpu import quant_linear as cpu
 
@@ -47,7 +48,10 @@ def main() -> None:
     for name, (k, n) in SHAPES.items():
         weight = torch.randn(n, k)
         x = torch.randn(args.rows, k)
-        if name.startswith("head"):
+        if name.startswith("head"):          # the float heads, for scale (DRAM-bound)
+            dense = weight.t().contiguous().t()   # column-major, as the CPU head stores it
+            t = seconds_per_call(lambda: kernels.dense_linear(x, dense))
+            print(f"{name:18} {'fp32':>4} {dense.numel() * 4 / t / 1e9:15.1f} {'':>14}")
             table = weight.to(torch.bfloat16)
             t = seconds_per_call(lambda: cpu.bf16_weight_linear(x, table))
             print(f"{name:18} {'bf16':>4} {table.numel() * 2 / t / 1e9:15.1f} {'':>14}")
