@@ -3,7 +3,10 @@
 The ~58M random Llama of the memory benchmark (hidden 512, intermediate 1408, 8 layers,
 8 heads, vocab 32000, untied head), through ``ferry.LLM``. int8/int4 are on-load RTN
 (``ferry.quant.on_load_rtn.RtnWeightMethods``, group size 128, symmetric) on float32
-activations; bf16 is the checkpoint run in bfloat16. Each round runs every format once,
+activations, or with ``--int8-activations`` on activations quantized to int8 per group
+(the ``cpu_int8_activations`` switch, llama.cpp's Q8_0/Q4_0 way); their LM head in
+bfloat16 (default), the model dtype, or int8 RTN (``--head``). bf16 is the checkpoint
+run in bfloat16. Each round runs every format once,
 interleaved (the machine's 2 cores are shared with other work: the load is printed), and
 the medians over rounds are reported:
 
@@ -18,7 +21,8 @@ and token count, one ``eval`` per token, paired with fp32, int8 and int4.
 Memory: bytes of weights per format (parameters, codes + scales + zeros for the
 quantized linears), and the KV blocks a ``kv_cache_memory`` budget gives per KV dtype.
 
-    python benchmarks/cpu_quant.py [--rounds 3] [--json out.json]
+    python benchmarks/cpu_quant.py [--rounds 3] [--head bf16|int8|model] [--int8-activations]
+        [--json out.json]
 """
 from __future__ import annotations
 
@@ -51,7 +55,7 @@ def build_model(path: Path) -> int:
                              max_position_embeddings=2048)
 
 
-def make_llm(model_dir: Path, fmt: str, head: str, threads: int):
+def make_llm(model_dir: Path, fmt: str, head: str, threads: int, int8_activations: bool):
     """An LLM of the format. The RTN weight methods are passed through the loader's seam
     (``get_model(weight_methods=)``) for this process: the ``quant_type`` key reaches it
     through the quantization registry."""
@@ -61,7 +65,8 @@ def make_llm(model_dir: Path, fmt: str, head: str, threads: int):
 
     real_get_model = loader.get_model
     if fmt.startswith("int"):
-        methods = RtnWeightMethods(int(fmt[3:]), 128, head_dtype=_HEADS[head])
+        methods = RtnWeightMethods(int(fmt[3:]), 128, head_dtype=_HEADS[head],
+                                   int8_activations=int8_activations)
         loader.get_model = lambda *a, **k: real_get_model(*a, weight_methods=methods)
     try:
         return LLM(str(model_dir), dtype="bfloat16" if fmt == "bf16" else "float32",
@@ -70,7 +75,7 @@ def make_llm(model_dir: Path, fmt: str, head: str, threads: int):
         loader.get_model = real_get_model
 
 
-_HEADS = {"model": None, "bf16": torch.bfloat16}
+_HEADS = {"model": None, "bf16": torch.bfloat16, "int8": torch.int8}
 
 
 def weight_bytes(llm) -> int:
@@ -146,7 +151,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--head", choices=list(_HEADS), default="bf16",
-                        help="LM head of the int formats: model dtype, or bfloat16 (16-bit policy)")
+                        help="LM head of the int formats: model dtype, bfloat16 (16-bit policy) "
+                             "or int8 RTN (as llama.cpp's Q8_0 files)")
+    parser.add_argument("--int8-activations", action="store_true",
+                        help="int formats: activations quantized to int8 per group (VNNI)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -154,7 +162,8 @@ def main() -> None:
     load_before = uptime()
     with tempfile.TemporaryDirectory() as tmp:
         params = build_model(Path(tmp))
-        llms = {fmt: make_llm(Path(tmp), fmt, args.head, args.threads) for fmt in FORMATS}
+        llms = {fmt: make_llm(Path(tmp), fmt, args.head, args.threads, args.int8_activations)
+                for fmt in FORMATS}
         decode = {fmt: [] for fmt in FORMATS}
         offline = {fmt: [] for fmt in FORMATS}
         prompt = [[3 + i for i in range(8)]]
@@ -173,6 +182,7 @@ def main() -> None:
                 peer_decode[fmt].append(llama_cpp_tok_s(peer, prompt[0], args.decode_tokens))
         sizes = {fmt: weight_bytes(llm) for fmt, llm in llms.items()}
     result = {"params": params, "rounds": args.rounds, "head": args.head, "threads": args.threads,
+              "int8_activations": args.int8_activations,
               "load_before": load_before, "load_after": uptime(),
               "decode_tok_s": {f: statistics.median(v) for f, v in decode.items()},
               "offline_tok_s": {f: statistics.median(v) for f, v in offline.items()},
@@ -180,7 +190,8 @@ def main() -> None:
                                          for f, v in peer_decode.items()},
               "weight_bytes": sizes, "kv_blocks_512MiB": kv_blocks()}
     base_d, base_o = result["decode_tok_s"]["fp32"], result["offline_tok_s"]["fp32"]
-    print(f"model: {params / 1e6:.1f}M parameters; int head: {args.head}; threads: {args.threads}")
+    print(f"model: {params / 1e6:.1f}M parameters; int head: {args.head}; int8 activations: "
+          f"{args.int8_activations}; threads: {args.threads}")
     print(f"{'format':8} {'batch-1 tok/s':>14} {'x fp32':>7} {'16-conc tok/s':>14} {'x fp32':>7} {'weights MiB':>12}")
     for fmt in FORMATS:
         d, o = result["decode_tok_s"][fmt], result["offline_tok_s"][fmt]

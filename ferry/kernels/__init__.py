@@ -108,6 +108,16 @@ def wna16_linear(x, qweight, scales, zeros, bits, group_size, bias=None):
     return _ops_for(x).wna16_linear(x, qweight, scales, zeros, bits, group_size, bias)
 
 
+def wna16_linear_a8(x, qweight, scales, zeros, bits, group_size, bias=None):
+    """``wna16_linear`` with the activations quantized to int8 per group (the
+    ``cpu_int8_activations`` switch): the C++ VNNI kernel on the CPU backend (which runs
+    the float-activation kernel where VNNI does not fit), the PyTorch reference
+    (``quant_reference.wna16_linear_a8``) elsewhere."""
+    ops = _ops_for(x)
+    op = getattr(ops, "wna16_linear_a8", reference.wna16_linear_a8)
+    return op(x, qweight, scales, zeros, bits, group_size, bias)
+
+
 def bf16_weight_linear(x, weight, bias=None):
     """x @ weight^T + bias with a bfloat16 weight, float32 arithmetic, x's dtype out."""
     return _ops_for(x).bf16_weight_linear(x, weight, bias)
@@ -141,7 +151,8 @@ def lora_expand(v, lora_b, y, mapping):
     return _ops_for(y).lora_expand(v, lora_b, y, mapping)
 
 
-__all__ = ["OP_NAMES", "apply_rotary", "apply_token_bitmask", "attention_trace", "bf16_weight_linear", "decoder_stack",
-           "dense_linear", "fused_add_rms_norm", "lora_expand",
+__all__ = ["OP_NAMES", "apply_rotary", "apply_token_bitmask", "attention_trace",
+           "bf16_weight_linear", "decoder_stack", "dense_linear", "fused_add_rms_norm",
+           "lora_expand", "wna16_linear_a8",
            "lora_shrink", "paged_attention", "prepare", "rms_norm", "silu_and_mul", "wna16_linear",
            "write_kv_cache"]

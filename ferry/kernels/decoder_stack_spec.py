@@ -15,7 +15,8 @@ class Projection:
 
     - ``f32``: ``weight`` the float32 (out, in) matrix stored column-major;
     - ``wna16``: ``weight`` the canonical uint8 codes of ``kernels.wna16_linear`` (N, K or
-      K/2), with its ``scales`` and ``zeros`` (N, G), ``bits`` and ``group_size``.
+      K/2), with its ``scales`` and ``zeros`` (N, G), ``bits`` and ``group_size``;
+      ``int8_activations``: run as ``kernels.wna16_linear_a8`` (``cpu_int8_activations``).
     """
 
     kind: str
@@ -25,6 +26,7 @@ class Projection:
     zeros: torch.Tensor | None = None
     bits: int = 0
     group_size: int = 0
+    int8_activations: bool = False
 
 
 @dataclass

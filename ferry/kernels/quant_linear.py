@@ -37,6 +37,16 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return kernels.wna16_linear(x, qweight, scales, zeros, bits, group_size, bias)
 
 
+def wna16_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor, bits: int, group_size: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``wna16_linear`` with x quantized to int8 per token per weight group and integer
+    dot products (``quant_reference.wna16_linear_a8``; the ``cpu_int8_activations``
+    switch). On the CPU the C++ VNNI kernel; it runs the float-activation kernel where
+    VNNI does not fit and for prefills of more than ``MAX_KERNEL_ROWS`` rows."""
+    return kernels.wna16_linear_a8(x, qweight, scales, zeros, bits, group_size, bias)
+
+
 @dataclass(frozen=True)
 class PreparedWna16:
     """A linear's weights in the canonical layout, validated and ready for the kernels."""
@@ -68,11 +78,13 @@ def prepare_wna16(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
                          zeros.to(device).contiguous(), bits, group_size, k, n)
 
 
-def wna16_apply(x: torch.Tensor, prepared: PreparedWna16,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The forward of a prepared linear: x (T, K) -> (T, N)."""
-    return kernels.wna16_linear(x, prepared.qweight, prepared.scales, prepared.zeros,
-                                prepared.bits, prepared.group_size, bias)
+def wna16_apply(x: torch.Tensor, prepared: PreparedWna16, bias: torch.Tensor | None = None,
+                int8_activations: bool = False) -> torch.Tensor:
+    """The forward of a prepared linear: x (T, K) -> (T, N). ``int8_activations``: on CPU
+    inputs, ``wna16_linear_a8`` (elsewhere the float-activation kernel)."""
+    op = kernels.wna16_linear_a8 if int8_activations and x.is_cpu else kernels.wna16_linear
+    return op(x, prepared.qweight, prepared.scales, prepared.zeros, prepared.bits,
+              prepared.group_size, bias)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -129,4 +141,4 @@ def _check_bits(bits: int) -> None:
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "PreparedWna16", "dequantize_fp8", "dequantize_wna16",
            "fp8_linear", "pack_canonical", "pack_int4", "prepare_wna16", "quantize_fp8", "quantize_rtn",
-           "unpack_canonical", "unpack_int4", "wna16_apply", "wna16_linear"]
+           "unpack_canonical", "unpack_int4", "wna16_apply", "wna16_linear", "wna16_linear_a8"]

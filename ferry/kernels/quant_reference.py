@@ -134,3 +134,40 @@ def bf16_weight_linear(x: torch.Tensor, weight: torch.Tensor,
     dtype: a 16-bit weight (half the bytes of float32) at float32 arithmetic."""
     out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return out.to(x.dtype)
+
+
+# ------------------------------------------------------- int8 activations (W8A8 / W4A8)
+def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (T, K) -> (codes (T, K) int32 in [-127, 127], scales (T, K//group_size) float32):
+    symmetric int8 per token per group, ``scale = max|x| / 127`` and
+    ``code = round(x * (127 / max|x|))`` (0 for an all-zero group), in float32 exactly as
+    the C++ kernel (``csrc/wna8.cpp``) computes them."""
+    t, k = x.shape
+    grouped = x.float().reshape(t, k // group_size, group_size)           # (T, G, gs)
+    amax = grouped.abs().amax(dim=-1, keepdim=True)                       # (T, G, 1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    codes = torch.round(grouped * inv).clamp(-127, 127).to(torch.int32)
+    return codes.reshape(t, k), (amax / 127.0).squeeze(-1)
+
+
+def wna16_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor, bits: int, group_size: int,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The canonical integer linear with int8 activations (llama.cpp's Q8_0/Q4_0 way):
+    x is quantized per token per weight group (``quantize_activations``), then per group
+    ``idot = sum_k q xq`` exactly (integers) and
+    ``y = sum_g scale_g * sx_g * (idot_g - zero_g * sum_k xq) + bias``. x (T, K) -> (T, N)
+    in x's dtype. Differs from ``wna16_linear`` by the activations' rounding."""
+    n, k = check_wna16_args(x, qweight, scales, zeros, bits, group_size)
+    groups = k // group_size
+    xq, sx = quantize_activations(x, group_size)                          # (T, K), (T, G)
+    # float64 holds every integer dot exactly (|idot| < 2**53)
+    codes = codes_of(qweight, bits).to(torch.float64).reshape(n, groups, group_size)
+    xq = xq.to(torch.float64).reshape(-1, groups, group_size)             # (T, G, gs)
+    idot = torch.einsum("tgk,ngk->tng", xq, codes)                        # (T, N, G)
+    xsum = xq.sum(dim=-1)[:, None, :]                                     # (T, 1, G)
+    scale = scales.double()[None] * sx.double()[:, None, :]               # (T, N, G)
+    out = (scale * (idot - zeros.double()[None] * xsum)).sum(dim=-1)      # (T, N)
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from ferry.kernels.attn_metadata import AttentionMetadata
 from ferry.kernels.checks import check_paged_attention_args
-from ferry.kernels.quant_reference import bf16_weight_linear, wna16_linear  # noqa: F401  (dispatched ops)
+from ferry.kernels.quant_reference import (bf16_weight_linear, wna16_linear,  # noqa: F401  (dispatched ops)
+                                           wna16_linear_a8)
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

@@ -68,17 +68,21 @@ CHECKPOINT_FORMATS = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compres
                       "fp8": _fp8}
 
 
-def on_load_methods(quant_type: str):
+def on_load_methods(quant_type: str, int8_activations: bool = False):
     """WeightMethods that quantize an unquantized checkpoint while it loads."""
     if quant_type == "fp8":
         from ferry.quant.on_load_fp8 import OnLoadFP8WeightMethods
         return OnLoadFP8WeightMethods()
     from ferry.quant.on_load_rtn import RtnWeightMethods
-    return RtnWeightMethods(bits=8 if quant_type == "int8" else 4)
+    return RtnWeightMethods(bits=8 if quant_type == "int8" else 4,
+                            int8_activations=int8_activations)
 
 
-def resolve_quantization(hf_config: Any, quant_type: str = "auto") -> ResolvedQuant:
-    """The checkpoint's format, checked against a forced ``quant_type``; ValueError if unsupported."""
+def resolve_quantization(hf_config: Any, quant_type: str = "auto",
+                         int8_activations: bool = False) -> ResolvedQuant:
+    """The checkpoint's format, checked against a forced ``quant_type``; ValueError if
+    unsupported. ``int8_activations`` (the ``cpu_int8_activations`` key) reaches the
+    integer linears that have an int8-activation path (``WNA16LinearMethod``, RTN)."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type={quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
     raw = getattr(hf_config, "quantization_config", None)
@@ -88,7 +92,7 @@ def resolve_quantization(hf_config: Any, quant_type: str = "auto") -> ResolvedQu
         if quant_type in ("auto", "none"):
             return ResolvedQuant(None, "none")
         if quant_type in ON_LOAD_TYPES:
-            return ResolvedQuant(on_load_methods(quant_type), quant_type)
+            return ResolvedQuant(on_load_methods(quant_type, int8_activations), quant_type)
         raise ValueError(f"quant_type={quant_type!r} needs a checkpoint quantized in that format "
                          "(its config.json has no quantization_config); make one with "
                          "`ferry quantize` or pick int8, int4 or fp8 to quantize on load")
@@ -98,6 +102,7 @@ def resolve_quantization(hf_config: Any, quant_type: str = "auto") -> ResolvedQu
         raise ValueError(f"quantization_config.quant_method={method!r} is not supported; ferry "
                          f"loads {', '.join(CHECKPOINT_FORMATS)}")
     methods = builder(raw)
+    methods.int8_activations = int8_activations
     if quant_type not in ("auto", methods.label):
         raise ValueError(f"quant_type={quant_type!r} does not match the checkpoint, which is "
                          f"{method} ({methods.label}); use quant_type auto")

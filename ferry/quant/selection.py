@@ -56,12 +56,19 @@ class FormatWeightMethods:
     """
 
     label = "none"   # the metrics' quant_type
+    # cpu_int8_activations: given to each quantized method that has the option
+    int8_activations = False
 
     def quantized_method(self, prefix: str, layer: nn.Module) -> LinearMethod | None:
         raise NotImplementedError
 
     def linear_method(self, prefix: str, layer: nn.Module) -> LinearMethod:
-        return self.quantized_method(prefix, layer) or UnquantizedLinearMethod()
+        method = self.quantized_method(prefix, layer)
+        if method is None:
+            return UnquantizedLinearMethod()
+        if self.int8_activations and hasattr(method, "int8_activations"):
+            method.int8_activations = True
+        return method
 
     def embedding_method(self, prefix: str, layer: nn.Module) -> EmbeddingMethod:
         return UnquantizedEmbeddingMethod()

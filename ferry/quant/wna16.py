@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ferry.kernels.decoder_stack_spec import WNA16, Projection
-from ferry.kernels.quant_linear import pack_canonical, wna16_linear
+from ferry.kernels.quant_linear import pack_canonical, wna16_linear, wna16_linear_a8
 from ferry.layers.linear_method import LinearMethod, input_part
 from ferry.layers.parameter import copy_checked, new_parameter
 from ferry.quant.selection import shard_index
@@ -33,7 +33,12 @@ class Decoded:
 
 
 class WNA16LinearMethod(LinearMethod):
-    """Base of the integer weight-only formats: ``create_weights`` and ``decode`` per format."""
+    """Base of the integer weight-only formats: ``create_weights`` and ``decode`` per format.
+
+    ``int8_activations`` (set by the weight methods from ``cpu_int8_activations``): CPU
+    inputs are quantized to int8 per group too (``kernels.wna16_linear_a8``)."""
+
+    int8_activations = False
 
     def __init__(self, bits: int, group_size: int):
         if bits not in (4, 8):
@@ -88,14 +93,15 @@ class WNA16LinearMethod(LinearMethod):
             return None   # act-order splits: several kernel calls and a gather
         bias = None if layer.bias is None else layer.bias.detach()
         return Projection(WNA16, layer.qweight0, bias, layer.scales0, layer.zeros0, self.bits,
-                          layer.wna16_group_size)
+                          layer.wna16_group_size, self.int8_activations)
 
     def _part(self, layer: nn.Module, i: int, x: torch.Tensor, bias) -> torch.Tensor:
         perm = getattr(layer, f"perm{i}")
         if perm is not None:
             x = x[:, perm]                                 # (T, K) in sorted-group order
-        return wna16_linear(x, getattr(layer, f"qweight{i}"), getattr(layer, f"scales{i}"),
-                            getattr(layer, f"zeros{i}"), self.bits, layer.wna16_group_size, bias)
+        linear = wna16_linear_a8 if self.int8_activations and x.is_cpu else wna16_linear
+        return linear(x, getattr(layer, f"qweight{i}"), getattr(layer, f"scales{i}"),
+                      getattr(layer, f"zeros{i}"), self.bits, layer.wna16_group_size, bias)
 
 
 def _register(layer: nn.Module, name: str, tensor: torch.Tensor | None) -> None:

@@ -85,6 +85,11 @@ FEATURES: tuple[Feature, ...] = (
     Feature("kernel:wna16_linear", "Weight-only int8/int4 linear (canonical layout)",
             ("tests/kernels/test_cpu_quant_linear.py", "tests/quant/test_on_load_rtn.py"),
             ("wna16_gemm_kernel",), gpu_tests=("tests/kernels/test_triton_wna16.py",)),
+    Feature("cpu:int8_activations", "CPU int8/int4 linears on int8 activations (VNNI; "
+            "`cpu_int8_activations`), int8 RTN LM head",
+            ("tests/kernels/test_cpu_quant_a8.py", "tests/quant/test_int8_activations.py",
+             "tests/kernels/test_cpu_decoder_stack.py"),
+            note="C++ backend on AVX512-VNNI CPUs; elsewhere the float-activation kernel"),
     Feature("kernel:dense_linear", "Unquantized linear (F.linear; C++ decode GEMV on the pool)",
             ("tests/kernels/test_cpu_gemv.py", *MODELS)),
     Feature("cpu:decoder_stack", "Fused CPU decoder stack (every layer of a decode step in one C++ call)",
@@ -191,7 +196,7 @@ FEATURE_KEYS: dict[str, str] = {
     "short_prompt_threshold": "scheduling:fast_lane", "max_queue_bypasses": "scheduling:fast_lane",
     "memory_pressure_threshold": "degradation", "thermal_limit_c": "degradation",
     "power_limit_w": "degradation", "reserved_blocks_for_priority": "scheduling:priority",
-    "speculative_config": "spec_decoding",
+    "speculative_config": "spec_decoding", "cpu_int8_activations": "cpu:int8_activations",
 }
 ENUM_DEFAULTS = {"quant_type": {"auto", "none"}, "kv_cache_dtype": {"auto"},
                  "debug_trace": {"none"}}

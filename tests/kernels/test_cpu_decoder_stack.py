@@ -10,6 +10,7 @@ import torch
 from ferry import kernels
 from ferry.checkpoint import load_hf_config
 from ferry.kernels.cpu import decoder_stack
+from ferry.kernels.cpu import quant_linear as cpu_quant
 from ferry.kernels.cpu.dense import max_kernel_rows
 from ferry.models.loader import get_model
 from ferry.quant.on_load_rtn import RtnWeightMethods
@@ -75,6 +76,8 @@ def _run(model, seqs, steps, fused: bool):
     ("mistral", {"sliding_window": 6}, None),                  # a window the decodes pass
     ("llama", {}, (8, 32, True)),                              # int8 codes (wna16 kernel)
     ("qwen2", {}, (4, 32, False)),                             # int4, zero points, biases
+    ("llama", {}, (8, 64, True, None, True)),                  # int8 activations (wna8 kernel)
+    ("qwen2", {}, (4, 64, False, None, True)),
 ])
 def test_fused_stack_equals_the_layers(arch, overrides, rtn, tiny_model_dir, stack_calls):
     methods = RtnWeightMethods(*rtn) if rtn else None
@@ -88,6 +91,19 @@ def test_fused_stack_equals_the_layers(arch, overrides, rtn, tiny_model_dir, sta
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=f"{arch} step {number}")
     for g, w in zip(got_caches, want_caches):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_quant.int8_activations_fit(64), reason="no AVX512-VNNI")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_stack_takes_the_int8_activation_switch(bits, tiny_model_dir, stack_calls):
+    """Fused with the switch = layers with it (above), and != fused without it: the
+    Projection's flag reaches the C++ stack."""
+    path = tiny_model_dir("llama")
+    seqs, steps = _steps(_model(path).vocab_size)
+    a8, _ = _run(_model(path, RtnWeightMethods(bits, 64, int8_activations=True)), seqs, steps, True)
+    a16, _ = _run(_model(path, RtnWeightMethods(bits, 64)), seqs, steps, True)
+    assert len(stack_calls) == 2 * len(steps)
+    assert max(float((x - y).abs().max()) for x, y in zip(a8, a16)) > 1e-4
 
 
 def test_what_the_stack_does_not_compute_runs_layer_by_layer(tiny_model_dir, stack_calls):

@@ -108,3 +108,16 @@ def test_quant_type_reaches_metrics_and_models_route(gptq_dirs):
         assert card["quant_type"] == "gptq_int4"
         assert 'quant_type="gptq_int4"' in client.get("/metrics").text
 
+
+
+def test_cpu_int8_activations_reach_a_gptq_model_through_the_engine(tiny_model_dir, tmp_path):
+    path, _ = write_quantized(tiny_model_dir("llama"), tmp_path / "q", tmp_path / "ref", "gptq",
+                              bits=4, group_size=64, sym=True, act_order=False)
+    llm = LLM(str(path), dtype="float32", block_size=4, kv_cache_memory="16MiB",
+              cpu_int8_activations=True)
+    layer = llm.engine.executor.runner.model.model.layers[0]
+    assert layer.mlp.down_proj.weight_method.int8_activations
+    assert layer.mlp.down_proj.weight_method.fused_projection(layer.mlp.down_proj).int8_activations
+    out = llm.generate([{"prompt_token_ids": PROMPTS[1]}],
+                       SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 6

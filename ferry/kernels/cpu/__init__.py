@@ -14,7 +14,7 @@ from ferry.kernels.cpu.attention_trace import attention_trace
 from ferry.kernels.cpu.dense import dense_linear
 from ferry.kernels.cpu.elementwise import (apply_rotary, fused_add_rms_norm, rms_norm,
                                            silu_and_mul, write_kv_cache)
-from ferry.kernels.cpu.quant_linear import bf16_weight_linear, wna16_linear
+from ferry.kernels.cpu.quant_linear import bf16_weight_linear, wna16_linear, wna16_linear_a8
 from ferry.kernels.cpu.lora import lora_expand, lora_shrink
 from ferry.kernels.cpu.token_bitmask import apply_token_bitmask
 
@@ -25,4 +25,4 @@ def available() -> bool:
 
 __all__ = ["apply_rotary", "apply_token_bitmask", "attention_trace", "available", "bf16_weight_linear", "dense_linear", "fused_add_rms_norm", "lora_expand",
            "lora_shrink", "paged_attention", "rms_norm", "silu_and_mul", "wna16_linear",
-           "write_kv_cache"]
+           "wna16_linear_a8", "write_kv_cache"]

@@ -35,7 +35,7 @@ class _StackShape(ctypes.Structure):
 
 class _Projection(ctypes.Structure):
     _fields_ = [("kind", _I64), ("weight", _P), ("bias", _P), ("scales", _P), ("zeros", _P),
-                ("bits", _I64), ("group_size", _I64)]
+                ("bits", _I64), ("group_size", _I64), ("int8_activations", _I64)]
 
 
 class _LayerWeights(ctypes.Structure):
@@ -200,4 +200,5 @@ def _projection(p: Projection) -> _Projection:
         return tensor.data_ptr() if tensor is not None else None
 
     return _Projection(_KIND_CODES[p.kind], p.weight.data_ptr(), address(p.bias),
-                       address(p.scales), address(p.zeros), p.bits, p.group_size)
+                       address(p.scales), address(p.zeros), p.bits, p.group_size,
+                       int(p.int8_activations))

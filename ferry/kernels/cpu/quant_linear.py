@@ -50,6 +50,41 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return out
 
 
+def int8_activations_fit(group_size: int) -> bool:
+    """True when ``wna16_linear_a8`` runs its VNNI kernel for this group size (a CPU with
+    AVX512-VNNI, ``group_size % 64 == 0``)."""
+    return functions() is not None and bool(functions().wna8_fits(group_size))
+
+
+def wna16_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor, bits: int, group_size: int,
+                    bias: torch.Tensor | None = None, allow_simd: bool = True) -> torch.Tensor:
+    """``quant_reference.wna16_linear_a8`` through ``csrc/wna8.cpp`` (int8 activations,
+    VNNI dot products). Where the VNNI kernel does not fit (no AVX512-VNNI, a group size
+    not a multiple of 64) and for inputs of more than ``MAX_KERNEL_ROWS`` rows (prefills,
+    where a float GEMM is faster) this is the float-activation ``wna16_linear``: the
+    switch is a speed option. ``allow_simd=False`` forces the portable twin of the VNNI
+    loop (same integer math; the tests compare both)."""
+    fits = allow_simd is False or int8_activations_fit(group_size)
+    if not _usable(x, scales, zeros, bias) or not fits or x.shape[0] > MAX_KERNEL_ROWS:
+        return wna16_linear(x, qweight, scales, zeros, bits, group_size, bias)
+    n, k = quant_reference.check_wna16_args(x, qweight, scales, zeros, bits, group_size)
+    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
+    layout = row_layout(x)
+    if layout is None:
+        x = x.contiguous()
+        layout = row_layout(x)
+    rows, _, stride = layout
+    bias = bias.contiguous() if bias is not None else None
+    out = torch.empty((rows, n), dtype=x.dtype)
+    check(functions().wna8_gemm(
+        DTYPE_CODES[x.dtype], x.data_ptr(), stride, rows, k, n, qweight.data_ptr(),
+        scales.data_ptr(), zeros.data_ptr(), bits, group_size,
+        bias.data_ptr() if bias is not None else None, out.data_ptr(), int(allow_simd),
+        torch.get_num_threads()), "wna16_linear_a8")
+    return out
+
+
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                group_size: int) -> torch.Tensor:
     """The (N, K) weight in the scales' dtype, as ``quant_reference.dequantize_wna16``."""

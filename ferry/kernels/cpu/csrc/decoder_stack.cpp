@@ -41,6 +41,11 @@ int ferry_wna16_gemm(int dtype, const void* x, int64_t x_stride, int64_t rows, i
                      const uint8_t* qweight, const void* scales, const void* zeros, int bits,
                      int64_t group_size, const void* bias, void* out, int allow_simd,
                      int num_threads);
+int ferry_wna8_gemm(int dtype, const void* x, int64_t x_stride, int64_t rows, int64_t k, int64_t n,
+                    const uint8_t* qweight, const void* scales, const void* zeros, int bits,
+                    int64_t group_size, const void* bias, void* out, int allow_simd,
+                    int num_threads);
+int ferry_wna8_fits(int64_t group_size);
 int ferry_paged_attention(int dtype, const void* query, const void* key_cache,
                           const void* value_cache, const int32_t* block_tables,
                           int64_t block_table_stride, const int32_t* query_start_loc,
@@ -68,6 +73,7 @@ struct Projection {
   const float* scales;    // kWna16: (n, groups)
   const float* zeros;
   int64_t bits, group_size;
+  int64_t int8_activations;  // kWna16: 1 runs wna8.cpp where it fits, as wna16_linear_a8
 };
 constexpr int64_t kF32 = 0, kWna16 = 1;
 
@@ -84,6 +90,11 @@ int linear(const Projection& p, const float* x, int64_t x_stride, int64_t rows, 
   if (p.kind == kF32) {
     return ferry_f32_gemv(x, x_stride, rows, k, n, static_cast<const float*>(p.weight), p.bias,
                           out, threads);
+  }
+  if (p.kind == kWna16 && p.int8_activations && ferry_wna8_fits(p.group_size)) {
+    return ferry_wna8_gemm(kFloat32, x, x_stride, rows, k, n, static_cast<const uint8_t*>(p.weight),
+                           p.scales, p.zeros, static_cast<int>(p.bits), p.group_size, p.bias, out,
+                           1, threads);
   }
   if (p.kind == kWna16) {
     return ferry_wna16_gemm(kFloat32, x, x_stride, rows, k, n,
