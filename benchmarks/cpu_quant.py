@@ -188,6 +188,7 @@ def main() -> None:
               "offline_tok_s": {f: statistics.median(v) for f, v in offline.items()},
               "llama_cpp_decode_tok_s": {f"{f} ({LLAMA_CPP_TYPES[f]})": statistics.median(v)
                                          for f, v in peer_decode.items()},
+              "decode_rounds": decode, "llama_cpp_rounds": peer_decode,
               "weight_bytes": sizes, "kv_blocks_512MiB": kv_blocks()}
     base_d, base_o = result["decode_tok_s"]["fp32"], result["offline_tok_s"]["fp32"]
     print(f"model: {params / 1e6:.1f}M parameters; int head: {args.head}; int8 activations: "
@@ -200,6 +201,10 @@ def main() -> None:
         peer = statistics.median(values)
         print(f"llama.cpp {LLAMA_CPP_TYPES[fmt]:5} batch-1 {peer:8.1f} tok/s; ferry {fmt} / "
               f"llama.cpp: {result['decode_tok_s'][fmt] / peer:.2f}x")
+    spans = {**{f"ferry {f}": v for f, v in decode.items()},
+             **{f"llama.cpp {LLAMA_CPP_TYPES[f]}": v for f, v in peer_decode.items()}}
+    print("batch-1 tok/s, min-max over rounds:",
+          "; ".join(f"{name} {min(v):.0f}-{max(v):.0f}" for name, v in spans.items()))
     print("KV blocks in 512 MiB:", result["kv_blocks_512MiB"])
     print("load before:", load_before, "\nload after: ", result["load_after"])
     if args.json:

@@ -8,6 +8,11 @@ from ferry.openmp_env import set_wait_policy_defaults  # noqa: E402
 
 set_wait_policy_defaults()
 
+# Large per-step tensors reuse freed heap memory instead of faulting in fresh pages.
+from ferry.malloc_tuning import tune_malloc  # noqa: E402
+
+tune_malloc()
+
 from ferry.outputs import CompletionOutput, RequestOutput  # noqa: E402
 from ferry.lora.request import LoRARequest  # noqa: E402
 from ferry.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402

@@ -42,7 +42,7 @@ _SIGNATURES = {
                               _I64, _I64, _F32, _I64, _I64, _P, _P, _P, _INT],
     "ferry_attention_trace_fp8": [_INT, _P, _I64, _P, _I64, _P, _I64, _P, _P, _P, _I64, _I64,
                                   _I64, _I64, _I64, _F32, _I64, _I64, _P, _P, _P, _INT],
-    "ferry_apply_token_bitmask": [_P, _I64, _I64, _P, _I64, _P, _I64, _INT],
+    "ferry_apply_token_bitmask": [_P, _P, _I64, _I64, _P, _I64, _P, _I64, _INT],
     "ferry_lora_expand": [_INT, _P, _P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _INT],
 }
 

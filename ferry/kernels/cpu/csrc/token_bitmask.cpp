@@ -25,25 +25,26 @@ inline bool allowed(const int32_t* mask, int64_t token) {
 }
 
 // Portable: one 32-token word at a time; returns whether an allowed logit is finite.
-bool mask_words(float* row, const int32_t* mask, int64_t first_word, int64_t vocab) {
+bool mask_words(const float* src, float* row, const int32_t* mask, int64_t first_word,
+                int64_t vocab) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   bool any_finite = false;
   for (int64_t word = first_word; word * 32 < vocab; ++word) {
     const uint32_t bits = static_cast<uint32_t>(mask[word]);
     const int64_t end = std::min<int64_t>(32, vocab - word * 32);
+    const float* in = src + word * 32;
     float* chunk = row + word * 32;
     for (int64_t j = 0; j < end; ++j) {
-      if ((bits >> j) & 1u) {
-        any_finite |= chunk[j] != kNegInf;
-      } else {
-        chunk[j] = kNegInf;
-      }
+      const bool keep = (bits >> j) & 1u;
+      chunk[j] = keep ? in[j] : kNegInf;
+      any_finite |= keep && in[j] != kNegInf;
     }
   }
   return any_finite;
 }
 
-void mask_row(float* row, const int32_t* mask, int64_t vocab) {
+// src -> row (the same memory or another row): masked values, then the empty-row rule.
+void mask_row(const float* src, float* row, const int32_t* mask, int64_t vocab) {
   bool any_finite = false;
   int64_t word = 0;
 #if defined(__AVX512F__)
@@ -52,17 +53,18 @@ void mask_row(float* row, const int32_t* mask, int64_t vocab) {
   __mmask16 finite = 0;
   for (; (word + 1) * 32 <= vocab; ++word) {
     const uint32_t bits = static_cast<uint32_t>(mask[word]);
+    const float* in = src + word * 32;
     float* chunk = row + word * 32;
     for (int half = 0; half < 2; ++half) {
       const __mmask16 keep = static_cast<__mmask16>(bits >> (16 * half));
-      const __m512 v = _mm512_mask_mov_ps(neg_inf, keep, _mm512_loadu_ps(chunk + 16 * half));
+      const __m512 v = _mm512_mask_loadu_ps(neg_inf, keep, in + 16 * half);
       _mm512_storeu_ps(chunk + 16 * half, v);
       finite |= _mm512_cmp_ps_mask(v, neg_inf, _CMP_NEQ_UQ);
     }
   }
   any_finite = finite != 0;
 #endif
-  any_finite |= mask_words(row, mask, word, vocab);
+  any_finite |= mask_words(src, row, mask, word, vocab);
   if (!any_finite) {
     for (int64_t t = 0; t < vocab; ++t) {
       if (allowed(mask, t)) row[t] = 0.f;
@@ -74,14 +76,15 @@ void mask_row(float* row, const int32_t* mask, int64_t vocab) {
 
 extern "C" {
 
-// rows: the logits rows to mask, in mask-row order (row_index[i] is the logits row of
-// mask row i). Returns 0 on success, 1 for bad sizes.
-int ferry_apply_token_bitmask(float* logits, int64_t stride, int64_t vocab, const int32_t* bitmask,
-                              int64_t words, const int64_t* row_index, int64_t rows,
-                              int num_threads) {
+// Mask row i goes from src row row_index[i] to the same row of dst (dst may be src:
+// in place). Returns 0 on success, 1 for bad sizes.
+int ferry_apply_token_bitmask(const float* src, float* dst, int64_t stride, int64_t vocab,
+                              const int32_t* bitmask, int64_t words, const int64_t* row_index,
+                              int64_t rows, int num_threads) {
   if (vocab < 0 || rows < 0 || words * 32 < vocab || stride < vocab) return 1;
   ferry::parallel_for(rows, rows * vocab >= (1 << 16), num_threads, [&](int64_t i) {
-    mask_row(logits + row_index[i] * stride, bitmask + i * words, vocab);
+    const int64_t offset = row_index[i] * stride;
+    mask_row(src + offset, dst + offset, bitmask + i * words, vocab);
   });
   return 0;
 }
