@@ -65,7 +65,8 @@ def test_auto_with_a_model_that_writes_no_call_is_content(client):
 
 
 def test_none_is_plain_text(client):
-    choice = _chat(client, seed=1, tool_choice="none", max_tokens=6).choices[0]
+    choice = _chat(client, seed=1, tool_choice="none", max_tokens=6,
+                   extra_body={"ignore_eos": True}).choices[0]
     assert choice.message.tool_calls is None and choice.finish_reason == "length"
 
 
