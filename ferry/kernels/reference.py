@@ -239,6 +239,10 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
     every allowed token, e.g. ``min_tokens`` banning the EOS the grammar needs) gets 0 for
     its allowed tokens instead: the grammar always wins, and no host sync.
     """
+    masked_rows = logits.shape[0] if rows is None else rows.numel()
+    if bitmask.dim() != 2 or bitmask.shape[0] != masked_rows:
+        raise ValueError(f"apply_token_bitmask: {bitmask.shape[0]} mask rows for "
+                         f"{masked_rows} logits rows")
     allowed = unpack_bitmask(bitmask, logits.shape[1])             # (C, V)
     picked = logits if rows is None else logits[rows]               # (C, V)
     masked = picked.masked_fill(~allowed, float("-inf"))
