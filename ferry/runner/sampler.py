@@ -119,6 +119,10 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams],
     device = logits.device
     temperature = float_tensor([p.temperature for p in params], device)
     logits = logits / temperature.unsqueeze(1)  # (R, V)
+    # +inf logits (a tiny repetition_penalty divides by ~0) would make the softmax NaN:
+    # they become the largest float, so the row draws among them alone; NaN never wins.
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max,
+                              neginf=float("-inf"))
     logits = _top_k_top_p(logits, params)
     probs = torch.softmax(logits, dim=-1)  # (R, V)
     probs = _min_p(probs, params)
@@ -181,7 +185,8 @@ def _inverse_cdf_draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tenso
     # u * total can round up to total itself; just below it, the draw still lands on the
     # last token with mass (searchsorted finds the first CDF value above the target).
     target = torch.minimum(uniform.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return tokens.clamp_max_(probs.shape[1] - 1)   # a row with no finite mass: still a token
 
 
 # ---------------------------------------------------------------- logprobs

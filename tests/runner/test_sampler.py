@@ -364,3 +364,26 @@ def test_a_draw_at_the_top_of_the_cdf_never_takes_a_zero_probability_token():
     top = torch.full((3,), 1.0 - 2.0**-24)   # the largest float32 below 1
     assert _inverse_cdf_draw(probs, top).tolist() == [1, 1, 0]
     assert _inverse_cdf_draw(probs, torch.zeros(3)).tolist() == [0, 1, 0]
+
+
+def test_infinite_logits_draw_among_themselves_and_nan_rows_still_give_a_token():
+    logits = torch.tensor([[1.0, float("inf"), 0.0, float("inf")],
+                           [float("nan"), 2.0, float("nan"), 1.0],
+                           [float("nan")] * 4])
+    params = SamplingParams(temperature=1.0)
+    seen = set()
+    for _ in range(40):
+        tokens, _ = sample(logits.clone(), [params] * 3)
+        assert tokens[0] in (1, 3) and tokens[1] in (1, 3) and 0 <= tokens[2] < 4
+        seen.add(tokens[0])
+    assert seen == {1, 3}
+
+
+def test_a_tiny_repetition_penalty_samples_in_range():
+    # the penalty divides the prompt tokens' positive logits by ~0: +inf (the server's
+    # schema fuzzing found this as a 500)
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0)).abs()
+    params = SamplingParams(temperature=1.0, repetition_penalty=5e-324)
+    rows = [make_request(params, prompt=(1, 2, 3)), make_request(params, prompt=(4, 5))]
+    tokens, _ = sample_tokens(logits, rows, [None, None])
+    assert tokens[0] in (1, 2, 3) and tokens[1] in (4, 5)
