@@ -19,7 +19,9 @@ and one after them (``SamplingRow`` says which tokens the row sees). Order of op
 3. Logprobs are the ``log_softmax`` of these penalized logits, taken BEFORE temperature,
    top-k, top-p and min-p. Choice: they then describe the model (with the penalties the
    user asked for) rather than the truncated sampling distribution, in which most tokens
-   would be ``-inf`` and a greedy row would have no distribution at all.
+   would be ``-inf`` and a greedy row would have no distribution at all. A logprob below
+   ``LOGPROB_FLOOR`` (-9999, a masked token's ``-inf``) is reported as the floor: JSON
+   has no infinity.
 4. Greedy rows take the argmax. Random rows: divide by temperature, top-k, top-p (the
    smallest set of tokens whose mass reaches ``top_p``; the top token always stays),
    min-p (drop tokens whose probability is below ``min_p`` times the largest), then sample
@@ -92,6 +94,9 @@ def _check_inputs(logits: torch.Tensor, rows: list[SamplingRow],
 
 
 # ---------------------------------------------------------------- token choice
+LOGPROB_FLOOR = -9999.0
+
+
 def _choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
                    generators: list[torch.Generator | None]) -> torch.Tensor:
     """(N,) long: argmax for greedy rows, a random draw for the others."""
@@ -119,14 +124,18 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams],
     device = logits.device
     temperature = float_tensor([p.temperature for p in params], device)
     logits = logits / temperature.unsqueeze(1)  # (R, V)
-    # +inf logits (a tiny repetition_penalty divides by ~0) would make the softmax NaN:
-    # they become the largest float, so the row draws among them alone; NaN never wins.
-    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max,
-                              neginf=float("-inf"))
-    logits = _top_k_top_p(logits, params)
+    logits = _top_k_top_p(_finite_for_softmax(logits), params)
     probs = torch.softmax(logits, dim=-1)  # (R, V)
     probs = _min_p(probs, params)
     return _inverse_cdf_draw(probs, _uniform_per_row(generators, device))
+
+
+def _finite_for_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """+inf logits (a tiny repetition_penalty divides by ~0) would make the softmax NaN:
+    they become the largest float, so the row's mass is shared among them alone; NaN
+    becomes -inf, so it never wins."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max,
+                            neginf=float("-inf"))
 
 
 def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -198,7 +207,9 @@ def _gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     if not rows:
         return result
     index = index_tensor(rows, logits.device)
-    logprobs = torch.log_softmax(logits[index], dim=-1)  # (L, V)
+    logprobs = torch.log_softmax(_finite_for_softmax(logits[index]), dim=-1)  # (L, V)
+    # -inf (a masked token) has no JSON form: reported as -9999.0, as vLLM does
+    logprobs = logprobs.clamp_min_(LOGPROB_FLOOR)
     chosen_ids = tokens[index]  # (L,)
     chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1).tolist()
     max_k = min(max(params[i].logprobs for i in rows), logprobs.shape[1])

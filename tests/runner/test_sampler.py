@@ -387,3 +387,12 @@ def test_a_tiny_repetition_penalty_samples_in_range():
     rows = [make_request(params, prompt=(1, 2, 3)), make_request(params, prompt=(4, 5))]
     tokens, _ = sample_tokens(logits, rows, [None, None])
     assert tokens[0] in (1, 2, 3) and tokens[1] in (4, 5)
+
+
+def test_logprobs_stay_finite_with_infinite_and_masked_logits():
+    logits = torch.tensor([[1.0, float("inf"), float("-inf"), float("inf")]])
+    params = SamplingParams(temperature=1.0, logprobs=4)
+    _, logprobs = sample(logits, [params])
+    values = [v for _, v in logprobs[0].top] + [logprobs[0].logprob]
+    assert all(v == v and v > float("-inf") for v in values), values
+    assert sorted(round(v, 4) for _, v in logprobs[0].top[:2]) == [round(-0.6931, 4)] * 2
