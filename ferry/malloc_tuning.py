@@ -20,8 +20,8 @@ import os
 import sys
 from collections.abc import Mapping
 
-MMAP_THRESHOLD = 64 * 2**20
-TRIM_THRESHOLD = 256 * 2**20
+MMAP_THRESHOLD = 32 * 2**20
+TRIM_THRESHOLD = 64 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (malloc.h)
 
 # A choice of the user's (environment variables glibc reads at start, or an allocator
