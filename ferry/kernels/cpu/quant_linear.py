@@ -31,10 +31,20 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     """``allow_simd=False`` forces the portable C++ loop (the tests compare both paths)."""
     if not _usable(x, scales, zeros, bias):
         return quant_reference.wna16_linear(x, qweight, scales, zeros, bits, group_size, bias)
+    if x.shape[0] > MAX_KERNEL_ROWS:
+        quant_reference.check_wna16_args(x, qweight, scales, zeros, bits, group_size)
+        return F.linear(x, dequantize(qweight, scales, zeros, bits, group_size), bias)
+    return _int_gemm(functions().wna16_gemm, "wna16_linear", x, qweight, scales, zeros, bits,
+                     group_size, bias, allow_simd)
+
+
+def _int_gemm(kernel, op: str, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+              zeros: torch.Tensor, bits: int, group_size: int, bias: torch.Tensor | None,
+              allow_simd: bool) -> torch.Tensor:
+    """Run ``kernel`` (``wna16_gemm`` or ``wna8_gemm``, the same C arguments) on
+    checked, contiguous inputs."""
     n, k = quant_reference.check_wna16_args(x, qweight, scales, zeros, bits, group_size)
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    if x.shape[0] > MAX_KERNEL_ROWS:
-        return F.linear(x, dequantize(qweight, scales, zeros, bits, group_size), bias)
     layout = row_layout(x)
     if layout is None:
         x = x.contiguous()
@@ -42,11 +52,11 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     rows, _, stride = layout
     bias = bias.contiguous() if bias is not None else None
     out = torch.empty((rows, n), dtype=x.dtype)
-    check(functions().wna16_gemm(
+    check(kernel(
         DTYPE_CODES[x.dtype], x.data_ptr(), stride, rows, k, n, qweight.data_ptr(),
         scales.data_ptr(), zeros.data_ptr(), bits, group_size,
         bias.data_ptr() if bias is not None else None, out.data_ptr(), int(allow_simd),
-        torch.get_num_threads()), "wna16_linear")
+        torch.get_num_threads()), op)
     return out
 
 
@@ -68,21 +78,8 @@ def wna16_linear_a8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     fits = allow_simd is False or int8_activations_fit(group_size)
     if not _usable(x, scales, zeros, bias) or not fits or x.shape[0] > MAX_KERNEL_ROWS:
         return wna16_linear(x, qweight, scales, zeros, bits, group_size, bias)
-    n, k = quant_reference.check_wna16_args(x, qweight, scales, zeros, bits, group_size)
-    qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()
-    layout = row_layout(x)
-    if layout is None:
-        x = x.contiguous()
-        layout = row_layout(x)
-    rows, _, stride = layout
-    bias = bias.contiguous() if bias is not None else None
-    out = torch.empty((rows, n), dtype=x.dtype)
-    check(functions().wna8_gemm(
-        DTYPE_CODES[x.dtype], x.data_ptr(), stride, rows, k, n, qweight.data_ptr(),
-        scales.data_ptr(), zeros.data_ptr(), bits, group_size,
-        bias.data_ptr() if bias is not None else None, out.data_ptr(), int(allow_simd),
-        torch.get_num_threads()), "wna16_linear_a8")
-    return out
+    return _int_gemm(functions().wna8_gemm, "wna16_linear_a8", x, qweight, scales, zeros, bits,
+                     group_size, bias, allow_simd)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,

@@ -24,36 +24,16 @@
 #endif
 
 #include "dtype.h"
+#include "int_linear.h"
 
 namespace {
 
 using ferry::store;
+using ferry::int_linear::kMinParallelWeights;
+using ferry::int_linear::kTokenTile;
+using ferry::int_linear::Problem;
+using ferry::int_linear::rows_per_item;
 using ferry::to_float;
-
-constexpr int kTokenTile = 4;
-// Output rows per work item: long contiguous runs for the hardware prefetchers (16-row
-// items cost the int8 LM head, read from main memory, half its speed), yet at least 4
-// items per thread for the dynamic split on shared cores (as in wna8.cpp).
-constexpr int64_t kMinRowsPerItem = 16, kMaxRowsPerItem = 256;
-constexpr int64_t kMinParallelWeights = 1 << 15;
-
-int64_t rows_per_item(int64_t n, int num_threads) {
-  const int64_t rows = n / (4 * static_cast<int64_t>(num_threads));
-  return std::max(kMinRowsPerItem, std::min(kMaxRowsPerItem, rows / 4 * 4));
-}
-
-template <typename T>
-struct Problem {
-  const T* x;           // (rows, K), row stride x_stride
-  int64_t x_stride, rows, k, n;
-  const uint8_t* qweight;  // bits=8: (N, K); bits=4: (N, K/2), low nibble = even k
-  const T* scales;      // (N, G)
-  const T* zeros;       // (N, G)
-  int bits;
-  int64_t group_size;
-  const T* bias;        // (N,) or null
-  T* out;               // (rows, N)
-};
 
 // The activations as float32, prepared once per call: xf (rows, K) in the order the
 // inner loop reads them, and xsum (rows, G) the per-group sums (natural order).
@@ -225,10 +205,6 @@ void dequantize(const uint8_t* qweight, const T* scales, const T* zeros, int bit
   });
 }
 
-bool valid(int bits, int64_t k, int64_t group_size) {
-  return (bits == 4 || bits == 8) && group_size > 0 && k % group_size == 0 &&
-         (bits == 8 || group_size % 2 == 0);
-}
 
 }  // namespace
 
@@ -239,7 +215,7 @@ int ferry_wna16_gemm(int dtype, const void* x, int64_t x_stride, int64_t rows, i
                      const uint8_t* qweight, const void* scales, const void* zeros, int bits,
                      int64_t group_size, const void* bias, void* out, int allow_simd,
                      int num_threads) {
-  if (!valid(bits, k, group_size) || rows < 0 || n < 0) return 1;
+  if (!ferry::int_linear::valid_shape(bits, k, group_size) || rows < 0 || n < 0) return 1;
   const bool simd = kHaveSimd && allow_simd && group_size % 32 == 0;
   bool ok = ferry::dispatch(dtype, [&](auto zero) {
     using T = decltype(zero);
@@ -258,7 +234,7 @@ int ferry_wna16_gemm(int dtype, const void* x, int64_t x_stride, int64_t rows, i
 int ferry_wna16_dequantize(int dtype, const uint8_t* qweight, const void* scales,
                            const void* zeros, int bits, int64_t n, int64_t k, int64_t group_size,
                            void* out, int num_threads) {
-  if (!valid(bits, k, group_size) || n < 0) return 1;
+  if (!ferry::int_linear::valid_shape(bits, k, group_size) || n < 0) return 1;
   bool ok = ferry::dispatch(dtype, [&](auto zero) {
     using T = decltype(zero);
     dequantize<T>(qweight, static_cast<const T*>(scales), static_cast<const T*>(zeros), bits, n,

@@ -27,41 +27,24 @@
 #endif
 
 #include "dtype.h"
+#include "int_linear.h"
 
 namespace {
 
 using ferry::store;
+using ferry::int_linear::kMaxRowsPerItem;
+using ferry::int_linear::kMinParallelWeights;
+using ferry::int_linear::kTokenTile;
+using ferry::int_linear::Problem;
+using ferry::int_linear::rows_per_item;
 using ferry::to_float;
 
-constexpr int kTokenTile = 4;
-// Output rows per work item: long contiguous runs, so that the prefetch of each run's
-// start is the only one lost (16-row items cost the DRAM-resident head a third of its
-// speed), yet at least 4 items per thread for the dynamic split on shared cores.
-constexpr int64_t kMinRowsPerItem = 16, kMaxRowsPerItem = 256;
-
-int64_t rows_per_item(int64_t n, int num_threads) {
-  const int64_t rows = n / (4 * static_cast<int64_t>(num_threads));
-  return std::max(kMinRowsPerItem, std::min(kMaxRowsPerItem, rows / 4 * 4));
-}
-constexpr int64_t kMinParallelWeights = 1 << 15;
 constexpr int64_t kChunk = 64;   // codes per vpdpbusd
 // Reading kRows rows chunk by chunk hops between rows, which the hardware prefetchers do
 // not follow: from DRAM (a 32000x512 int8 head) that halved the speed. Each load asks for
 // the line this far ahead, which is how far the DRAM latency needs (measured 4-16 KiB).
 constexpr int64_t kPrefetchBytes = 8192;
 
-template <typename T>
-struct Problem {
-  const T* x;              // (rows, K), row stride x_stride
-  int64_t x_stride, rows, k, n;
-  const uint8_t* qweight;  // bits=8: (N, K); bits=4: (N, K/2), low nibble = even k
-  const T* scales;         // (N, G)
-  const T* zeros;          // (N, G)
-  int bits;
-  int64_t group_size;
-  const T* bias;           // (N,) or null
-  T* out;                  // (rows, N)
-};
 
 // The activations quantized once per call: xq (rows, K) in the order the loop reads
 // them, sx (rows, G) their scales and xsum (rows, G) the sums of the codes.
@@ -298,9 +281,7 @@ int ferry_wna8_gemm(int dtype, const void* x, int64_t x_stride, int64_t rows, in
                     const uint8_t* qweight, const void* scales, const void* zeros, int bits,
                     int64_t group_size, const void* bias, void* out, int allow_simd,
                     int num_threads) {
-  const bool shape_ok = (bits == 4 || bits == 8) && group_size > 0 && k % group_size == 0 &&
-                        (bits == 8 || group_size % 2 == 0) && rows >= 0 && n >= 0;
-  if (!shape_ok) return 1;
+  if (!ferry::int_linear::valid_shape(bits, k, group_size) || rows < 0 || n < 0) return 1;
   const bool simd = allow_simd && fits_vnni(group_size);
   bool ok = ferry::dispatch(dtype, [&](auto zero) {
     using T = decltype(zero);
