@@ -56,26 +56,17 @@ def build_model(path: Path) -> int:
 
 
 def make_llm(model_dir: Path, fmt: str, head: str, threads: int, int8_activations: bool):
-    """An LLM of the format. The RTN weight methods are passed through the loader's seam
-    (``get_model(weight_methods=)``) for this process: the ``quant_type`` key reaches it
-    through the quantization registry."""
-    import ferry.models.loader as loader
+    """An LLM of the format, set up as a user would: ``quant_type`` int8/int4 (RTN on load),
+    ``lm_head_dtype`` and ``cpu_int8_activations``."""
     from ferry import LLM
-    from ferry.quant.on_load_rtn import RtnWeightMethods
 
-    real_get_model = loader.get_model
-    if fmt.startswith("int"):
-        methods = RtnWeightMethods(int(fmt[3:]), 128, head_dtype=_HEADS[head],
-                                   int8_activations=int8_activations)
-        loader.get_model = lambda *a, **k: real_get_model(*a, weight_methods=methods)
-    try:
-        return LLM(str(model_dir), dtype="bfloat16" if fmt == "bf16" else "float32",
-                   kv_cache_memory="512MiB", max_num_seqs=16, cpu_threads=threads)
-    finally:
-        loader.get_model = real_get_model
+    quant = dict(quant_type=fmt, lm_head_dtype=_HEADS[head],
+                 cpu_int8_activations=int8_activations) if fmt.startswith("int") else {}
+    return LLM(str(model_dir), dtype="bfloat16" if fmt == "bf16" else "float32",
+               kv_cache_memory="512MiB", max_num_seqs=16, cpu_threads=threads, **quant)
 
 
-_HEADS = {"model": None, "bf16": torch.bfloat16, "int8": torch.int8}
+_HEADS = {"model": "auto", "bf16": "bfloat16", "int8": "int8"}   # --head -> lm_head_dtype
 
 
 def weight_bytes(llm) -> int:

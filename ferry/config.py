@@ -80,6 +80,12 @@ class ModelConfig(ConfigPart):
         False, description="CPU int8/int4 weights: quantize the activations to int8 per "
                            "weight group too and multiply in integers (AVX512-VNNI; "
                            "llama.cpp's Q8_0/Q4_0 way): faster decode, logits differ slightly")
+    lm_head_dtype: Literal["auto", "bfloat16", "int8"] = Field(
+        "auto", description="LM head precision under quant_type int8/int4 on an unquantized "
+                            "checkpoint (auto: as loaded; bfloat16 halves and int8 RTN quarters "
+                            "the largest read of a small model's decode step, as llama.cpp's "
+                            "Q8_0 files store the head); a head tied to the embeddings stays "
+                            "as loaded")
     seed: int = Field(0, description="Seed of the engine's random sampling")
     max_model_len: int | None = Field(None, ge=1, description="Context length "
                                                               "(default: the model's)")

@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ferry.quant.awq import AWQConfig, AWQWeightMethods
 from ferry.quant.fp8 import FP8Config
 from ferry.quant.gptq import GPTQConfig, GPTQWeightMethods
@@ -68,31 +70,57 @@ CHECKPOINT_FORMATS = {"gptq": _gptq, "awq": _awq, "compressed-tensors": _compres
                       "fp8": _fp8}
 
 
-def on_load_methods(quant_type: str, int8_activations: bool = False):
+LM_HEAD_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "int8": torch.int8}
+
+
+def on_load_methods(quant_type: str, int8_activations: bool = False,
+                    lm_head_dtype: str = "auto"):
     """WeightMethods that quantize an unquantized checkpoint while it loads."""
     if quant_type == "fp8":
+        check_lm_head_dtype(lm_head_dtype, "quant_type=fp8")
         from ferry.quant.on_load_fp8 import OnLoadFP8WeightMethods
         return OnLoadFP8WeightMethods()
     from ferry.quant.on_load_rtn import RtnWeightMethods
     return RtnWeightMethods(bits=8 if quant_type == "int8" else 4,
+                            head_dtype=_head_dtype(lm_head_dtype),
                             int8_activations=int8_activations)
 
 
+def _head_dtype(lm_head_dtype: str) -> torch.dtype | None:
+    if lm_head_dtype not in LM_HEAD_DTYPES:
+        raise ValueError(f"lm_head_dtype={lm_head_dtype!r} is not one of "
+                         f"{', '.join(LM_HEAD_DTYPES)}")
+    return LM_HEAD_DTYPES[lm_head_dtype]
+
+
+def check_lm_head_dtype(lm_head_dtype: str, loading: str) -> None:
+    """Only on-load int8/int4 choose the head's precision; refuse the key elsewhere rather
+    than ignore it."""
+    if _head_dtype(lm_head_dtype) is not None:
+        raise ValueError(f"lm_head_dtype={lm_head_dtype} applies to quant_type int8 or int4 "
+                         f"on an unquantized checkpoint (quantized while loading), not to "
+                         f"{loading}")
+
+
 def resolve_quantization(hf_config: Any, quant_type: str = "auto",
-                         int8_activations: bool = False) -> ResolvedQuant:
+                         int8_activations: bool = False,
+                         lm_head_dtype: str = "auto") -> ResolvedQuant:
     """The checkpoint's format, checked against a forced ``quant_type``; ValueError if
     unsupported. ``int8_activations`` (the ``cpu_int8_activations`` key) reaches the
-    integer linears that have an int8-activation path (``WNA16LinearMethod``, RTN)."""
+    integer linears that have an int8-activation path (``WNA16LinearMethod``, RTN);
+    ``lm_head_dtype`` (auto, bfloat16, int8) the head of on-load int8/int4."""
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type={quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
     raw = getattr(hf_config, "quantization_config", None)
     if raw is not None and not isinstance(raw, dict):
         raw = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
     if not raw:
+        if quant_type in ON_LOAD_TYPES:
+            return ResolvedQuant(on_load_methods(quant_type, int8_activations, lm_head_dtype),
+                                 quant_type)
+        check_lm_head_dtype(lm_head_dtype, f"quant_type={quant_type}")
         if quant_type in ("auto", "none"):
             return ResolvedQuant(None, "none")
-        if quant_type in ON_LOAD_TYPES:
-            return ResolvedQuant(on_load_methods(quant_type, int8_activations), quant_type)
         raise ValueError(f"quant_type={quant_type!r} needs a checkpoint quantized in that format "
                          "(its config.json has no quantization_config); make one with "
                          "`ferry quantize` or pick int8, int4 or fp8 to quantize on load")
@@ -101,6 +129,7 @@ def resolve_quantization(hf_config: Any, quant_type: str = "auto",
     if builder is None:
         raise ValueError(f"quantization_config.quant_method={method!r} is not supported; ferry "
                          f"loads {', '.join(CHECKPOINT_FORMATS)}")
+    check_lm_head_dtype(lm_head_dtype, f"a {method} checkpoint")
     methods = builder(raw)
     methods.int8_activations = int8_activations
     if quant_type not in ("auto", methods.label):

@@ -74,7 +74,7 @@ def load_model(config: EngineConfig, model_dir: Path,
         apply_cpu_threads(rank.cpu_threads if rank is not None else config.parallel.cpu_threads)
     hf_config = load_hf_config(model_dir)
     quant = resolve_quantization(hf_config, config.model.quant_type,
-                                 config.model.cpu_int8_activations)
+                                 config.model.cpu_int8_activations, config.model.lm_head_dtype)
     dtype = resolve_dtype(config.model.dtype, hf_config, platform.torch_device)
     torch.manual_seed(config.model.seed)
     if rank is not None and rank.ctx.layout.world_size > 1:

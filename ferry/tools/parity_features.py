@@ -115,6 +115,10 @@ FEATURES: tuple[Feature, ...] = (
             ("tests/quant/test_on_load_rtn.py", QF)),
     Feature("quant:fp8", "FP8 weights (checkpoints, or quantized while loading)", (QF,),
             note="torch._scaled_mm on FP8 GPUs, dequantized elsewhere"),
+    Feature("lm_head:bfloat16", "LM head in bfloat16 under on-load int8/int4 (`lm_head_dtype`)",
+            ("tests/quant/test_lm_head_dtype.py",)),
+    Feature("lm_head:int8", "LM head RTN int8 under on-load int8/int4 (`lm_head_dtype`)",
+            ("tests/quant/test_lm_head_dtype.py", "tests/quant/test_int8_activations.py")),
     Feature("quantize", "`ferry quantize` (RTN, GPTQ, AWQ)", ("tests/quant/test_quantize.py",)),
     Feature("kv_cache:fp8", "FP8 (e4m3) KV cache", ("tests/kernels/test_fp8_kv_cache.py",),
             note="GPU: sm_90 and gfx942 only (refused at start elsewhere)"),
@@ -197,9 +201,10 @@ FEATURE_KEYS: dict[str, str] = {
     "memory_pressure_threshold": "degradation", "thermal_limit_c": "degradation",
     "power_limit_w": "degradation", "reserved_blocks_for_priority": "scheduling:priority",
     "speculative_config": "spec_decoding", "cpu_int8_activations": "cpu:int8_activations",
+    "lm_head_dtype": "lm_head:",
 }
 ENUM_DEFAULTS = {"quant_type": {"auto", "none"}, "kv_cache_dtype": {"auto"},
-                 "debug_trace": {"none"}}
+                 "debug_trace": {"none"}, "lm_head_dtype": {"auto"}}
 # Plain settings: sizes, limits, addresses, names.
 SETTING_KEYS = frozenset({
     "model_path", "served_model_name", "tokenizer", "revision", "trust_remote_code", "dtype",
