@@ -1,14 +1,20 @@
 """CPU speed and memory of weight-only quantization: fp32, bf16, int8 and int4, same run.
 
 The ~58M random Llama of the memory benchmark (hidden 512, intermediate 1408, 8 layers,
-8 heads, vocab 32000, untied head), through ``ferry.LLM``. int8/int4 are on-load RTN
-(``ferry.quant.on_load_rtn.RtnWeightMethods``, group size 128, symmetric) on float32
-activations, or with ``--int8-activations`` on activations quantized to int8 per group
-(the ``cpu_int8_activations`` switch, llama.cpp's Q8_0/Q4_0 way); their LM head in
-bfloat16 (default), the model dtype, or int8 RTN (``--head``). bf16 is the checkpoint
-run in bfloat16. Each round runs every format once,
-interleaved (the machine's 2 cores are shared with other work: the load is printed), and
-the medians over rounds are reported:
+8 heads, vocab 32000, untied head), through ``ferry.LLM`` set up as a user would. int8/int4
+are on-load RTN (``quant_type``, group size 128, symmetric), in two settings, both in every
+run:
+
+- ``int8``/``int4``: float32 activations (exact against the dequantized model), the LM
+  head in bfloat16 (``--head``: ``lm_head_dtype`` bfloat16 by default, or as loaded, or
+  int8);
+- ``int8-a8``/``int4-a8``: llama.cpp's way, ``cpu_int8_activations: true`` (activations
+  quantized to int8 per group, integer dot products) and ``lm_head_dtype: int8`` (as
+  llama.cpp's Q8_0 files store the head).
+
+bf16 is the checkpoint run in bfloat16. Each round runs every format once, interleaved
+(the machine's 2 cores are shared with other work: the load is printed), and the medians
+over rounds are reported:
 
 - batch-1 decode: one request, 8 prompt tokens, ``--decode-tokens`` greedy tokens;
 - offline throughput: 16 concurrent requests, 64 prompt + 64 output tokens each.
@@ -16,13 +22,12 @@ the medians over rounds are reported:
 With ``llama-cpp-python`` and ``gguf`` installed, llama.cpp runs the same weights in the
 same rounds, single stream: an f32 GGUF (``cpu_serving.write_gguf``) and its Q8_0 and
 Q4_0 quantizations (``llama_model_quantize``, llama.cpp's own quantizer), the same prompt
-and token count, one ``eval`` per token, paired with fp32, int8 and int4.
+and token count, one ``eval`` per token, paired with fp32, int8(-a8) and int4(-a8).
 
 Memory: bytes of weights per format (parameters, codes + scales + zeros for the
 quantized linears), and the KV blocks a ``kv_cache_memory`` budget gives per KV dtype.
 
-    python benchmarks/cpu_quant.py [--rounds 3] [--head bf16|int8|model] [--int8-activations]
-        [--json out.json]
+    python benchmarks/cpu_quant.py [--rounds 3] [--head bf16|int8|model] [--json out.json]
 """
 from __future__ import annotations
 
@@ -44,9 +49,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from offline_throughput import save_random_llama  # noqa: E402
 
-FORMATS = ("fp32", "bf16", "int8", "int4")
+FORMATS = ("fp32", "bf16", "int8", "int4", "int8-a8", "int4-a8")
 # llama.cpp's file type for each ferry format it is compared with
 LLAMA_CPP_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
+PEER_OF = {"fp32": "fp32", "int8": "int8", "int4": "int4", "int8-a8": "int8", "int4-a8": "int4"}
 
 
 def build_model(path: Path) -> int:
@@ -55,13 +61,16 @@ def build_model(path: Path) -> int:
                              max_position_embeddings=2048)
 
 
-def make_llm(model_dir: Path, fmt: str, head: str, threads: int, int8_activations: bool):
+def make_llm(model_dir: Path, fmt: str, head: str, threads: int):
     """An LLM of the format, set up as a user would: ``quant_type`` int8/int4 (RTN on load),
-    ``lm_head_dtype`` and ``cpu_int8_activations``."""
+    ``lm_head_dtype`` and, for the ``-a8`` formats, ``cpu_int8_activations``."""
     from ferry import LLM
 
-    quant = dict(quant_type=fmt, lm_head_dtype=_HEADS[head],
-                 cpu_int8_activations=int8_activations) if fmt.startswith("int") else {}
+    quant = {}
+    if fmt.startswith("int"):
+        a8 = fmt.endswith("-a8")
+        quant = dict(quant_type=fmt[:4], lm_head_dtype="int8" if a8 else _HEADS[head],
+                     cpu_int8_activations=a8)
     return LLM(str(model_dir), dtype="bfloat16" if fmt == "bf16" else "float32",
                kv_cache_memory="512MiB", max_num_seqs=16, cpu_threads=threads, **quant)
 
@@ -142,10 +151,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--head", choices=list(_HEADS), default="bf16",
-                        help="LM head of the int formats: model dtype, bfloat16 (16-bit policy) "
-                             "or int8 RTN (as llama.cpp's Q8_0 files)")
-    parser.add_argument("--int8-activations", action="store_true",
-                        help="int formats: activations quantized to int8 per group (VNNI)")
+                        help="LM head of int8/int4 (the -a8 formats' is int8): model dtype, "
+                             "bfloat16 (16-bit policy) or int8 RTN")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -153,7 +160,7 @@ def main() -> None:
     load_before = uptime()
     with tempfile.TemporaryDirectory() as tmp:
         params = build_model(Path(tmp))
-        llms = {fmt: make_llm(Path(tmp), fmt, args.head, args.threads, args.int8_activations)
+        llms = {fmt: make_llm(Path(tmp), fmt, args.head, args.threads)
                 for fmt in FORMATS}
         decode = {fmt: [] for fmt in FORMATS}
         offline = {fmt: [] for fmt in FORMATS}
@@ -173,7 +180,6 @@ def main() -> None:
                 peer_decode[fmt].append(llama_cpp_tok_s(peer, prompt[0], args.decode_tokens))
         sizes = {fmt: weight_bytes(llm) for fmt, llm in llms.items()}
     result = {"params": params, "rounds": args.rounds, "head": args.head, "threads": args.threads,
-              "int8_activations": args.int8_activations,
               "load_before": load_before, "load_after": uptime(),
               "decode_tok_s": {f: statistics.median(v) for f, v in decode.items()},
               "offline_tok_s": {f: statistics.median(v) for f, v in offline.items()},
@@ -182,16 +188,20 @@ def main() -> None:
               "decode_rounds": decode, "llama_cpp_rounds": peer_decode,
               "weight_bytes": sizes, "kv_blocks_512MiB": kv_blocks()}
     base_d, base_o = result["decode_tok_s"]["fp32"], result["offline_tok_s"]["fp32"]
-    print(f"model: {params / 1e6:.1f}M parameters; int head: {args.head}; int8 activations: "
-          f"{args.int8_activations}; threads: {args.threads}")
+    print(f"model: {params / 1e6:.1f}M parameters; int8/int4 head: {args.head}; -a8: int8 "
+          f"activations and head; threads: {args.threads}")
     print(f"{'format':8} {'batch-1 tok/s':>14} {'x fp32':>7} {'16-conc tok/s':>14} {'x fp32':>7} {'weights MiB':>12}")
     for fmt in FORMATS:
         d, o = result["decode_tok_s"][fmt], result["offline_tok_s"][fmt]
         print(f"{fmt:8} {d:14.1f} {d / base_d:7.2f} {o:14.1f} {o / base_o:7.2f} {sizes[fmt] / 2**20:12.1f}")
     for fmt, values in peer_decode.items():
         peer = statistics.median(values)
-        print(f"llama.cpp {LLAMA_CPP_TYPES[fmt]:5} batch-1 {peer:8.1f} tok/s; ferry {fmt} / "
-              f"llama.cpp: {result['decode_tok_s'][fmt] / peer:.2f}x")
+        ours = ", ".join(f"ferry {f} {result['decode_tok_s'][f] / peer:.2f}x"
+                         for f in FORMATS if PEER_OF.get(f) == fmt)
+        print(f"llama.cpp {LLAMA_CPP_TYPES[fmt]:5} batch-1 {peer:8.1f} tok/s; {ours}")
+    for setting, suffix in (("float activations", ""), ("int8 activations and head", "-a8")):
+        x8, x4 = (result["decode_tok_s"][f"{b}{suffix}"] / base_d for b in ("int8", "int4"))
+        print(f"targets, {setting}: int8 {x8:.2f}x fp32 (>= 1.8), int4 {x4:.2f}x (>= 2.5)")
     spans = {**{f"ferry {f}": v for f, v in decode.items()},
              **{f"llama.cpp {LLAMA_CPP_TYPES[f]}": v for f, v in peer_decode.items()}}
     print("batch-1 tok/s, min-max over rounds:",

@@ -43,6 +43,8 @@ CASES = {
     "ct-g32": dict(fmt="compressed-tensors", group_size=32),
     "ct-g32-asym": dict(fmt="compressed-tensors", group_size=32, sym=False),
     "ct-channel": dict(fmt="compressed-tensors", group_size=-1),
+    "ct-w8a16-g32": dict(fmt="compressed-tensors", bits=8, group_size=32),
+    "ct-w8a16-channel-asym": dict(fmt="compressed-tensors", bits=8, group_size=-1, sym=False),
 }
 
 

@@ -51,8 +51,9 @@ def _hf_reference(path, bits: int, head: str):
             if name.rsplit(".", 1)[-1] in PROJECTIONS:
                 module.weight.data = _round_trip(module.weight.data, bits, 128)
         w = model.lm_head.weight.data
-        model.lm_head.weight.data = (w.to(torch.bfloat16).float() if head == "bfloat16"
-                                     else _round_trip(w, 8, 128))
+        if head != "auto":
+            model.lm_head.weight.data = (w.to(torch.bfloat16).float() if head == "bfloat16"
+                                         else _round_trip(w, 8, 128))
     return model
 
 
@@ -157,3 +158,22 @@ def test_llm_generates_the_dequantized_models_greedy_tokens(tiny_model_dir):
     out = llm.generate([{"prompt_token_ids": prompt}],
                        SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     assert out[0].outputs[0].token_ids == want
+
+
+def test_a_tied_head_stays_as_loaded_and_says_so(caplog):
+    class Tied(Unquantized):
+        tie_word_embeddings = True
+
+    with caplog.at_level("WARNING", logger="ferry.quant.registry"):
+        resolve_quantization(Tied(), "int8", lm_head_dtype="int8")
+    assert "tied to its embeddings" in caplog.text
+
+
+def test_a_tied_model_keeps_its_head(tiny_model_dir):
+    path = tiny_model_dir("llama", tie_word_embeddings=True)
+    model = _ferry_model(path, "int8", "int8")
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    hf = _hf_reference(str(path), 8, "auto")     # RTN projections, the float tied head
+    prompt = list(range(5, 17))
+    got = PagedRunner(model).step([(0, prompt, 0, len(prompt))])[0]
+    assert_logits_close(got, hf_logits(hf, prompt), "tied head")
