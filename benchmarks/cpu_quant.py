@@ -52,7 +52,6 @@ from offline_throughput import save_random_llama  # noqa: E402
 FORMATS = ("fp32", "bf16", "int8", "int4", "int8-a8", "int4-a8")
 # llama.cpp's file type for each ferry format it is compared with
 LLAMA_CPP_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
-PEER_OF = {"fp32": "fp32", "int8": "int8", "int4": "int4", "int8-a8": "int8", "int4-a8": "int4"}
 
 
 def build_model(path: Path) -> int:
@@ -197,7 +196,7 @@ def main() -> None:
     for fmt, values in peer_decode.items():
         peer = statistics.median(values)
         ours = ", ".join(f"ferry {f} {result['decode_tok_s'][f] / peer:.2f}x"
-                         for f in FORMATS if PEER_OF.get(f) == fmt)
+                         for f in FORMATS if f.removesuffix("-a8") == fmt)
         print(f"llama.cpp {LLAMA_CPP_TYPES[fmt]:5} batch-1 {peer:8.1f} tok/s; {ours}")
     for setting, suffix in (("float activations", ""), ("int8 activations and head", "-a8")):
         x8, x4 = (result["decode_tok_s"][f"{b}{suffix}"] / base_d for b in ("int8", "int4"))

@@ -114,13 +114,14 @@ def resolve_quantization(hf_config: Any, quant_type: str = "auto",
     raw = getattr(hf_config, "quantization_config", None)
     if raw is not None and not isinstance(raw, dict):
         raw = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
-    if lm_head_dtype != "auto" and getattr(hf_config, "tie_word_embeddings", False):
-        logger.warning("lm_head_dtype=%s: this model's LM head is tied to its embeddings, "
-                       "which are looked up by token; it stays as loaded", lm_head_dtype)
     if not raw:
         if quant_type in ON_LOAD_TYPES:
-            return ResolvedQuant(on_load_methods(quant_type, int8_activations, lm_head_dtype),
-                                 quant_type)
+            methods = on_load_methods(quant_type, int8_activations, lm_head_dtype)
+            if lm_head_dtype != "auto" and getattr(hf_config, "tie_word_embeddings", False):
+                logger.warning("lm_head_dtype=%s: this model's LM head is tied to its "
+                               "embeddings, which are looked up by token; it stays as loaded",
+                               lm_head_dtype)
+            return ResolvedQuant(methods, quant_type)
         check_lm_head_dtype(lm_head_dtype, f"quant_type={quant_type}")
         if quant_type in ("auto", "none"):
             return ResolvedQuant(None, "none")
